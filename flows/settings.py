@@ -1,0 +1,101 @@
+"""BatchConfig: every option of a run in one frozen, validated object (the only place env is read)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+Backend = Literal["local", "fal"]
+
+DEFAULT_PRICE_PER_VIDEO_S = {"480p": 0.15, "720p": 0.30}  # fal's public price page, USD
+# fal bills in "units": 1 per video-second at 480p, 4 at 720p (the model's API page). Converting
+# units back to seconds keeps actual cost consistent with the per-second price above.
+DEFAULT_UNITS_PER_VIDEO_S = {"480p": 1.0, "720p": 4.0}
+
+
+class FalSettings(BaseModel):
+    """Where fal lives and how to talk to it. Hosts and key come from the environment by default."""
+
+    model_config = ConfigDict(frozen=True)
+
+    queue_url: str = "https://queue.fal.run"
+    rest_url: str = "https://rest.fal.ai"
+    cdn_url: str = "https://v3.fal.media"
+    # Never serialised: deployments and flow-run parameters must not carry the key (see api_key).
+    key: SecretStr | None = Field(default=None, exclude=True, repr=False)
+    app: str = "fal-ai/longcat-single-avatar"
+    poll_initial_s: float = 0.1  # status polls start fast and back off to poll_max_s
+    poll_max_s: float = 5.0
+    http_timeout_s: float = 60.0
+    max_attempts: int = 6  # for 429 / 5xx / connection errors where nothing was queued
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    request_timeout_s: float | None = None  # sent as X-Fal-Request-Timeout (time-to-start)
+
+    def api_key(self) -> str | None:
+        """The key to send: the configured one, else FAL_KEY from the worker's environment."""
+        if self.key is not None:
+            return self.key.get_secret_value()
+        return os.environ.get("FAL_KEY") or None
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> FalSettings:
+        env = dict(os.environ) if env is None else env
+        key = env.get("FAL_KEY")
+        return cls(
+            queue_url=env.get("FAL_QUEUE_URL", cls.model_fields["queue_url"].default).rstrip("/"),
+            rest_url=env.get("FAL_REST_URL", cls.model_fields["rest_url"].default).rstrip("/"),
+            cdn_url=env.get("FAL_CDN_URL", cls.model_fields["cdn_url"].default).rstrip("/"),
+            key=SecretStr(key) if key else None,
+        )
+
+
+class LocalSettings(BaseModel):
+    """The local LongCat-Video-Avatar backend: checkpoint folder, device and memory options."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_dir: str | None = None  # None → the tiny checkpoint written on first use (demo, tests)
+    device: str = "auto"  # auto → cuda if available, else cpu
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    num_inference_steps: int | None = None  # None → the checkpoint's default
+    cpu_offload: bool = False
+    vae_tiling: bool = False
+
+
+class BatchConfig(BaseModel):
+    """All options of one batch run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    manifest: str
+    target: str = "./out"
+    backend: Backend = "local"
+    state: str | None = None  # run ledger URL; default <target>/.avatarflow
+    work_dir: str | None = None  # local scratch; default ~/.cache/avatarflow/work
+    budget_usd: float | None = Field(default=None, ge=0)
+    max_concurrency: int = Field(default=8, ge=1, le=256)
+    chunk_target_s: float = Field(default=60.0, gt=5.0)  # cut long audio near this length
+    chunk_window_s: float = Field(default=5.0, ge=0.0)  # look this far either side for a pause
+    chunk_min_s: float = Field(default=3.0, ge=0.5)
+    price_per_video_s: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_PRICE_PER_VIDEO_S)
+    )
+    units_per_video_s: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_UNITS_PER_VIDEO_S)
+    )
+    fal: FalSettings = Field(default_factory=FalSettings.from_env)
+    local: LocalSettings = Field(default_factory=LocalSettings)
+
+    @property
+    def state_url(self) -> str:
+        return self.state or self.target.rstrip("/") + "/.avatarflow"
+
+    @property
+    def work_path(self) -> Path:
+        if self.work_dir:
+            return Path(self.work_dir)
+        return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "avatarflow/work"

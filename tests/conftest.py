@@ -1,0 +1,43 @@
+"""Shared test set-up: isolated Prefect home, one Prefect test server per session, markers."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+# Before Prefect is imported anywhere: a private home, no telemetry from this offline machine.
+_HOME = tempfile.mkdtemp(prefix="avatarflow-prefect-")
+os.environ["PREFECT_HOME"] = _HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_UI_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+for _var in ("FAL_KEY", "FAL_QUEUE_URL", "FAL_REST_URL", "FAL_CDN_URL", "PREFECT_API_URL"):
+    os.environ.pop(_var, None)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `slow` tests unless RUN_SLOW=1 and `gpu` tests without CUDA."""
+    run_slow = os.environ.get("RUN_SLOW") == "1"
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: set RUN_SLOW=1"))
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="gpu: CUDA not available"))
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """A real Prefect API server on a temporary SQLite database, shared by the flow tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
