@@ -125,7 +125,9 @@ class Ledger:
     # --- published rows ------------------------------------------------------------------------
 
     def record_published(self, row_id: str, input_hash: str, result: dict[str, Any]) -> None:
-        self.write(self._path("rows", row_id, "published.json"), {**result, "input_hash": input_hash})
+        self.write(
+            self._path("rows", row_id, "published.json"), {**result, "input_hash": input_hash}
+        )
 
     def published(self, row_id: str) -> dict[str, Any] | None:
         return self.read(self._path("rows", row_id, "published.json"))

@@ -73,7 +73,7 @@ class AudioInfo:
     sample_rate_hz: int  # of the source
     channels: int
     codec: str
-    pcm_path: str  # local mono 16-bit WAV at sample_rate_hz, decoded once
+    pcm_path: str  # local 16-bit WAV, source rate and channels (≤2), decoded once: the master
 
 
 @dataclass(frozen=True)

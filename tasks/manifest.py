@@ -1,0 +1,353 @@
+"""Manifest stage: read a Parquet / CSV / JSON Lines manifest from any fsspec URL and validate it.
+
+The first stage of the flow: read_manifest() → validate_manifest() → Rows to probe and plan, plus
+every RowError at once so a user fixes the whole file before anything is paid for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import posixpath
+import re
+import reprlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urljoin
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from tasks.records import Row, RowError
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # ids name output files: no separators, no dots
+REQUIRED_COLUMNS = ("id", "audio")
+# local paths (no scheme) are always allowed; these are the fsspec protocols the flow supports
+ALLOWED_SCHEMES = frozenset(
+    {"file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https", "memory"}
+)
+MAX_SEGMENTS = 1000  # ~83 min of video in one request: anything longer is a typo, not a plan
+MAX_INFERENCE_STEPS = 200
+MAX_GUIDANCE_SCALE = 20.0
+MAX_PROMPT_CHARS = 2000  # far above any useful prompt; stops a pasted document reaching the model
+SEED_MAX = 2**32 - 1
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_STRING_COLUMNS = ("id", "audio", "prompt", "image", "negative_prompt", "resolution")
+_INT_COLUMNS = ("seed", "num_segments", "num_inference_steps")
+_FLOAT_COLUMNS = ("text_guidance_scale", "audio_guidance_scale")
+_EXTENSIONS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+}
+# pydantic error types → our machine-readable kinds (custom validators raise our kinds directly)
+_KINDS = {
+    "missing": "missing_value",
+    "string_too_short": "missing_value",
+    "string_pattern_mismatch": "invalid_id",
+    "string_too_long": "too_long",
+    "literal_error": "invalid_choice",
+    "greater_than_equal": "out_of_range",
+    "less_than_equal": "out_of_range",
+    "finite_number": "out_of_range",
+}
+_CUSTOM_KINDS = frozenset({"unsupported_scheme"})
+
+
+class ManifestError(Exception):
+    """The manifest as a whole cannot be used (unreadable, wrong format, missing columns)."""
+
+
+def _check_location(value: str | None) -> str | None:
+    """Reject URLs whose scheme the flow cannot read (local paths have no scheme)."""
+    match = _SCHEME.match(value or "")
+    if match and match.group(1).lower() not in ALLOWED_SCHEMES:
+        allowed = ", ".join(sorted(ALLOWED_SCHEMES))
+        raise PydanticCustomError(
+            "unsupported_scheme",
+            "unsupported URL scheme '{scheme}' (use a local path or one of: {allowed})",
+            {"scheme": match.group(1), "allowed": allowed},
+        )
+    return value
+
+
+_Prompt = Annotated[str | None, Field(default=None, max_length=MAX_PROMPT_CHARS)]
+_Scale = Annotated[
+    float | None, Field(default=None, ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False)
+]
+
+
+class ManifestRow(BaseModel):
+    """One manifest row as the flow accepts it (also the source of manifests/schema.json)."""
+
+    model_config = ConfigDict(extra="allow", title="avatarflow manifest row")
+
+    id: str = Field(pattern=ID_PATTERN, description="Unique; names the outputs (<id>.mp4).")
+    audio: str = Field(description="Narration: local path (relative to the manifest) or URL.")
+    prompt: _Prompt = Field(description="Scene/behaviour text; the model's default if absent.")
+    image: str | None = Field(default=None, description="Portrait → image+audio-to-video mode.")
+    negative_prompt: _Prompt = Field(description="The model's default if absent.")
+    resolution: Literal["480p", "720p"] = "480p"
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX, description="Fixed per row.")
+    num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_INFERENCE_STEPS)
+    text_guidance_scale: _Scale
+    audio_guidance_scale: _Scale
+    num_segments: int | None = Field(
+        default=None, ge=1, le=MAX_SEGMENTS, description="Override; default from the audio."
+    )
+
+    _locations = field_validator("audio", "image")(_check_location)
+
+
+@dataclass(frozen=True)
+class ManifestCheck:
+    """What validation found: the valid rows, every error, and the passthrough columns' schema."""
+
+    rows: list[Row]
+    errors: list[RowError]
+    passthrough_schema: pa.Schema
+
+    @property
+    def ok(self) -> bool:
+        """True when no row has a problem."""
+        return not self.errors
+
+
+def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """Read a manifest (Parquet, CSV or JSON Lines by extension; any fsspec URL) into a table."""
+    name = url[:-3] if url.endswith(".gz") else url
+    fmt = _EXTENSIONS.get(posixpath.splitext(name.split("?", 1)[0])[1].lower())
+    if fmt is None:
+        known = ", ".join(sorted(_EXTENSIONS))
+        raise ManifestError(f"{url}: unknown manifest format (expected one of {known})")
+    try:
+        with fsspec.open(url, "rb", compression="infer", **(storage_options or {})) as f:
+            data = f.read()
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{url}: manifest not found") from exc
+    except OSError as exc:
+        raise ManifestError(f"{url}: cannot read manifest ({exc})") from exc
+    try:
+        table = _PARSERS[fmt](data)
+    except (pa.ArrowException, ValueError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{url}: not a readable {fmt} manifest ({exc})") from exc
+    _check_columns(table, url)
+    return table
+
+
+def _parse_parquet(data: bytes) -> pa.Table:
+    return pq.read_table(io.BytesIO(data))
+
+
+def _parse_csv(data: bytes) -> pa.Table:
+    # known text columns stay text ("007" is an id, not 7); empty cells become nulls
+    convert = pa_csv.ConvertOptions(
+        column_types={name: pa.string() for name in _STRING_COLUMNS}, strings_can_be_null=True
+    )
+    return pa_csv.read_csv(io.BytesIO(data), convert_options=convert)
+
+
+def _parse_jsonl(data: bytes) -> pa.Table:
+    """Parse JSON Lines (or one JSON array); a column with mixed value types becomes text."""
+    text = data.decode("utf-8")
+    if text.lstrip().startswith("["):
+        records = json.loads(text)
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"line {number}: {exc}") from exc
+    if not all(isinstance(r, dict) for r in records):
+        raise ValueError("every JSON line must be an object")
+    names = list(dict.fromkeys(k for r in records for k in r))
+    columns = {n: _json_column([r.get(n) for r in records]) for n in names}
+    return pa.table(columns) if columns else pa.table({})
+
+
+def _json_column(values: list[Any]) -> pa.Array:
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # mixed types: keep every value as text so validation can report each bad cell
+        return pa.array([None if v is None else _as_text(v) for v in values], pa.string())
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+_PARSERS = {"parquet": _parse_parquet, "csv": _parse_csv, "jsonl": _parse_jsonl}
+
+
+def _check_columns(table: pa.Table, url: str) -> None:
+    """Raise ManifestError for missing required columns or types no value could be coerced from."""
+    problems = [
+        f"missing required column '{c}'" for c in REQUIRED_COLUMNS if c not in table.schema.names
+    ]
+    if len(set(table.schema.names)) != len(table.schema.names):
+        problems.append("duplicate column names")
+    for field in table.schema:
+        expected = _expected_kind(field.name)
+        if expected and not _coercible(field.type, expected):
+            problems.append(f"column '{field.name}' has type {field.type}, expected {expected}")
+    if not problems and table.num_rows == 0:
+        problems.append("manifest has no rows")
+    if problems:
+        raise ManifestError(f"{url}: " + "; ".join(problems))
+
+
+def _expected_kind(name: str) -> str | None:
+    if name in _STRING_COLUMNS:
+        return "string"
+    if name in _INT_COLUMNS:
+        return "integer"
+    return "number" if name in _FLOAT_COLUMNS else None
+
+
+def _coercible(arrow_type: pa.DataType, expected: str) -> bool:
+    """Whether values of arrow_type can become `expected` (per-value failures are row errors)."""
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    textual = pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+    if pa.types.is_null(arrow_type) or textual or pa.types.is_integer(arrow_type):
+        return True
+    return expected != "string" and pa.types.is_floating(arrow_type)
+
+
+def validate_manifest(table: pa.Table, manifest_url: str) -> ManifestCheck:
+    """Check every row against the manifest contract; report all problems at once."""
+    _check_columns(table, manifest_url)
+    known = [n for n in table.schema.names if n in ManifestRow.model_fields]
+    extras = [n for n in table.schema.names if n not in ManifestRow.model_fields]
+    values = {n: _column_values(table, n) for n in known}
+    passthrough = {n: table.column(n).to_pylist() for n in extras}
+    rows: list[Row] = []
+    errors: list[RowError] = []
+    first_index: dict[str, int] = {}
+    for i in range(table.num_rows):
+        record = {n: values[n][i] for n in known}
+        row_id = record["id"] if isinstance(record["id"], str) else None
+        valid, row_errors = _validate_record(i, row_id, record)
+        if row_id and row_id in first_index:
+            reason = f"duplicate id '{row_id}' (first used in row {first_index[row_id]})"
+            row_errors.append(RowError(i, row_id, "id", reason, "duplicate_id"))
+        elif row_id:
+            first_index[row_id] = i
+        if row_errors or valid is None:
+            errors.extend(row_errors)
+            continue
+        rows.append(_make_row(i, valid, {n: passthrough[n][i] for n in extras}, manifest_url))
+    schema = pa.schema([table.schema.field(n) for n in extras])
+    return ManifestCheck(rows, errors, schema)
+
+
+def _column_values(table: pa.Table, name: str) -> list[Any]:
+    """Python values of a known column; integers become text in text columns."""
+    column = table.column(name)
+    if name in _STRING_COLUMNS and pa.types.is_integer(column.type):
+        column = pc.cast(column, pa.string())
+    return column.to_pylist()
+
+
+def _present(record: dict[str, Any]) -> dict[str, Any]:
+    """Drop missing cells (None, NaN as pandas writes it, empty text) so defaults apply."""
+    return {
+        k: v
+        for k, v in record.items()
+        if v is not None and v != "" and not (isinstance(v, float) and math.isnan(v))
+    }
+
+
+def _validate_record(
+    index: int, row_id: str | None, record: dict[str, Any]
+) -> tuple[ManifestRow | None, list[RowError]]:
+    try:
+        return ManifestRow.model_validate(_present(record)), []
+    except ValidationError as exc:
+        return None, [_to_row_error(index, row_id, e) for e in exc.errors()]
+
+
+def _to_row_error(index: int, row_id: str | None, error: Any) -> RowError:
+    """Turn one pydantic error into a RowError with our kind and a reason naming the value."""
+    column = str(error["loc"][0]) if error["loc"] else None
+    kind = _KINDS.get(error["type"], error["type"])
+    if kind not in _KINDS.values() and kind not in _CUSTOM_KINDS:
+        kind = "wrong_type"  # int_parsing, float_type, int_from_float, string_type, ...
+    got = reprlib.repr(error.get("input"))
+    if kind == "missing_value":
+        reason = "required value is missing or empty"
+    elif kind == "invalid_id":
+        reason = f"id must match {ID_PATTERN} because it names output files (got {got})"
+    else:
+        reason = f"{error['msg']} (got {got})"
+    return RowError(index, row_id, column, reason, kind)
+
+
+def _make_row(index: int, valid: ManifestRow, extra: dict[str, Any], manifest_url: str) -> Row:
+    return Row(
+        index=index,
+        id=valid.id,
+        audio=resolve_location(valid.audio, manifest_url),
+        prompt=valid.prompt,
+        image=resolve_location(valid.image, manifest_url) if valid.image else None,
+        negative_prompt=valid.negative_prompt,
+        resolution=valid.resolution,
+        seed=valid.seed,
+        num_inference_steps=valid.num_inference_steps,
+        text_guidance_scale=valid.text_guidance_scale,
+        audio_guidance_scale=valid.audio_guidance_scale,
+        num_segments=valid.num_segments,
+        extra=extra,
+    )
+
+
+def resolve_location(value: str, manifest_url: str) -> str:
+    """Resolve a relative local path against the manifest's folder (local or remote manifest)."""
+    if _SCHEME.match(value) or os.path.isabs(value):
+        return value
+    match = _SCHEME.match(manifest_url)
+    if match is None or match.group(1).lower() == "file":
+        local = manifest_url[len("file://") :] if match else manifest_url
+        return os.path.normpath(os.path.join(Path(local).resolve().parent, value))
+    if match.group(1).lower() in ("http", "https"):
+        return urljoin(manifest_url, value)
+    parent = posixpath.dirname(manifest_url[match.end() :])
+    return f"{match.group(1)}://{posixpath.normpath(posixpath.join(parent, value))}"
+
+
+def manifest_json_schema() -> dict[str, Any]:
+    """Return the JSON Schema of one manifest row (what manifests/schema.json holds)."""
+    schema = ManifestRow.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def write_schema(path: str | Path) -> None:
+    """Write manifest_json_schema() to path as stable, indented JSON."""
+    Path(path).write_text(json.dumps(manifest_json_schema(), indent=2, ensure_ascii=False) + "\n")
+
+
+def _main(argv: Iterable[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tasks.manifest", description=__doc__)
+    parser.add_argument("--write-schema", metavar="PATH", required=True, help="write JSON Schema")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    write_schema(args.write_schema)
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,160 @@
+"""Plan stage: segments, chunks, seed, cost and idempotency key per row, then the budget gate.
+
+Sits after audio probing and before rendering; everything here is a pure function of its inputs
+(plan_row reads the row's decoded PCM only when the narration is long enough to need cutting).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from tasks.audio import chunk_span_s, find_cut_points, load_pcm
+from tasks.records import (
+    CONTINUATION_FRAMES,
+    FIRST_SEGMENT_FRAMES,
+    FPS,
+    AudioInfo,
+    Chunk,
+    Row,
+    RowError,
+    RowPlan,
+)
+
+if TYPE_CHECKING:
+    from flows.settings import BatchConfig
+
+
+class PlanError(ValueError):
+    """A row cannot be planned as asked; `error` is the RowError to record for it."""
+
+    def __init__(self, error: RowError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def segments_for_duration(duration_s: float, fps: int = FPS) -> int:
+    """Segments needed to cover duration_s: 1 + ceil(max(0, D − 93/fps) / (80/fps)), in frames."""
+    # counted in frames, rounded to a millionth of a frame (far below one audio sample), so float
+    # noise never adds a segment: 5.8125 s is exactly 93 frames at 16 fps and stays 1 segment
+    extra_frames = max(0.0, round(duration_s * fps - FIRST_SEGMENT_FRAMES, 6))
+    return 1 + math.ceil(extra_frames / CONTINUATION_FRAMES)
+
+
+def video_s_for_segments(num_segments: int, fps: int = FPS) -> float:
+    """Seconds of video that num_segments segments render: (93 + 80(n − 1)) / fps."""
+    return (FIRST_SEGMENT_FRAMES + CONTINUATION_FRAMES * (num_segments - 1)) / fps
+
+
+def derive_seed(row_id: str) -> int:
+    """A stable seed in 0 … 2^32−1 from the row id, for rows that give none."""
+    return int.from_bytes(hashlib.sha256(f"avatarflow-seed:{row_id}".encode()).digest()[:4], "big")
+
+
+def plan_row(
+    row: Row, audio: AudioInfo, config: BatchConfig, image_sha256: str | None = None
+) -> RowPlan:
+    """Plan one row: its chunks and segments, seed, billable units, cost and input hash."""
+    if row.num_segments is not None:
+        chunks = (_override_chunk(row, audio, row.num_segments),)
+    else:
+        cuts: list[float] = []
+        if audio.duration_s > chunk_span_s(config.chunk_target_s):  # else no need to read PCM
+            samples, rate = load_pcm(audio.pcm_path)
+            cuts = find_cut_points(
+                samples, rate, config.chunk_target_s, config.chunk_window_s, config.chunk_min_s
+            )
+        bounds = [0.0, *cuts, audio.duration_s]
+        chunks = tuple(
+            Chunk(row.id, i, start, end, segments_for_duration(end - start))
+            for i, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False))
+        )
+    seed = row.seed if row.seed is not None else derive_seed(row.id)
+    video_s = sum(c.video_s for c in chunks)
+    return RowPlan(
+        row=row,
+        audio=audio,
+        chunks=chunks,
+        seed=seed,
+        billable_units=video_s * config.units_per_video_s[row.resolution],
+        estimated_cost_usd=video_s * config.price_per_video_s[row.resolution],
+        input_hash=input_hash(row, audio, chunks, seed, image_sha256),
+    )
+
+
+def _override_chunk(row: Row, audio: AudioInfo, n: int) -> Chunk:
+    """One chunk of the row's n = num_segments, if that covers all of the audio."""
+    needed = segments_for_duration(audio.duration_s)
+    if n < needed:
+        reason = (
+            f"num_segments={n} renders {video_s_for_segments(n):.3f} s of video but the audio is "
+            f"{audio.duration_s:.3f} s long; it needs at least {needed}"
+        )
+        raise PlanError(RowError(row.index, row.id, "num_segments", reason, "too_few_segments"))
+    return Chunk(row.id, 0, 0.0, audio.duration_s, n)
+
+
+def input_hash(
+    row: Row,
+    audio: AudioInfo,
+    chunks: Sequence[Chunk],
+    seed: int,
+    image_sha256: str | None = None,
+) -> str:
+    """sha256 over everything that changes the rendered video (not the backend or the row id)."""
+    key: dict[str, Any] = {
+        "audio_sha256": audio.sha256,
+        "image": image_sha256 or row.image,
+        "prompt": row.prompt,
+        "negative_prompt": row.negative_prompt,
+        "resolution": row.resolution,
+        "seed": seed,
+        "num_inference_steps": row.num_inference_steps,
+        "text_guidance_scale": row.text_guidance_scale,
+        "audio_guidance_scale": row.audio_guidance_scale,
+        "chunks": [[c.start_s, c.end_s, c.num_segments, c.fps] for c in chunks],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def apply_budget(
+    plans: Sequence[RowPlan], budget_usd: float | None
+) -> tuple[list[RowPlan], list[tuple[RowPlan, str]]]:
+    """Split plans, in manifest order, into those to dispatch and those skipped (with why).
+
+    Dispatch stops at the first row whose estimate would take the total over the budget: later
+    rows are skipped too, even cheaper ones, so what runs is always a prefix of the manifest.
+    """
+    if budget_usd is None:
+        return list(plans), []
+    to_dispatch: list[RowPlan] = []
+    skipped: list[tuple[RowPlan, str]] = []
+    total = 0.0
+    for plan in plans:
+        if skipped or total + plan.estimated_cost_usd > budget_usd + 1e-9:
+            reason = (
+                f"budget: ${budget_usd:.2f} reached (${total:.2f} planned before this row, "
+                f"which is estimated at ${plan.estimated_cost_usd:.2f})"
+            )
+            skipped.append((plan, reason))
+            continue
+        total += plan.estimated_cost_usd
+        to_dispatch.append(plan)
+    return to_dispatch, skipped
+
+
+def summarize(plans: Sequence[RowPlan]) -> dict[str, float | int]:
+    """Totals for the `avatarflow plan` table: rows, chunks, segments, seconds, units, USD."""
+    return {
+        "rows": len(plans),
+        "chunks": sum(len(p.chunks) for p in plans),
+        "segments": sum(p.num_segments for p in plans),
+        # rounded only to drop float noise; the CLI and report format for display
+        "audio_s": round(sum(p.audio.duration_s for p in plans), 6),
+        "video_s": round(sum(p.video_s for p in plans), 6),
+        "billable_units": round(sum(p.billable_units for p in plans), 6),
+        "estimated_cost_usd": round(sum(p.estimated_cost_usd for p in plans), 6),
+    }

@@ -1,0 +1,167 @@
+"""Report stage: one self-contained report.html for a batch (summary, cost, players, failures).
+
+The last stage of the flow, after publishing: every user-supplied string is escaped, thumbnails are
+inlined as data URIs, and each published video plays from its relative `<id>.mp4` beside the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import av
+from PIL import Image
+
+from tasks.records import RowResult
+
+_CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2rem;color:#1d232a;background:#fafbfc}
+h1{font-size:1.5rem;margin:0 0 1rem}h2{font-size:1.15rem;margin:2rem 0 .6rem}
+table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px #0002}
+th,td{padding:.35rem .7rem;border-bottom:1px solid #e4e7eb;text-align:left;vertical-align:top}
+th{background:#f0f2f5;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.published{color:#137333}.failed{color:#b3261e}.skipped{color:#8a6d00}
+video,img.thumb{max-width:240px;border-radius:4px;background:#000}
+.error{white-space:pre-wrap;font-family:ui-monospace,monospace;color:#b3261e}
+.cards{display:flex;gap:1rem;flex-wrap:wrap}.card{background:#fff;padding:.7rem 1rem;
+border-radius:6px;box-shadow:0 1px 2px #0002}.card b{display:block;font-size:1.3rem}
+"""
+
+
+def _e(value: Any) -> str:
+    """Escape any value for HTML text or a quoted attribute."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _usd(value: float | None) -> str:
+    return "–" if value is None else f"${value:,.2f}"
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.2f} s"
+
+
+def render_report(
+    results: Sequence[RowResult],
+    summary: Mapping[str, Any],
+    thumbnails: Mapping[str, bytes],
+    title: str,
+) -> str:
+    """Return the batch report as one self-contained HTML page."""
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width,initial-scale=1">',
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        _summary_section(results, summary),
+        _rows_section(results, thumbnails),
+        _failures_section(results),
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
+def _summary_section(results: Sequence[RowResult], summary: Mapping[str, Any]) -> str:
+    """Cards for counts per status and costs, then every summary figure the flow passed in."""
+    counts = Counter(r.status for r in results)
+    actual = sum(r.cost_usd for r in results)
+    video_s = sum(r.duration_s or 0.0 for r in results if r.status == "published")
+    cards = [
+        ("rows", len(results)),
+        *((status, counts.get(status, 0)) for status in ("published", "failed", "skipped")),
+        ("estimated cost", _usd(summary.get("estimated_cost_usd"))),
+        ("actual cost", _usd(actual)),
+        ("published video", _seconds(video_s)),
+    ]
+    card_html = "".join(
+        f'<div class="card"><b>{_e(value)}</b>{_e(label)}</div>' for label, value in cards
+    )
+    details = "".join(
+        f"<tr><th>{_e(key)}</th><td>{_e(value)}</td></tr>" for key, value in summary.items()
+    )
+    return (
+        f'<h2>Summary</h2><div class="cards">{card_html}</div>'
+        f"<h2>Details</h2><table>{details}</table>"
+    )
+
+
+def _rows_section(results: Sequence[RowResult], thumbnails: Mapping[str, bytes]) -> str:
+    """One table row per manifest row: preview, status, numbers and passthrough columns."""
+    extra_names = list(dict.fromkeys(k for r in results for k in r.extra))
+    head = ["preview", "id", "status", "duration", "segments", "cost", "video", *extra_names]
+    lines = ["<h2>Rows</h2><table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
+    for r in results:
+        link = f'<a href="{_e(r.video_url)}">{_e(r.video_url)}</a>' if r.video_url else "–"
+        cells = [
+            _td(_preview(r, thumbnails.get(r.id))),
+            _td(_e(r.id)),
+            _td(f'<span class="{_e(r.status)}">{_e(r.status)}</span>'),
+            _td(_seconds(r.duration_s), "num"),
+            _td(_e(r.segments if r.segments is not None else "–"), "num"),
+            _td(_usd(r.cost_usd), "num"),
+            _td(link),
+            *(_td(_e(r.extra.get(name))) for name in extra_names),
+        ]
+        lines.append("<tr>" + "".join(cells) + "</tr>")
+    return "\n".join([*lines, "</table>"])
+
+
+def _td(content: str, css_class: str = "") -> str:
+    return f'<td class="{css_class}">{content}</td>' if css_class else f"<td>{content}</td>"
+
+
+def _preview(result: RowResult, thumbnail: bytes | None) -> str:
+    """A player for published rows (poster = thumbnail), else the thumbnail alone, if any."""
+    poster = "data:image/jpeg;base64," + base64.b64encode(thumbnail).decode() if thumbnail else None
+    if result.status == "published":
+        poster_attr = f' poster="{poster}"' if poster else ""
+        src = _e(quote(f"{result.id}.mp4"))
+        return f'<video controls preload="none" src="{src}"{poster_attr}></video>'
+    if poster:
+        return f'<img class="thumb" alt="{_e(result.id)}" src="{poster}">'
+    return ""
+
+
+def _failures_section(results: Sequence[RowResult]) -> str:
+    """Every failed or skipped row with its full error text."""
+    bad = [r for r in results if r.status != "published"]
+    if not bad:
+        return "<h2>Failures</h2><p>None: every row was published.</p>"
+    items = "".join(
+        f'<tr><td>{_e(r.id)}</td><td class="{_e(r.status)}">{_e(r.status)}</td>'
+        f'<td class="error">{_e(r.error or "")}</td></tr>'
+        for r in bad
+    )
+    return (
+        f"<h2>Failures</h2><table><tr><th>id</th><th>status</th><th>error</th></tr>{items}</table>"
+    )
+
+
+def thumbnail_jpeg(mp4_path: str | Path, width: int = 160) -> bytes:
+    """Return a JPEG of the video's middle frame, scaled to `width` pixels wide."""
+    with av.open(str(mp4_path)) as container:
+        stream = container.streams.video[0]
+        middle_s = float(stream.duration * stream.time_base) / 2 if stream.duration else 0.0
+        if middle_s > 0:
+            container.seek(int(middle_s / stream.time_base), stream=stream)
+        image = None
+        for frame in container.decode(stream):
+            image = frame.to_image()
+            # the seek lands on the keyframe before the middle: decode forward to it
+            if frame.time is None or frame.time >= middle_s:
+                break
+    if image is None:
+        raise ValueError(f"{mp4_path}: no video frames")
+    height = max(1, round(image.height * width / image.width))
+    buffer = io.BytesIO()
+    image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS).save(
+        buffer, "JPEG", quality=80
+    )
+    return buffer.getvalue()

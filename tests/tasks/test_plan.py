@@ -1,0 +1,163 @@
+"""Tests for tasks.plan: segment counts, chunking, cost, seeds, input hash, budget gate."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from flows.settings import BatchConfig
+from tasks.audio import chunk_span_s, probe_audio
+from tasks.plan import (
+    PlanError,
+    apply_budget,
+    derive_seed,
+    plan_row,
+    segments_for_duration,
+    summarize,
+    video_s_for_segments,
+)
+from tasks.records import AudioInfo, Row
+from tests.media_factory import speechlike, write_audio
+
+CONFIG = BatchConfig(manifest="m.parquet", chunk_target_s=20.0, chunk_window_s=4.0, chunk_min_s=3.0)
+
+
+def _audio(duration_s: float, sha: str = "a" * 64) -> AudioInfo:
+    """An AudioInfo for a short narration (plan_row only reads PCM when it must cut)."""
+    return AudioInfo("n.wav", sha, duration_s, 16000, 1, "pcm_s16le", "/nonexistent.wav")
+
+
+@pytest.mark.parametrize(
+    ("duration_s", "segments"),
+    [
+        (0.5, 1),
+        (5.8125, 1),
+        (5.8126, 2),
+        (10.8125, 2),
+        (10.8126, 3),
+        (15.8125, 3),
+        (60.0, 12),
+    ],
+)
+def test_segments_for_duration_at_the_grid_boundaries(duration_s: float, segments: int) -> None:
+    assert segments_for_duration(duration_s) == segments
+
+
+def test_segments_follow_the_frame_grid_at_other_frame_rates() -> None:
+    # v1.5 at 25 fps: 93 frames = 3.72 s, then +3.2 s per segment
+    assert segments_for_duration(3.72, fps=25) == 1
+    assert segments_for_duration(3.7201, fps=25) == 2
+    assert video_s_for_segments(2, fps=25) == pytest.approx(6.92)
+
+
+def test_short_row_is_one_chunk_priced_per_video_second() -> None:
+    row = Row(index=0, id="intro", audio="n.wav", seed=7)
+    plan = plan_row(row, _audio(7.0), CONFIG)
+    assert [(c.start_s, c.end_s, c.num_segments) for c in plan.chunks] == [(0.0, 7.0, 2)]
+    assert plan.seed == 7
+    assert plan.video_s == 10.8125
+    assert plan.billable_units == pytest.approx(10.8125)
+    assert plan.estimated_cost_usd == pytest.approx(10.8125 * 0.15)
+
+
+def test_720p_costs_twice_480p_and_bills_four_units_per_second() -> None:
+    low = plan_row(Row(0, "a", "n.wav"), _audio(12.0), CONFIG)
+    high = plan_row(Row(0, "a", "n.wav", resolution="720p"), _audio(12.0), CONFIG)
+    assert high.estimated_cost_usd == pytest.approx(2 * low.estimated_cost_usd)
+    assert high.billable_units == pytest.approx(4 * high.video_s)
+    assert low.billable_units == pytest.approx(low.video_s)
+
+
+def test_long_row_is_cut_into_chunks_that_tile_the_audio(tmp_path: Path) -> None:
+    pauses = [(3.3 + 3.7 * i, 3.7 + 3.7 * i) for i in range(12)]
+    wav = write_audio(tmp_path / "n.wav", speechlike(47.0, 16000, pauses), 16000, "wav")
+    audio = probe_audio(str(wav), tmp_path / "work")
+    plan = plan_row(Row(0, "long", str(wav)), audio, CONFIG)
+    assert len(plan.chunks) >= 3
+    assert plan.chunks[0].start_s == 0.0
+    assert plan.chunks[-1].end_s == audio.duration_s
+    for before, after in zip(plan.chunks, plan.chunks[1:], strict=False):
+        assert before.end_s == after.start_s
+    max_segments = segments_for_duration(chunk_span_s(CONFIG.chunk_target_s))
+    for i, chunk in enumerate(plan.chunks):
+        assert chunk.index == i
+        assert chunk.num_segments == segments_for_duration(chunk.duration_s) <= max_segments
+        assert chunk.video_s >= chunk.duration_s
+    assert plan.num_segments == sum(c.num_segments for c in plan.chunks)
+
+
+def test_num_segments_override_is_one_chunk_or_a_plan_error() -> None:
+    plan = plan_row(Row(0, "a", "n.wav", num_segments=5), _audio(12.0), CONFIG)
+    assert [(c.end_s, c.num_segments) for c in plan.chunks] == [(12.0, 5)]
+    with pytest.raises(PlanError) as info:
+        plan_row(Row(3, "b", "n.wav", num_segments=2), _audio(12.0), CONFIG)
+    error = info.value.error
+    assert (error.row, error.id, error.column, error.kind) == (
+        3,
+        "b",
+        "num_segments",
+        "too_few_segments",
+    )
+    assert "at least 3" in error.reason
+
+
+def test_missing_seed_is_derived_stably_from_the_id() -> None:
+    first = plan_row(Row(0, "lesson-01", "n.wav"), _audio(4.0), CONFIG)
+    again = plan_row(Row(5, "lesson-01", "other.wav"), _audio(4.0), CONFIG)
+    other = plan_row(Row(0, "lesson-02", "n.wav"), _audio(4.0), CONFIG)
+    assert first.seed == again.seed == derive_seed("lesson-01")
+    assert first.seed != other.seed
+    assert 0 <= first.seed < 2**32
+
+
+def test_input_hash_tracks_render_inputs_only() -> None:
+    row = Row(0, "a", "n.wav", prompt="hello", seed=1, extra={"course": "x"})
+    base = plan_row(row, _audio(4.0), CONFIG).input_hash
+    assert plan_row(replace(row, extra={"course": "y"}), _audio(4.0), CONFIG).input_hash == base
+    fal = CONFIG.model_copy(update={"backend": "fal"})
+    assert plan_row(row, _audio(4.0), fal).input_hash == base
+    changed = [
+        plan_row(replace(row, prompt="bye"), _audio(4.0), CONFIG),
+        plan_row(replace(row, seed=2), _audio(4.0), CONFIG),
+        plan_row(replace(row, resolution="720p"), _audio(4.0), CONFIG),
+        plan_row(replace(row, num_inference_steps=8), _audio(4.0), CONFIG),
+        plan_row(replace(row, num_segments=3), _audio(4.0), CONFIG),
+        plan_row(row, _audio(4.0, sha="b" * 64), CONFIG),
+        plan_row(row, _audio(4.0), CONFIG, image_sha256="c" * 64),
+    ]
+    hashes = {p.input_hash for p in changed}
+    assert base not in hashes
+    assert len(hashes) == len(changed)
+
+
+def test_budget_dispatches_a_prefix_of_the_manifest() -> None:
+    plans = [
+        plan_row(Row(i, f"r{i}", "n.wav"), _audio(d), CONFIG) for i, d in enumerate([5, 10, 5, 1])
+    ]
+    costs = [p.estimated_cost_usd for p in plans]
+    dispatch, skipped = apply_budget(plans, budget_usd=costs[0] + costs[1])
+    assert [p.row.id for p in dispatch] == ["r0", "r1"]
+    # r3 alone would fit, but dispatch stops at the first row over budget
+    assert [p.row.id for p, _ in skipped] == ["r2", "r3"]
+    assert all("budget" in reason for _, reason in skipped)
+    assert apply_budget(plans, None) == (plans, [])
+    nothing, everything = apply_budget(plans, 0.0)
+    assert nothing == []
+    assert [p for p, _ in everything] == plans
+
+
+def test_summarize_totals_the_plans() -> None:
+    plans = [
+        plan_row(Row(0, "a", "n.wav"), _audio(5.0), CONFIG),
+        plan_row(Row(1, "b", "n.wav", resolution="720p"), _audio(11.0), CONFIG),
+    ]
+    summary = summarize(plans)
+    assert summary["rows"] == 2
+    assert summary["chunks"] == 2
+    assert summary["segments"] == 1 + 3
+    assert summary["audio_s"] == 16.0
+    assert summary["video_s"] == pytest.approx(5.8125 + 15.8125)
+    assert summary["billable_units"] == pytest.approx(5.8125 + 4 * 15.8125)
+    assert summary["estimated_cost_usd"] == pytest.approx(5.8125 * 0.15 + 15.8125 * 0.30)
