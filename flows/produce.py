@@ -55,7 +55,7 @@ def _first_error(futures: list[PrefectFuture]) -> str:
 
 
 def _render_futures(plan: RowPlan, config: BatchConfig) -> list[PrefectFuture]:
-    """Submit a row's chunks: all at once (local), or chunk 0 first when later chunks need its face."""
+    """Submit a row's chunks: one task (local), or chunk 0 before those that need its face."""
     if renderer_is_continuous(config):
         return [render_row.submit(plan, config)]
     first = render_chunk.submit(plan, 0, config)

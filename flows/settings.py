@@ -1,4 +1,4 @@
-"""BatchConfig: every option of a run in one frozen, validated object (the only place env is read)."""
+"""BatchConfig: every option of a run in one frozen, validated object; the only env reads."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ class BatchConfig(BaseModel):
     budget_usd: float | None = Field(default=None, ge=0)
     max_concurrency: int = Field(default=8, ge=1, le=256)
     chunk_target_s: float = Field(default=60.0, gt=5.0)  # cut long audio near this length
-    chunk_window_s: float = Field(default=5.0, ge=0.0)  # look this far back from a grid end for a pause
+    chunk_window_s: float = Field(default=5.0, ge=0.0)  # search back from a grid end
     chunk_min_s: float = Field(default=3.0, ge=0.5)
     price_per_video_s: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_PRICE_PER_VIDEO_S)

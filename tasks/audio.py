@@ -50,7 +50,7 @@ def probe_audio(
     """Fetch `url` into work_dir (content-addressed), decode it and return its AudioInfo."""
     audio_dir = Path(work_dir) / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
-    local, sha = _fetch(url, audio_dir, storage_options or {})
+    local, sha = fetch_file(url, audio_dir, storage_options or {})
     cached, pcm_path = audio_dir / f"{sha}.json", audio_dir / f"{sha}.pcm.wav"
     if cached.exists() and pcm_path.exists():
         return AudioInfo(**{**json.loads(cached.read_text()), "source": url})
@@ -69,8 +69,12 @@ def probe_audio(
     return info
 
 
-def _fetch(url: str, audio_dir: Path, storage_options: dict[str, Any]) -> tuple[Path, str]:
-    """Copy `url` into audio_dir as <sha256><ext>, hashing while streaming; return (path, sha)."""
+def fetch_file(
+    url: str, dest_dir: Path, storage_options: dict[str, Any] | None = None
+) -> tuple[Path, str]:
+    """Copy `url` into dest_dir as <sha256><ext>, hashing while streaming; return (path, sha)."""
+    audio_dir, storage_options = Path(dest_dir), storage_options or {}
+    audio_dir.mkdir(parents=True, exist_ok=True)
     tmp = _temp_beside(audio_dir / "fetch")
     digest = hashlib.sha256()
     try:

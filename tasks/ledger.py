@@ -1,11 +1,11 @@
-"""Run ledger: durable per-row, per-chunk state beside the target, so a rerun resumes, never pays twice.
+"""Run ledger: durable per-row, per-chunk state beside the target; reruns resume, never pay twice.
 
 Layout under the state URL (default <target>/.avatarflow), one small JSON document per fact so that
 concurrent writers never share a file:
     rows/<id>/<input_hash>/chunk-<k>.attempt.json   written just before a paid submit
-    rows/<id>/<input_hash>/chunk-<k>.request.json   the request id, written as soon as submit returns
+    rows/<id>/<input_hash>/chunk-<k>.request.json   the request id, once submit returned
     rows/<id>/<input_hash>/chunk-<k>.done.json      the rendered chunk (sha256) once downloaded
-    rows/<id>/<input_hash>/chunk-<k>.mp4             a copy of the rendered chunk, so reruns reuse it
+    rows/<id>/<input_hash>/chunk-<k>.mp4            a copy of the rendered chunk, for reuse
     rows/<id>/published.json                        what was published, with its input hash
 A changed input (audio, image, prompt, parameters) changes input_hash, so stale chunks are ignored.
 """
@@ -131,3 +131,9 @@ class Ledger:
 
     def published(self, row_id: str) -> dict[str, Any] | None:
         return self.read(self._path("rows", row_id, "published.json"))
+
+    @staticmethod
+    def exists(url: str) -> bool:
+        """True when the file at url (any fsspec URL) exists."""
+        fs, path = fsspec.core.url_to_fs(url)
+        return bool(fs.exists(path))

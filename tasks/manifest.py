@@ -7,6 +7,7 @@ every RowError at once so a user fixes the whole file before anything is paid fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -17,7 +18,7 @@ import reprlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urljoin
 
 import fsspec
@@ -25,10 +26,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from tasks.records import Row, RowError
+
+if TYPE_CHECKING:
+    from flows.settings import BatchConfig
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # ids name output files: no separators, no dots
 REQUIRED_COLUMNS = ("id", "audio")
@@ -119,6 +124,13 @@ class ManifestCheck:
     rows: list[Row]
     errors: list[RowError]
     passthrough_schema: pa.Schema
+    passthrough: list[dict[str, Any]] = dataclasses.field(
+        default_factory=list
+    )  # per row index, every row
+
+    def extras(self, index: int) -> dict[str, Any]:
+        """The passthrough values of row `index` (also for rows that failed validation)."""
+        return self.passthrough[index] if index < len(self.passthrough) else {}
 
     @property
     def ok(self) -> bool:
@@ -254,7 +266,8 @@ def validate_manifest(table: pa.Table, manifest_url: str) -> ManifestCheck:
             continue
         rows.append(_make_row(i, valid, {n: passthrough[n][i] for n in extras}, manifest_url))
     schema = pa.schema([table.schema.field(n) for n in extras])
-    return ManifestCheck(rows, errors, schema)
+    per_row = [{n: passthrough[n][i] for n in extras} for i in range(table.num_rows)]
+    return ManifestCheck(rows, errors, schema, per_row)
 
 
 def _column_values(table: pa.Table, name: str) -> list[Any]:
@@ -340,6 +353,12 @@ def manifest_json_schema() -> dict[str, Any]:
 def write_schema(path: str | Path) -> None:
     """Write manifest_json_schema() to path as stable, indented JSON."""
     Path(path).write_text(json.dumps(manifest_json_schema(), indent=2, ensure_ascii=False) + "\n")
+
+
+@task(name="load-manifest")
+def load_rows(config: BatchConfig) -> ManifestCheck:
+    """Read and validate the run's manifest (a ManifestError fails the whole run)."""
+    return validate_manifest(read_manifest(config.manifest), config.manifest)
 
 
 def _main(argv: Iterable[str] | None = None) -> None:

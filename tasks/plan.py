@@ -6,13 +6,28 @@ Sits after audio probing and before rendering; everything here is a pure functio
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.audio import chunk_span_s, find_cut_points, load_pcm
+from PIL import Image, UnidentifiedImageError
+from prefect import task
+
+from tasks import progress
+from tasks.audio import (
+    AudioError,
+    chunk_span_s,
+    fetch_file,
+    find_cut_points,
+    load_pcm,
+    probe_audio,
+    write_chunk_wav,
+)
+from tasks.ledger import Ledger
 from tasks.records import (
     CONTINUATION_FRAMES,
     FIRST_SEGMENT_FRAMES,
@@ -22,6 +37,7 @@ from tasks.records import (
     Row,
     RowError,
     RowPlan,
+    RowResult,
 )
 
 if TYPE_CHECKING:
@@ -158,3 +174,99 @@ def summarize(plans: Sequence[RowPlan]) -> dict[str, float | int]:
         "billable_units": round(sum(p.billable_units for p in plans), 6),
         "estimated_cost_usd": round(sum(p.estimated_cost_usd for p in plans), 6),
     }
+
+
+def row_work_dir(config: BatchConfig, plan: RowPlan) -> Path:
+    """The local scratch folder of one row's inputs as planned (changes when its inputs change)."""
+    return config.work_path / "rows" / plan.row.id / plan.input_hash[:16]
+
+
+def chunk_wav_path(config: BatchConfig, plan: RowPlan, chunk_index: int) -> Path:
+    """Where prepare_row wrote the narration span of one chunk."""
+    return row_work_dir(config, plan) / f"chunk-{chunk_index}.wav"
+
+
+def _fetch_image(row: Row, work_dir: Path) -> tuple[str, str]:
+    """Fetch the row's portrait and check it is an image; return (local path, sha256)."""
+    assert row.image is not None
+    try:
+        local, sha = fetch_file(row.image, work_dir / "images")
+    except AudioError as exc:  # the fetch errors are the same for any input file
+        raise PlanError(RowError(row.index, row.id, "image", exc.reason, exc.kind)) from exc
+    try:
+        with Image.open(local) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        reason = f"{row.image}: not a readable image ({exc})"
+        raise PlanError(RowError(row.index, row.id, "image", reason, "not_image")) from exc
+    return str(local), sha
+
+
+def prepare(row: Row, config: BatchConfig) -> RowPlan:
+    """Fetch and probe a row's inputs, plan it and write each chunk's WAV; spends nothing."""
+    try:
+        audio = probe_audio(row.audio, config.work_path)
+    except AudioError as exc:
+        raise PlanError(RowError(row.index, row.id, "audio", exc.reason, exc.kind)) from exc
+    image_path, image_sha = _fetch_image(row, config.work_path) if row.image else (None, None)
+    plan = dataclasses.replace(plan_row(row, audio, config, image_sha), image_path=image_path)
+    for chunk in plan.chunks:
+        dest = chunk_wav_path(config, plan, chunk.index)
+        if not dest.exists():
+            write_chunk_wav(audio, chunk.start_s, chunk.end_s, dest)
+    return plan
+
+
+@task(name="prepare-row")
+def prepare_row(row: Row, config: BatchConfig) -> RowPlan:
+    """Fetch + probe a row's audio and image, plan its chunks and cut their WAVs."""
+    return prepare(row, config)
+
+
+def plan_manifest_rows(
+    rows: Sequence[Row], config: BatchConfig
+) -> tuple[list[RowPlan], list[tuple[str, str]]]:
+    """Plan rows without Prefect (for `avatarflow plan`): plans, and (id, reason) per failure."""
+    plans: list[RowPlan] = []
+    failures: list[tuple[str, str]] = []
+    for row in rows:
+        try:
+            plans.append(prepare(row, config))
+        except PlanError as exc:
+            failures.append((row.id, str(exc)))
+    return plans, failures
+
+
+def budget_gate(
+    plans: Sequence[RowPlan], config: BatchConfig
+) -> tuple[list[RowPlan], dict[int, RowResult]]:
+    """Skip rows already published with the same inputs, then apply the budget; nothing is paid."""
+    ledger = Ledger(config.state_url)
+    skipped: dict[int, RowResult] = {}
+    pending: list[RowPlan] = []
+    for plan in plans:
+        done = ledger.published(plan.row.id)
+        if done and done.get("input_hash") == plan.input_hash and ledger.exists(done["video_url"]):
+            skipped[plan.row.index] = RowResult(
+                id=plan.row.id,
+                status="skipped",
+                video_url=done["video_url"],
+                sidecar_url=done.get("sidecar_url"),
+                duration_s=done.get("duration_s"),
+                segments=done.get("segments"),
+                extra=plan.row.extra,
+            )
+        else:
+            pending.append(plan)
+    dispatch, over_budget = apply_budget(pending, config.budget_usd)
+    for plan, reason in over_budget:
+        skipped[plan.row.index] = RowResult(
+            id=plan.row.id, status="skipped", error=reason, extra=plan.row.extra
+        )
+    progress.emit(
+        "rows_planned",
+        rows=len(plans),
+        chunks=sum(len(p.chunks) for p in dispatch),
+        estimated_usd=sum(p.estimated_cost_usd for p in dispatch),
+    )
+    return dispatch, skipped

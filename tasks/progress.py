@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +31,5 @@ def emit(event: str, **fields: Any) -> None:
     with _lock:
         listeners = list(_listeners)
     for listener in listeners:
-        try:
+        with contextlib.suppress(Exception):  # a broken display must not fail a render
             listener(event, fields)
-        except Exception:  # noqa: BLE001 — progress display must not break rendering
-            pass

@@ -13,8 +13,8 @@ from typing import Any, Literal
 Resolution = Literal["480p", "720p"]
 RowStatus = Literal["published", "failed", "skipped"]
 
-# LongCat-Video-Avatar 1.0 renders at 16 fps: 93 frames for the first segment, then 80 new frames for
-# each continuation segment (13 of every 93 are conditioning frames carried over from the last one).
+# LongCat-Video-Avatar 1.0 renders at 16 fps: 93 frames for the first segment, then 80 new frames
+# for each continuation segment (13 of its 93 are conditioning frames carried over from the last).
 FPS = 16
 FIRST_SEGMENT_FRAMES = 93
 CONTINUATION_FRAMES = 80
@@ -46,7 +46,7 @@ class Row:
 
 @dataclass(frozen=True)
 class RowError:
-    """A problem with one row (or the whole manifest when row is None), found before or during a run."""
+    """A problem with one row (or the whole manifest when row is None), before or during a run."""
 
     row: int | None
     id: str | None
@@ -111,6 +111,7 @@ class RowPlan:
     billable_units: float
     estimated_cost_usd: float
     input_hash: str  # sha256 over audio, image and every parameter that changes the render
+    image_path: str | None = None  # local copy of the row's portrait, fetched and checked
 
     @property
     def num_segments(self) -> int:
