@@ -107,7 +107,7 @@ def plan(
     total = summarize(plans)
     out.print(
         f"{total['rows']} rows, {total['segments']} segments, {total['video_s']:.1f} video-s, "
-        f"estimated ${total['estimated_usd']:.2f}"
+        f"estimated ${total['estimated_cost_usd']:.2f}"
     )
     if failures or check.errors:
         raise typer.Exit(EXIT_ROWS_FAILED)

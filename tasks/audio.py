@@ -64,7 +64,7 @@ def probe_audio(
     if peak == 0 or 20 * math.log10(peak / 32768) < SILENCE_PEAK_DBFS:
         raise AudioError("silent", f"{url}: no signal above {SILENCE_PEAK_DBFS:.0f} dBFS")
     _write_wav(samples, rate, pcm_path)
-    info = AudioInfo(url, sha, duration_s, rate, samples.shape[1], codec, str(pcm_path))
+    info = AudioInfo(url, sha, duration_s, rate, samples.shape[1], codec, str(pcm_path), str(local))
     _atomic_write_bytes(cached, json.dumps(asdict(info)).encode())
     return info
 

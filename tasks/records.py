@@ -7,6 +7,7 @@ and log it, and ``to_dict`` turns it into JSON for sidecars, the ledger and resu
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -74,6 +75,7 @@ class AudioInfo:
     channels: int
     codec: str
     pcm_path: str  # local 16-bit WAV, source rate and channels (≤2), decoded once: the master
+    local_path: str | None = None  # the fetched source file, untouched (AAC is muxed as is)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,18 @@ class Chunk:
     @property
     def video_s(self) -> float:
         return self.num_frames / self.fps
+
+    def frame_span(self, is_last: bool, fps: int | None = None) -> tuple[int, int]:
+        """Frames [first, last) of the row's video that belong to this chunk's audio span.
+
+        Boundaries round to the nearest frame so neighbouring chunks neither overlap nor leave a
+        gap; the last chunk rounds up so the video covers all of the narration.
+        """
+        fps = fps or self.fps
+        first, last = round(self.start_s * fps), round(self.end_s * fps)
+        if is_last:
+            last = max(last, math.ceil(self.end_s * fps - 1e-6))
+        return first, last
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,14 @@ MP4 per chunk plus metadata. The flow never knows which backend it drives.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
+from prefect import task
+
+from tasks import progress
+from tasks.ledger import Ledger
+from tasks.plan import chunk_wav_path, row_work_dir
 from tasks.records import Chunk, ChunkVideo, RowPlan
 
 if TYPE_CHECKING:
@@ -50,3 +56,66 @@ def get_renderer(config: BatchConfig) -> Renderer:
 
         return LocalRenderer.shared(config)
     raise ValueError(f"unknown backend {config.backend!r}: expected 'local' or 'fal'")
+
+
+def renderer_is_continuous(config: BatchConfig) -> bool:
+    """True when the backend renders a whole row in one call (local latent continuation)."""
+    return config.backend == "local"
+
+
+def _job(plan: RowPlan, chunks: tuple[Chunk, ...], config: BatchConfig, identity: str | None):
+    return RenderJob(
+        plan=plan,
+        chunks=chunks,
+        chunk_audio_paths=tuple(str(chunk_wav_path(config, plan, c.index)) for c in chunks),
+        out_dir=str(row_work_dir(config, plan) / "render"),
+        image_path=plan.image_path,
+        identity_video_path=identity,
+    )
+
+
+def _rendered(video: ChunkVideo, plan: RowPlan, ledger: Ledger) -> ChunkVideo:
+    ledger.record_chunk(video, plan.input_hash)
+    progress.emit(
+        "chunk_rendered", id=plan.row.id, chunk=video.chunk_index, cost_usd=video.cost_usd
+    )
+    return video
+
+
+@task(name="render-chunk")
+def render_chunk(
+    plan: RowPlan, chunk_index: int, config: BatchConfig, identity: ChunkVideo | None = None
+) -> ChunkVideo:
+    """Render one chunk on a per-chunk backend (fal): reuse, resume a known request, or submit."""
+    ledger = Ledger(config.state_url)
+    job = _job(plan, (plan.chunks[chunk_index],), config, identity.path if identity else None)
+    reused = ledger.rendered_chunk(plan.row.id, plan.input_hash, chunk_index, Path(job.out_dir))
+    if reused is not None:
+        return reused
+    renderer = get_renderer(config)
+    known = ledger.request(plan.row.id, plan.input_hash, chunk_index)
+    if known is not None:  # submitted by an earlier run: poll it, never pay again
+        return _rendered(renderer.resume(known["request_id"], job)[0], plan, ledger)
+
+    def record(submission) -> None:
+        ledger.record_request(
+            plan.row.id, plan.input_hash, chunk_index, submission.request_id, submission.endpoint
+        )
+
+    video = renderer.render(job, on_submitted=record)[0]
+    return _rendered(video, plan, ledger)
+
+
+@task(name="render-row")
+def render_row(plan: RowPlan, config: BatchConfig) -> list[ChunkVideo]:
+    """Render all of a row's chunks as one continuous sequence (local backend)."""
+    ledger = Ledger(config.state_url)
+    job = _job(plan, plan.chunks, config, None)
+    out_dir = Path(job.out_dir)
+    reused = [
+        ledger.rendered_chunk(plan.row.id, plan.input_hash, c.index, out_dir) for c in plan.chunks
+    ]
+    if all(v is not None for v in reused):
+        return [v for v in reused if v is not None]
+    videos = get_renderer(config).render(job)
+    return [_rendered(video, plan, ledger) for video in videos]

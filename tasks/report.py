@@ -7,18 +7,24 @@ inlined as data URIs, and each published video plays from its relative `<id>.mp4
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import av
 from PIL import Image
 
-from tasks.records import RowResult
+from tasks.plan import row_work_dir, summarize
+from tasks.publish import publish_bytes
+from tasks.records import RowPlan, RowResult
+
+if TYPE_CHECKING:
+    from flows.settings import BatchConfig
 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2rem;color:#1d232a;background:#fafbfc}
@@ -165,3 +171,18 @@ def thumbnail_jpeg(mp4_path: str | Path, width: int = 160) -> bytes:
         buffer, "JPEG", quality=80
     )
     return buffer.getvalue()
+
+
+def write_report(
+    results: Sequence[RowResult], plans: Sequence[RowPlan], config: BatchConfig
+) -> str:
+    """Render report.html for the batch (thumbnails from this run's videos) and publish it."""
+    summary = summarize(plans)
+    thumbnails: dict[str, bytes] = {}
+    for plan in plans:
+        local = row_work_dir(config, plan) / f"{plan.row.id}.mp4"
+        if local.exists():
+            with contextlib.suppress(Exception):  # a missing thumbnail never fails the report
+                thumbnails[plan.row.id] = thumbnail_jpeg(local)
+    html = render_report(results, summary, thumbnails, f"avatarflow — {config.manifest}")
+    return publish_bytes(html.encode(), config.target, "report.html")

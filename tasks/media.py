@@ -1,0 +1,137 @@
+"""PyAV helpers shared by the media stages (verify, concat): exact probing and decode counts.
+
+Container headers are not trusted: frame counts come from demuxed packets and audio lengths from
+decoding, since a concatenated file's header can be off by seconds (see the peers_media notes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+from av.container import InputContainer
+from av.video.stream import VideoStream
+
+
+@dataclass(frozen=True)
+class VideoProbe:
+    """What a video file really holds: first video stream, plus the first audio stream if any."""
+
+    path: str
+    codec: str
+    profile: str | None
+    width: int
+    height: int
+    fps: Fraction  # average frame rate
+    frames: int  # demuxed video packets (one per frame in MP4)
+    duration_s: float  # from the first frame's start to the last frame's end
+    pix_fmt: str | None
+    time_base: Fraction
+    has_b_frames: bool  # decode order differs from presentation order
+    extradata_sha256: str  # SPS/PPS: chunks joined by stream copy must share them
+    audio_codec: str | None = None
+    audio_sample_rate_hz: int | None = None
+    audio_channels: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """Return the probe as JSON-ready values (fractions as strings)."""
+        return {
+            "codec": self.codec,
+            "profile": self.profile,
+            "width": self.width,
+            "height": self.height,
+            "fps": str(self.fps),
+            "frames": self.frames,
+            "duration_s": round(self.duration_s, 6),
+            "pix_fmt": self.pix_fmt,
+            "has_b_frames": self.has_b_frames,
+            "audio_codec": self.audio_codec,
+            "audio_sample_rate_hz": self.audio_sample_rate_hz,
+            "audio_channels": self.audio_channels,
+        }
+
+
+def probe_video(path: str | Path, count_frames: bool = True) -> VideoProbe:
+    """Probe a video file, counting its frames exactly by demuxing (no decoding)."""
+    with av.open(str(path)) as container:
+        return probe_container(container, str(path), count_frames)
+
+
+def probe_container(container: InputContainer, path: str, count_frames: bool = True) -> VideoProbe:
+    """Probe an open file; without count_frames, frames and duration are the header's claims."""
+    if not container.streams.video:
+        raise ValueError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    ctx = stream.codec_context
+    time_base = Fraction(stream.time_base or 1)
+    if count_frames:
+        frames, span, reordered = _scan_packets(container, stream)
+    else:
+        frames, span, reordered = stream.frames, stream.duration or 0, ctx.has_b_frames
+    audio = container.streams.audio[0] if container.streams.audio else None
+    return VideoProbe(
+        path=path,
+        codec=ctx.name,
+        profile=ctx.profile,
+        width=stream.width,
+        height=stream.height,
+        fps=Fraction(stream.average_rate or stream.guessed_rate or 0),
+        frames=frames,
+        duration_s=float(span * time_base),
+        pix_fmt=ctx.pix_fmt,
+        time_base=time_base,
+        has_b_frames=bool(reordered),
+        extradata_sha256=hashlib.sha256(ctx.extradata or b"").hexdigest(),
+        audio_codec=audio.codec_context.name if audio else None,
+        audio_sample_rate_hz=audio.codec_context.sample_rate if audio else None,
+        audio_channels=audio.codec_context.channels if audio else None,
+    )
+
+
+def _scan_packets(container: InputContainer, stream: VideoStream) -> tuple[int, int, bool]:
+    """Demux a video stream: (packets, first start to last end in ticks, pts ever go backwards)."""
+    frames, first, end, top = 0, None, None, None
+    reordered = False
+    for packet in container.demux(stream):
+        if packet.dts is None and packet.pts is None:
+            continue  # the demuxer's final flush packet
+        frames += 1
+        pts = packet.pts if packet.pts is not None else packet.dts
+        reordered = reordered or (top is not None and pts < top)
+        top = pts if top is None else max(top, pts)
+        first = pts if first is None else min(first, pts)
+        stop = pts + (packet.duration or 0)
+        end = stop if end is None else max(end, stop)
+    return frames, (end - first) if frames else 0, reordered
+
+
+def count_audio_samples(path: str | Path) -> tuple[int, int]:
+    """Decode the first audio stream and return (samples per channel, sample rate in Hz)."""
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            raise ValueError(f"{path}: no audio stream")
+        stream = container.streams.audio[0]
+        samples = sum(frame.samples for frame in container.decode(stream))
+        return samples, stream.codec_context.sample_rate
+
+
+def decode_first_and_last_frame(path: str | Path) -> tuple[bool, bool]:
+    """Return whether the first and the last video frame of a file decode."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        first_ok = next(container.decode(stream), None) is not None
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        last_pts = max(
+            (p.pts for p in container.demux(stream) if p.pts is not None),
+            default=None,
+        )
+        if last_pts is None:
+            return first_ok, False
+        # Seek to the keyframe before the last frame, then decode forward to it.
+        container.seek(last_pts, stream=stream, backward=True)
+        last_ok = any(frame.pts == last_pts for frame in container.decode(stream))
+    return first_ok, last_ok

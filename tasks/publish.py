@@ -1,0 +1,374 @@
+"""Publish stage: write videos, sidecars and results.parquet atomically to any fsspec target.
+
+A file appears at its final name only when complete. S3 endpoints and credentials come from the
+environment (botocore reads AWS_ENDPOINT_URL / AWS_*; fsspec reads FSSPEC_S3_* when it is imported)
+or from an explicit storage_options dict. Names are checked so nothing lands outside the target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import botocore.exceptions
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+from prefect import task
+
+from tasks import progress
+from tasks.ledger import Ledger
+from tasks.records import ChunkVideo, RowPlan, RowResult, Verdict, to_dict
+
+if TYPE_CHECKING:
+    from flows.settings import BatchConfig
+
+# Object stores make an object visible only once its upload completes (a single PUT, or the final
+# CompleteMultipartUpload for large files), so a direct put is already atomic there.
+ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oci", "memory"})
+# Errors that retrying cannot fix: the bucket/path is missing or access is denied.
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+TRANSIENT_ERRORS = (
+    OSError,  # includes ConnectionError, TimeoutError and s3fs's translation of 5xx/SlowDown
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.HTTPClientError,
+)
+SECRET_OPTION = re.compile(r"(key|secret|token|password|credential|sas|signature)", re.IGNORECASE)
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "FAL_KEY")
+
+RESULTS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("status", pa.string()),
+        ("video_url", pa.string()),
+        ("sidecar_url", pa.string()),
+        ("duration_s", pa.float64()),
+        ("segments", pa.int64()),
+        ("cost_usd", pa.float64()),
+        ("error", pa.string()),
+    ]
+)
+
+
+class PublishError(RuntimeError):
+    """Writing to the target failed (after retries for transient errors); names the URL only."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently to retry a transient storage error."""
+
+    attempts: int = 4
+    backoff_s: float = 0.5  # doubled after each failed attempt
+    max_backoff_s: float = 8.0
+
+
+def safe_join(target_url: str, name: str) -> str:
+    """Join a bare file name onto the target URL, refusing any name that could escape it."""
+    if not target_url or not target_url.strip():
+        raise ValueError("target URL is empty")
+    if not isinstance(name, str) or not name or name in (".", ".."):
+        raise ValueError(f"refusing output name {name!r}: empty or a directory reference")
+    bad = [c for c in ("/", "\\", ":", "\0") if c in name]
+    if bad or any(ord(c) < 32 for c in name) or name.startswith("~"):
+        raise ValueError(f"refusing output name {name!r}: it must be a plain file name")
+    return target_url.rstrip("/") + "/" + name
+
+
+def publish_file(
+    local_path: str | Path,
+    target_url: str,
+    name: str,
+    storage_options: Mapping[str, Any] | None = None,
+    retry: RetryPolicy = RetryPolicy(),
+) -> str:
+    """Copy a local file to target_url/name atomically and return its URL."""
+    return _publish(str(local_path), target_url, name, storage_options, retry)
+
+
+def publish_bytes(
+    data: bytes,
+    target_url: str,
+    name: str,
+    storage_options: Mapping[str, Any] | None = None,
+    retry: RetryPolicy = RetryPolicy(),
+) -> str:
+    """Write bytes to target_url/name atomically and return its URL."""
+    return _publish(data, target_url, name, storage_options, retry)
+
+
+def write_json(
+    obj: Any,
+    target_url: str,
+    name: str,
+    storage_options: Mapping[str, Any] | None = None,
+    retry: RetryPolicy = RetryPolicy(),
+) -> str:
+    """Write obj as indented JSON to target_url/name atomically and return its URL."""
+    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n"
+    return publish_bytes(data, target_url, name, storage_options, retry)
+
+
+def is_published(
+    target_url: str, name: str, storage_options: Mapping[str, Any] | None = None
+) -> bool:
+    """Return whether target_url/name exists (complete, since publishing is atomic)."""
+    fs, path = fsspec.core.url_to_fs(safe_join(target_url, name), **dict(storage_options or {}))
+    return bool(fs.exists(path))
+
+
+def results_table(results: Sequence[RowResult], passthrough_schema: pa.Schema | None) -> pa.Table:
+    """Build the results table: fixed columns, then the manifest's passthrough columns as typed."""
+    fields, arrays = list(RESULTS_SCHEMA), []
+    for field in RESULTS_SCHEMA:
+        arrays.append(pa.array([getattr(r, field.name) for r in results], type=field.type))
+    for field in passthrough_schema or []:
+        # A passthrough column named like one of ours keeps its data under a prefixed name.
+        name = f"input_{field.name}" if field.name in RESULTS_SCHEMA.names else field.name
+        fields.append(field.with_name(name))
+        arrays.append(pa.array([r.extra.get(field.name) for r in results], type=field.type))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def write_results(
+    results: Sequence[RowResult],
+    passthrough_schema: pa.Schema | None,
+    target_url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    retry: RetryPolicy = RetryPolicy(),
+) -> str:
+    """Write results.parquet (one row per manifest row) atomically and return its URL."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(results_table(results, passthrough_schema), sink)
+    data = sink.getvalue().to_pybytes()
+    return publish_bytes(data, target_url, "results.parquet", storage_options, retry)
+
+
+def build_sidecar(
+    plan: RowPlan,
+    chunks: Sequence[ChunkVideo],
+    verdicts: Mapping[str, Verdict],
+    backend: str,
+    model: str,
+    timings: Mapping[str, float],
+) -> dict[str, Any]:
+    """Describe how a video was made: inputs and hashes, model, requests, cost, timings, QC."""
+    row, audio = plan.row, plan.audio
+    return {
+        "id": row.id,
+        "inputs": {
+            "audio": {
+                "source": _public_url(audio.source),
+                "sha256": audio.sha256,
+                "duration_s": audio.duration_s,
+                "sample_rate_hz": audio.sample_rate_hz,
+                "channels": audio.channels,
+                "codec": audio.codec,
+            },
+            "image": _public_url(row.image) if row.image else None,
+            "input_hash": plan.input_hash,
+        },
+        "parameters": {
+            "prompt": row.prompt,
+            "negative_prompt": row.negative_prompt,
+            "resolution": row.resolution,
+            "num_inference_steps": row.num_inference_steps,
+            "text_guidance_scale": row.text_guidance_scale,
+            "audio_guidance_scale": row.audio_guidance_scale,
+            "num_segments": row.num_segments,
+        },
+        "model": model,
+        "backend": backend,
+        "seed": plan.seed,
+        "segments": plan.num_segments,
+        "chunks": [_chunk_entry(plan, video) for video in chunks],
+        "request_ids": [c.request_id for c in chunks if c.request_id],
+        "timings_s": dict(timings),
+        "billable_units": sum(c.billable_units for c in chunks),
+        "cost_usd": round(sum(c.cost_usd for c in chunks), 6),
+        "estimated_cost_usd": plan.estimated_cost_usd,
+        "qc": {name: to_dict(verdict) for name, verdict in verdicts.items()},
+    }
+
+
+def _chunk_entry(plan: RowPlan, video: ChunkVideo) -> dict[str, Any]:
+    """One chunk's span, render metadata and hash for the sidecar."""
+    chunk = plan.chunks[video.chunk_index]
+    return {
+        "index": video.chunk_index,
+        "start_s": chunk.start_s,
+        "end_s": chunk.end_s,
+        "num_segments": chunk.num_segments,
+        "num_frames": chunk.num_frames,
+        "sha256": video.sha256,
+        "request_id": video.request_id,
+        "seed": video.seed,
+        "billable_units": video.billable_units,
+        "cost_usd": video.cost_usd,
+        "timings_s": dict(video.timings_s),
+    }
+
+
+def _publish(
+    source: str | bytes,
+    target_url: str,
+    name: str,
+    storage_options: Mapping[str, Any] | None,
+    retry: RetryPolicy,
+) -> str:
+    """Write source (a local path or bytes) to target_url/name, retrying transient errors."""
+    url = safe_join(target_url, name)
+    options = dict(storage_options or {})
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            fs, path = fsspec.core.url_to_fs(url, **options)
+            _write_atomically(fs, path, source)
+            return fs.unstrip_protocol(path)
+        except PERMANENT_ERRORS as exc:
+            raise _publish_error(url, attempt, exc, options) from None
+        except TRANSIENT_ERRORS as exc:
+            if attempt >= retry.attempts:
+                raise _publish_error(url, attempt, exc, options) from None
+            time.sleep(min(retry.backoff_s * 2 ** (attempt - 1), retry.max_backoff_s))
+
+
+def _write_atomically(fs: fsspec.AbstractFileSystem, path: str, source: str | bytes) -> None:
+    """Make path appear only when complete: rename locally, single put on object stores."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if isinstance(fs, LocalFileSystem):
+        _write_local(path, source)
+    elif protocols & ATOMIC_PUT_PROTOCOLS:
+        _put(fs, path, source)
+    else:  # other filesystems (sftp, smb, ...): upload beside the target, then rename
+        parent, base = path.rsplit("/", 1) if "/" in path else ("", path)
+        tmp = f"{parent}/.{base}.{uuid.uuid4().hex[:8]}.part".lstrip("/")
+        _put(fs, tmp, source)
+        fs.mv(tmp, path)
+
+
+def _put(fs: fsspec.AbstractFileSystem, path: str, source: str | bytes) -> None:
+    if isinstance(source, bytes):
+        fs.pipe_file(path, source)
+    else:
+        fs.put_file(source, path)
+
+
+def _write_local(path: str, source: str | bytes) -> None:
+    """Write a temp file in the destination folder, fsync it, then rename it over the final name."""
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        with tmp.open("wb") as out:
+            if isinstance(source, bytes):
+                out.write(source)
+            else:
+                with open(source, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)  # atomic on POSIX within one filesystem
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _publish_error(
+    url: str, attempts: int, exc: BaseException, options: Mapping[str, Any]
+) -> PublishError:
+    """A PublishError naming the URL and the cause, with every known secret blanked out."""
+    text = (
+        f"could not publish {_public_url(url)} ({attempts} attempts): {type(exc).__name__}: {exc}"
+    )
+    return PublishError(_redact(text, options))
+
+
+def _redact(text: str, options: Mapping[str, Any]) -> str:
+    """Replace credential values from the options and the environment with '***'."""
+    secrets = [os.environ.get(name, "") for name in SECRET_ENV]
+    secrets += _secret_values(options)
+    for secret in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
+
+
+def _secret_values(options: Mapping[str, Any]) -> list[str]:
+    """Collect string values under credential-like keys, nested dicts included."""
+    found = []
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            found += _secret_values(value)
+        elif isinstance(value, str) and SECRET_OPTION.search(str(key)):
+            found.append(value)
+    return found
+
+
+def _public_url(url: str) -> str:
+    """Drop user:password and signature-like query values from a URL before recording it."""
+    parts = urlsplit(url)
+    if not parts.scheme or len(parts.scheme) == 1:  # a plain (possibly Windows) path
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = [
+        (k, "REDACTED" if SECRET_OPTION.search(k) else v)
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    ]
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), parts.fragment))
+
+
+@task(name="publish-row")
+def publish_row(
+    plan: RowPlan,
+    video_path: str,
+    renders: list[ChunkVideo | list[ChunkVideo]],
+    verdicts: dict[str, Verdict],
+    final: Verdict,
+    config: BatchConfig,
+) -> RowResult:
+    """Publish a checked video and its sidecar, then record it in the ledger."""
+    row = plan.row
+    videos = sorted(
+        (v for r in renders for v in (r if isinstance(r, list) else [r])),
+        key=lambda v: v.chunk_index,
+    )
+    timings: dict[str, float] = {}
+    for video in videos:
+        for name, seconds in video.timings_s.items():
+            timings[name] = timings.get(name, 0.0) + seconds
+    model = config.fal.app if config.backend == "fal" else "LongCat-Video-Avatar (local)"
+    sidecar = build_sidecar(
+        plan, videos, {**verdicts, "final": final}, config.backend, model, timings
+    )
+    video_url = publish_file(video_path, config.target, f"{row.id}.mp4")
+    sidecar_url = write_json(sidecar, config.target, f"{row.id}.json")
+    result = RowResult(
+        id=row.id,
+        status="published",
+        video_url=video_url,
+        sidecar_url=sidecar_url,
+        duration_s=plan.audio.duration_s,
+        segments=plan.num_segments,
+        cost_usd=sidecar["cost_usd"],
+        extra=row.extra,
+    )
+    Ledger(config.state_url).record_published(row.id, plan.input_hash, to_dict(result))
+    progress.emit("row_finished", id=row.id, status="published")
+    return result
+
+
+def publish_results(
+    results: Sequence[RowResult], passthrough_schema: pa.Schema | None, config: BatchConfig
+) -> str:
+    """Write the batch's results.parquet to the target."""
+    return write_results(results, passthrough_schema, config.target)

@@ -1,0 +1,127 @@
+"""The whole flow on a real Prefect server against the loopback fal service: publish, fail alone,
+resume without paying twice, and publish to S3."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flows.produce import run_batch
+from flows.settings import BatchConfig
+from tasks.media import count_audio_samples, probe_video
+from tests.fakes.fal_server import FakeFal
+from tests.fakes.s3_server import S3Server
+from tests.media_factory import write_narration
+
+FPS = 16
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def _manifest(folder: Path, rows: list[dict]) -> str:
+    path = folder / "manifest.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+@pytest.fixture
+def fal(monkeypatch: pytest.MonkeyPatch):
+    with FakeFal(latency_s=0.05) as fake:
+        for key, value in fake.env().items():
+            monkeypatch.setenv(key, value)
+        yield fake
+
+
+@pytest.fixture
+def mixed_manifest(tmp_path: Path) -> tuple[str, dict[str, float]]:
+    """3 s wav, 12 s mp3, 47 s m4a and 190 s wav narrations, plus a row whose audio is missing."""
+    media = tmp_path / "media"
+    media.mkdir()
+    lengths = {"short": (3.0, "wav"), "mid": (12.0, "mp3"), "long": (47.0, "m4a")}
+    lengths["lecture"] = (190.0, "wav")
+    rows = []
+    for i, (row_id, (seconds, fmt)) in enumerate(lengths.items()):
+        write_narration(media / f"{row_id}.{fmt}", seconds, fmt, seed=i)
+        rows.append({"id": row_id, "audio": f"media/{row_id}.{fmt}", "course": f"c{i}", "n": i})
+    rows.insert(2, {"id": "ghost", "audio": "media/nope.wav", "course": "cx", "n": 99})
+    return _manifest(tmp_path, rows), {k: v[0] for k, v in lengths.items()}
+
+
+def _check_video(path: str, audio_s: float) -> None:
+    probe = probe_video(path)
+    assert probe.codec == "h264"
+    assert abs(probe.frames / FPS - audio_s) <= 1 / FPS
+    assert probe.audio_codec == "aac"
+    samples, rate = count_audio_samples(path)
+    assert abs(samples / rate - audio_s) <= 1 / FPS
+
+
+def test_fal_batch_publishes_every_valid_row_and_resumes_without_paying_twice(
+    fal: FakeFal, mixed_manifest: tuple[str, dict[str, float]], tmp_path: Path
+) -> None:
+    manifest, lengths = mixed_manifest
+    target = tmp_path / "out"
+    config = BatchConfig(
+        manifest=manifest, target=str(target), backend="fal", work_dir=str(tmp_path / "work")
+    )
+
+    outcome = run_batch(config)
+
+    by_id = {r.id: r for r in outcome.results}
+    assert [r.id for r in outcome.results] == ["short", "mid", "ghost", "long", "lecture"]
+    assert by_id["ghost"].status == "failed"
+    assert "column 'audio'" in by_id["ghost"].error
+    assert "not found" in by_id["ghost"].error
+    assert outcome.exit_code == 1
+    request_ids: list[str] = []
+    for row_id, seconds in lengths.items():
+        assert by_id[row_id].status == "published", by_id[row_id].error
+        _check_video(str(target / f"{row_id}.mp4"), seconds)
+        sidecar = json.loads((target / f"{row_id}.json").read_text())
+        request_ids += sidecar["request_ids"]
+        assert len(sidecar["request_ids"]) == len(sidecar["chunks"]) >= 1
+    table = pq.read_table(target / "results.parquet").to_pylist()
+    assert [r["id"] for r in table] == ["short", "mid", "ghost", "long", "lecture"]
+    assert [r["course"] for r in table] == ["c0", "c1", "cx", "c2", "c3"]
+    assert (target / "report.html").read_text().count("lecture") >= 1
+    assert len(set(request_ids)) == len(request_ids) == fal.submissions  # one request per chunk
+    assert len(json.loads((target / "lecture.json").read_text())["chunks"]) > 1
+
+    # A rerun skips what is published and pays for nothing.
+    fal.reset()
+    again = run_batch(config)
+    assert {r.id: r.status for r in again.results} == {
+        "short": "skipped",
+        "mid": "skipped",
+        "ghost": "failed",
+        "long": "skipped",
+        "lecture": "skipped",
+    }
+    assert fal.submissions == 0
+
+
+def test_fal_batch_publishes_to_s3(
+    fal: FakeFal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_narration(tmp_path / "hello.wav", 4.0)
+    manifest = _manifest(tmp_path, [{"id": "hello", "audio": "hello.wav"}])
+    with S3Server() as s3:
+        for key, value in s3.env.items():
+            monkeypatch.setenv(key, value)
+        target = f"{s3.url}/videos"
+        config = BatchConfig(
+            manifest=manifest, target=target, backend="fal", work_dir=str(tmp_path / "w")
+        )
+        outcome = run_batch(config)
+        assert outcome.exit_code == 0, outcome.results
+        fs = fsspec.filesystem("s3")
+        names = {p.rsplit("/", 1)[1] for p in fs.ls(target)}
+        assert {"hello.mp4", "hello.json", "results.parquet", "report.html"} <= names
+        local = tmp_path / "hello.mp4"
+        fs.get(f"{target}/hello.mp4", str(local))
+        _check_video(str(local), 4.0)

@@ -1,0 +1,248 @@
+"""LongCatVideoAvatarPipeline on the tiny checkpoint: frames, modes, CFG, callbacks, resume."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model import (
+    LongCatAvatarSegmentState,
+    LongCatVideoAvatarPipeline,
+    guided_velocity,
+    load_pipeline,
+    write_tiny_checkpoint,
+)
+from model.pipeline_longcat_avatar import sampling_sigmas
+
+SHORT = {"num_frames": 9, "num_cond_frames": 5}  # 3 latents, 2 of them conditioning
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny tensors gain nothing from threads, and oversubscribed cores slow them down 10x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory: pytest.TempPathFactory) -> LongCatVideoAvatarPipeline:
+    root = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+    pipe = load_pipeline(root)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _audio(seconds: float = 1.0, freq: float = 220.0) -> np.ndarray:
+    t = np.arange(int(seconds * 16_000)) / 16_000
+    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def _run(pipe: LongCatVideoAvatarPipeline, seed: int = 0, **kwargs):
+    kwargs = {"prompt": "a person talks", "audio": _audio(), "output_type": "pt", **kwargs}
+    return pipe(generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def test_guided_velocity_combines_three_passes() -> None:
+    v_cond, v_text, v_uncond = torch.full((2,), 3.0), torch.full((2,), 2.0), torch.full((2,), 1.0)
+    # 1 + 4 * (3 - 2) + 2 * (2 - 1)
+    assert guided_velocity(v_cond, v_text, v_uncond, 4.0, 2.0).tolist() == [7.0, 7.0]
+    assert torch.equal(guided_velocity(v_cond, v_text, v_uncond, 1.0, 1.0), v_cond)
+
+
+def test_sampling_sigmas() -> None:
+    assert sampling_sigmas(50, use_distill=False)[::49] == pytest.approx([1.0, 0.001])
+    assert sampling_sigmas(8, use_distill=True) == pytest.approx([1 - k / 8 for k in range(8)])
+    assert sampling_sigmas(2, use_distill=True) == pytest.approx([1.0, 0.5])
+
+
+@pytest.mark.timeout(60)
+def test_first_segment_has_93_frames_and_each_continuation_80(pipe) -> None:
+    counts = []
+    out = _run(pipe, num_segments=2, segment_callback=lambda p, i, s, v: counts.append(v.shape[2]))
+    assert counts == [93, 80]
+    assert out.frames.shape == (1, 173, 3, 32, 32)  # (B, F, C, H, W)
+    assert out.frames.min() >= 0.0
+    assert out.frames.max() <= 1.0
+    assert out.state.segments_done == 2
+
+
+def test_num_segments_defaults_to_cover_the_audio(pipe) -> None:
+    assert pipe.num_segments_for(93 / 16) == 1
+    assert pipe.num_segments_for(93 / 16 + 0.01) == 2
+    assert pipe.num_segments_for(10.8125) == 2
+    counts = []
+    _run(pipe, audio=_audio(2.0), segment_callback=lambda p, i, s, v: counts.append(i), **SHORT)
+    assert counts == list(range(7))  # 32 frames = 1 + ceil((32 - 9) / 4) segments of 9/5
+
+
+def test_same_seed_gives_identical_frames(pipe) -> None:
+    first = _run(pipe, seed=7, num_segments=2, **SHORT).frames
+    again = _run(pipe, seed=7, num_segments=2, **SHORT).frames
+    other = _run(pipe, seed=8, num_segments=2, **SHORT).frames
+    assert first.shape == (1, 13, 3, 32, 32)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_resume_from_saved_state_matches_an_uninterrupted_run(pipe, tmp_path) -> None:
+    full = _run(pipe, seed=3, num_segments=3, **SHORT).frames
+    saved = {}
+
+    def interrupt(p, index, state, video):
+        state.save(tmp_path / "state.safetensors")
+        saved["video"] = video
+        raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        _run(pipe, seed=3, num_segments=3, segment_callback=interrupt, **SHORT)
+    state = LongCatAvatarSegmentState.load(tmp_path / "state.safetensors")
+    tail = _run(pipe, seed=99, num_segments=3, resume_state=state, **SHORT).frames
+    head = pipe.video_processor.postprocess_video(saved["video"], "pt")
+    assert state.segments_done == 1
+    assert tail.shape[1] == 8
+    torch.testing.assert_close(torch.cat([head, tail], dim=1), full)
+
+
+def test_ai2v_keeps_the_portrait_latent_clean(pipe) -> None:
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 40, 3), np.uint8))
+    latents = _run(pipe, image=image, num_segments=1, output_type="latent", **SHORT).frames
+    pixels = pipe.video_processor.preprocess(image, 32, 32, resize_mode="crop").unsqueeze(2)
+    expected = pipe.encode_video(pixels)
+    assert latents.shape == (1, 16, 3, 4, 4)
+    torch.testing.assert_close(latents[:, :, :1], expected)
+
+
+@pytest.mark.parametrize(("scale", "batches"), [(4.0, [3, 3]), (1.0, [1, 1])])
+def test_guidance_runs_three_passes_in_one_batched_call(pipe, scale, batches) -> None:
+    seen = []
+    handle = pipe.transformer.register_forward_hook(
+        lambda m, args, out: seen.append(out[0].shape[0])
+    )
+    try:
+        _run(pipe, num_segments=1, text_guidance_scale=scale, audio_guidance_scale=scale, **SHORT)
+    finally:
+        handle.remove()
+    assert seen == batches  # one DiT call per step
+
+
+def test_callback_output_replaces_the_latents(pipe) -> None:
+    def zero_last_step(p, step, timestep, kwargs):
+        assert set(kwargs) == {"latents"}
+        return {"latents": torch.zeros_like(kwargs["latents"])} if step == 1 else {}
+
+    out = _run(pipe, num_segments=1, output_type="latent", callback_on_step_end=zero_last_step)
+    assert out.frames.abs().max() == 0
+
+
+def test_size_comes_from_the_resolution_bucket_without_a_sample_size(pipe) -> None:
+    real = LongCatVideoAvatarPipeline(**pipe.components)  # no tiny sample_size
+    portrait = Image.new("RGB", (90, 160))
+    assert real.resolve_size(None, None, "480p") == (480, 832)
+    assert real.resolve_size(None, None, "720p") == (768, 1280)
+    assert real.resolve_size(None, None, "480p", portrait) == (832, 480)
+    assert real.resolve_size(None, None, "720p", Image.new("RGB", (64, 64))) == (960, 960)
+    assert real.resolve_size(64, 96, "720p") == (64, 96)
+    assert pipe.resolve_size(None, None, "720p", portrait) == (32, 32)
+
+
+def test_num_videos_per_prompt_repeats_the_prompt(pipe) -> None:
+    gens = [torch.Generator().manual_seed(s) for s in (4, 5)]
+    out = pipe(
+        prompt="a person talks",
+        audio=_audio(),
+        num_videos_per_prompt=2,
+        generator=gens,
+        num_segments=1,
+        output_type="np",
+        **SHORT,
+    )
+    assert out.frames.shape == (2, 9, 32, 32, 3)
+    assert not np.allclose(out.frames[0], out.frames[1])
+
+
+def test_prompt_embeds_replace_text_and_need_no_text_encoder(pipe) -> None:
+    embeds, negative = pipe.encode_prompt("a person talks")
+    components = {**pipe.components, "tokenizer": None, "text_encoder": None}
+    bare = LongCatVideoAvatarPipeline(**components, sample_size=[32, 32], default_steps=2)
+    bare.set_progress_bar_config(disable=True)
+    via_text = _run(pipe, num_segments=1, **SHORT).frames
+    via_embeds = _run(
+        bare,
+        prompt=None,
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative,
+        num_segments=1,
+        **SHORT,
+    ).frames
+    torch.testing.assert_close(via_embeds, via_text)
+
+
+def test_encode_prompt_pads_to_512_and_cleans_html(pipe) -> None:
+    embeds, negative = pipe.encode_prompt(["a &amp; b", "a & b   "])
+    assert embeds.shape == negative.shape == (2, 512, 32)
+    torch.testing.assert_close(embeds[0], embeds[1])
+    assert embeds[:, 20:].abs().max() == 0  # padding
+    assert embeds[:, 0].abs().min() > 0
+
+
+def test_batch_samples_match_single_runs(pipe) -> None:
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    batch = pipe(
+        prompt=["a person talks", "the man speaks"],
+        audio=[_audio(freq=200), _audio(freq=300)],
+        generator=gens,
+        output_type="pt",
+        num_segments=2,
+        **SHORT,
+    ).frames
+    second = _run(
+        pipe, seed=2, prompt="the man speaks", audio=_audio(freq=300), num_segments=2, **SHORT
+    )
+    assert batch.shape[0] == 2
+    torch.testing.assert_close(batch[1:], second.frames, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"height": 30, "width": 32}, "height and width"),
+        ({"num_frames": 10}, "num_frames"),
+        ({"output_type": "gif"}, "output_type"),
+        ({"audio": None}, "audio"),
+    ],
+)
+def test_check_inputs_names_the_argument(pipe, kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        _run(pipe, num_segments=1, **kwargs)
+
+
+def test_save_pretrained_round_trip_reproduces_output(pipe, tmp_path) -> None:
+    pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["transformer"][1] == "LongCatVideoAvatarTransformer3DModel"
+    reloaded = load_pipeline(tmp_path / "saved")
+    reloaded.set_progress_bar_config(disable=True)
+    assert reloaded.config.sample_size == [32, 32]
+    expected = _run(pipe, num_segments=2, **SHORT).frames
+    torch.testing.assert_close(_run(reloaded, num_segments=2, **SHORT).frames, expected)
+
+
+def test_v15_runs_with_whisper_and_reencoded_continuation(tmp_path) -> None:
+    pipe = load_pipeline(write_tiny_checkpoint(tmp_path, version="1.5"))
+    pipe.set_progress_bar_config(disable=True)
+    out = _run(pipe, num_segments=2, **SHORT)
+    assert pipe.fps == 25
+    assert not pipe.do_classifier_free_guidance
+    assert out.frames.shape == (1, 13, 3, 32, 32)
+    assert torch.isfinite(out.frames).all()

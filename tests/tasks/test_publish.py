@@ -1,0 +1,263 @@
+"""Tests for tasks.publish: atomic writes to local, memory and moto-S3 targets; tables; sidecars."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from fsspec.implementations.dirfs import DirFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+from tasks import publish
+from tasks.publish import (
+    PublishError,
+    RetryPolicy,
+    build_sidecar,
+    is_published,
+    publish_bytes,
+    publish_file,
+    safe_join,
+    write_json,
+    write_results,
+)
+from tasks.records import AudioInfo, Chunk, ChunkVideo, Row, RowPlan, RowResult, Verdict
+from tests.fakes.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
+
+FAST_RETRY = RetryPolicy(attempts=3, backoff_s=0.01)
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    with S3Server() as server:
+        yield server
+
+
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", "../x.mp4", "a/b.mp4", "a\\b.mp4", "/etc/passwd", "C:x", "x\0y", "~x"]
+)
+def test_safe_join_refuses_names_that_could_escape(name: str) -> None:
+    with pytest.raises(ValueError, match="refusing output name"):
+        safe_join("s3://bucket/prefix", name)
+
+
+def test_safe_join_appends_a_plain_name_under_the_prefix() -> None:
+    assert safe_join("s3://bucket/prefix/", "row-1.mp4") == "s3://bucket/prefix/row-1.mp4"
+    assert safe_join("./out", "results.parquet") == "./out/results.parquet"
+    with pytest.raises(ValueError, match="target URL is empty"):
+        safe_join(" ", "x.mp4")
+
+
+def test_publish_file_to_a_local_folder_lands_complete_without_leftovers(tmp_path: Path) -> None:
+    source = tmp_path / "video.mp4"
+    source.write_bytes(b"\x00mp4" * 1000)
+    target = tmp_path / "out" / "nested"
+    url = publish_file(source, str(target), "row.mp4")
+    assert fsspec.open(url, "rb").open().read() == source.read_bytes()
+    assert [p.name for p in target.iterdir()] == ["row.mp4"]
+    assert is_published(str(target), "row.mp4")
+    assert not is_published(str(target), "other.mp4")
+
+
+def test_failed_local_copy_leaves_neither_final_nor_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "video.mp4"
+    source.write_bytes(b"x" * 10_000)
+    calls = []
+
+    def half_copy(src, dst, length=0):  # writes part of the file, then the disk "fails"
+        calls.append(1)
+        dst.write(src.read(100))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", half_copy)
+    target = tmp_path / "out"
+    with pytest.raises(PublishError, match="row.mp4 \\(3 attempts\\).*No space left"):
+        publish_file(source, str(target), "row.mp4", retry=FAST_RETRY)
+    assert len(calls) == 3
+    assert list(target.iterdir()) == []
+
+
+def test_publish_to_a_memory_url() -> None:
+    url = publish_bytes(b"hello", "memory://published/run1", "a.txt")
+    assert url.startswith("memory://")
+    assert url.endswith("/published/run1/a.txt")
+    assert fsspec.open(url, "rb").open().read() == b"hello"
+
+
+def test_write_json_is_readable_back(tmp_path: Path) -> None:
+    url = write_json({"b": 1, "a": [1.5, None]}, f"file://{tmp_path}", "row.json")
+    assert json.loads(Path(url.removeprefix("file://")).read_text()) == {"a": [1.5, None], "b": 1}
+
+
+def _results() -> tuple[list[RowResult], pa.Schema]:
+    schema = pa.schema(
+        [
+            ("speaker", pa.string()),
+            ("priority", pa.int16()),
+            ("tags", pa.list_(pa.string())),
+            ("recorded", pa.timestamp("ms")),
+            ("status", pa.string()),  # collides with ours: kept as input_status
+        ]
+    )
+    when = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    results = [
+        RowResult(
+            "a",
+            "published",
+            "s3://b/a.mp4",
+            "s3://b/a.json",
+            12.5,
+            3,
+            1.95,
+            extra={
+                "speaker": "Ann",
+                "priority": 2,
+                "tags": ["x"],
+                "recorded": when,
+                "status": "new",
+            },
+        ),
+        RowResult("b", "failed", error="fal: 422 invalid image", extra={"speaker": "Bo"}),
+    ]
+    return results, schema
+
+
+def _check_results_table(table: pa.Table, schema: pa.Schema) -> None:
+    assert table.column_names[:8] == publish.RESULTS_SCHEMA.names
+    assert table.schema.field("priority").type == pa.int16()
+    assert table.schema.field("tags").type == pa.list_(pa.string())
+    assert table.schema.field("recorded").type == schema.field("recorded").type
+    rows = table.to_pylist()
+    assert rows[0]["input_status"] == "new"
+    assert rows[0]["segments"] == 3
+    assert rows[0]["recorded"] == datetime.datetime(2026, 1, 2, 3, 4, 5)
+    assert rows[1]["error"] == "fal: 422 invalid image"
+    assert rows[1]["priority"] is None
+    assert rows[1]["cost_usd"] == 0.0
+
+
+def test_results_parquet_round_trips_with_passthrough_types(tmp_path: Path) -> None:
+    results, schema = _results()
+    url = write_results(results, schema, str(tmp_path))
+    _check_results_table(pq.read_table(url.removeprefix("file://")), schema)
+    assert [p.name for p in tmp_path.iterdir()] == ["results.parquet"]
+
+
+def test_results_without_passthrough_have_the_fixed_columns() -> None:
+    table = publish.results_table([RowResult("a", "skipped")], None)
+    assert table.schema == publish.RESULTS_SCHEMA
+
+
+def test_publish_to_s3_lands_only_final_names(s3: S3Server, tmp_path: Path) -> None:
+    source = tmp_path / "video.mp4"
+    source.write_bytes(b"v" * 50_000)
+    target = f"{s3.url}/run-1"
+    url = publish_file(source, target, "row.mp4", storage_options=s3.storage_options)
+    results, schema = _results()
+    write_results(results, schema, target, storage_options=s3.storage_options)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3.storage_options)
+    assert url == f"{target}/row.mp4"
+    assert fs.cat(url) == source.read_bytes()
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(target, refresh=True)) == [
+        "results.parquet",
+        "row.mp4",
+    ]
+    with fs.open(f"{target}/results.parquet", "rb") as f:
+        _check_results_table(pq.read_table(f), schema)
+
+
+def test_s3_endpoint_and_credentials_come_from_the_environment(
+    s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    # skip_instance_cache: an S3FileSystem cached earlier without the endpoint must not be reused.
+    options = {"skip_instance_cache": True}
+    url = publish_bytes(b"env", f"{s3.url}/env", "a.txt", storage_options=options)
+    assert is_published(f"{s3.url}/env", "a.txt", storage_options=options)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3.storage_options)
+    assert fs.cat(url) == b"env"
+
+
+def test_unavailable_s3_raises_publish_error_after_retries_without_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = S3Server().start()
+    server.stop()
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # s3fs's own retry loop: keep it short
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    sleeps: list[float] = []
+    monkeypatch.setattr(publish.time, "sleep", sleeps.append)
+    options = {
+        **server.storage_options,
+        "skip_instance_cache": True,
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
+    }
+    source = tmp_path / "v.mp4"
+    source.write_bytes(b"v")
+    with pytest.raises(PublishError) as caught:
+        publish_file(source, f"{server.url}/x", "row.mp4", options, retry=FAST_RETRY)
+    message = str(caught.value)
+    assert f"{server.url}/x/row.mp4" in message
+    assert "3 attempts" in message
+    assert SECRET_KEY not in message
+    assert ACCESS_KEY not in message
+    assert caught.value.__cause__ is None
+    assert sleeps == [0.01, 0.02]
+
+
+def _plan() -> RowPlan:
+    row = Row(
+        index=0,
+        id="intro",
+        audio="https://user:hunter22@example.com/a.wav?X-Amz-Signature=abc123&v=1",
+        prompt="a teacher",
+        seed=7,
+        extra={"note": "x"},
+    )
+    audio = AudioInfo(row.audio, "f" * 64, 9.0, 16000, 1, "pcm_s16le", "/work/a.wav")
+    chunks = (Chunk("intro", 0, 0.0, 5.5, 1), Chunk("intro", 1, 5.5, 9.0, 1))
+    return RowPlan(row, audio, chunks, 7, 11.625, 1.74, "h" * 64)
+
+
+def test_sidecar_records_inputs_requests_cost_and_qc_but_no_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FAL_KEY", "fal-secret-key-123")
+    videos = [
+        ChunkVideo("intro", i, f"/w/{i}.mp4", str(i) * 64, "fal", f"req-{i}", 7, 5.8, 0.87)
+        for i in range(2)
+    ]
+    verdicts = {"final": Verdict(False, ("moov atom is not before mdat",), {"frames": 144})}
+    sidecar = build_sidecar(_plan(), videos, verdicts, "fal", "longcat-avatar-1.0", {"render": 3.5})
+    text = json.dumps(sidecar)
+    assert sidecar["inputs"]["audio"]["sha256"] == "f" * 64
+    assert sidecar["request_ids"] == ["req-0", "req-1"]
+    assert sidecar["cost_usd"] == pytest.approx(1.74)
+    assert sidecar["billable_units"] == pytest.approx(11.6)
+    assert sidecar["segments"] == 2
+    assert sidecar["chunks"][1]["start_s"] == 5.5
+    assert sidecar["qc"]["final"]["passed"] is False
+    assert (sidecar["model"], sidecar["backend"], sidecar["seed"]) == (
+        "longcat-avatar-1.0",
+        "fal",
+        7,
+    )
+    for secret in ("fal-secret-key-123", "hunter22", "abc123"):
+        assert secret not in text
+
+
+def test_other_filesystems_upload_beside_the_target_then_rename(tmp_path: Path) -> None:
+    fs = DirFileSystem(path=str(tmp_path), fs=LocalFileSystem())  # neither local nor object store
+    publish._write_atomically(fs, "row.json", b"{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["row.json"]
+    assert (tmp_path / "row.json").read_bytes() == b"{}"
