@@ -7,16 +7,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prefect import flow, unmapped
-from prefect.futures import PrefectFuture, wait
+from prefect import flow, task, unmapped
+from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.settings import BatchConfig
+from tasks import progress
 from tasks.concat import concat_chunks, prepare_master_audio
 from tasks.manifest import load_rows
 from tasks.plan import budget_gate, prepare_row
 from tasks.publish import publish_results, publish_row
-from tasks.records import RowPlan, RowResult
+from tasks.records import ChunkVideo, RowPlan, RowResult
 from tasks.render import render_chunk, render_row, renderer_is_continuous
 from tasks.report import write_report
 from tasks.verify import verify_chunks, verify_video
@@ -54,17 +55,80 @@ def _first_error(futures: list[PrefectFuture]) -> str:
     return "did not finish"
 
 
-def _render_futures(plan: RowPlan, config: BatchConfig) -> list[PrefectFuture]:
-    """Submit a row's chunks: one task (local), or chunk 0 before those that need its face."""
-    if renderer_is_continuous(config):
-        return [render_row.submit(plan, config)]
-    first = render_chunk.submit(plan, 0, config)
-    needs_identity = plan.row.image is None
-    rest = [
-        render_chunk.submit(plan, k, config, identity=first if needs_identity else None)
-        for k in range(1, len(plan.chunks))
-    ]
-    return [first, *rest]
+@task(name="finish-row")
+def finish_row(
+    plan: RowPlan, videos: list[ChunkVideo], master: str, config: BatchConfig
+) -> RowResult:
+    """verify chunks → concat + mux → verify video → publish, as nested stage tasks of one row."""
+    verdicts = verify_chunks(plan, videos, config)
+    video = concat_chunks(plan, videos, master, config)
+    final = verify_video(plan, video, config)
+    return publish_row(plan, video, videos, verdicts, final, config)
+
+
+class _RowRenders:
+    """Submits a row's render tasks as their inputs become ready (chunk 0's face for later ones)."""
+
+    def __init__(self, plan: RowPlan, config: BatchConfig) -> None:
+        self.plan, self.config = plan, config
+        self.continuous = renderer_is_continuous(config)
+        if self.continuous:
+            self.futures = [render_row.submit(plan, config)]
+            return
+        independent = plan.row.image is not None  # with a portrait every chunk can start now
+        count = len(plan.chunks) if independent else 1
+        self.futures = [render_chunk.submit(plan, k, config) for k in range(count)]
+
+    def on_done(self, future: PrefectFuture) -> list[PrefectFuture]:
+        """Submit what `future` unblocks: the later chunks, once chunk 0 has rendered."""
+        waiting = len(self.futures) < len(self.plan.chunks) and not self.continuous
+        if not waiting or future is not self.futures[0] or not future.state.is_completed():
+            return []
+        identity = future.result()
+        later = [
+            render_chunk.submit(self.plan, k, self.config, identity=identity)
+            for k in range(1, len(self.plan.chunks))
+        ]
+        self.futures += later
+        return later
+
+    def videos(self) -> list[ChunkVideo] | None:
+        """Every rendered chunk in order once all finished well, else None."""
+        if not all(f.state.is_completed() for f in self.futures):
+            return None
+        if self.continuous:
+            return self.futures[0].result()
+        return (
+            [f.result() for f in self.futures]
+            if len(self.futures) == len(self.plan.chunks)
+            else None
+        )
+
+
+def _render_and_finish(plans: list[RowPlan], config: BatchConfig) -> dict[int, list[PrefectFuture]]:
+    """Render every row, and finish each row as soon as its own chunks are done.
+
+    Driven from the flow's thread: a task is submitted only once its inputs exist, so no worker
+    thread sits blocked on another task's future while renders wait for a fal slot.
+    """
+    masters = {p.row.index: prepare_master_audio.submit(p, config) for p in plans}
+    rows = {p.row.index: _RowRenders(p, config) for p in plans}
+    owner = {f: p.row.index for p in plans for f in rows[p.row.index].futures}
+    stages: dict[int, list[PrefectFuture]] = {}
+    while owner:
+        future = next(as_completed(list(owner)))
+        future.wait()  # sets its final state locally (otherwise .state asks the API, which lags)
+        index = owner.pop(future)
+        renders = rows[index]
+        owner.update({f: index for f in renders.on_done(future)})
+        if any(owner.get(f) == index for f in renders.futures):
+            continue  # more chunks of this row are still rendering
+        stages[index] = [masters[index], *renders.futures]
+        videos = renders.videos()
+        if videos is not None:
+            master = masters[index]
+            stages[index].append(finish_row.submit(renders.plan, videos, master, config))
+    return stages
 
 
 @flow(name="produce-batch", log_prints=False)
@@ -92,27 +156,19 @@ def produce_batch(config: BatchConfig) -> BatchOutcome:
     dispatch, skipped = budget_gate(plans, config)
     results.update(skipped)
 
-    # 3. Per row: master audio and render in parallel, then verify → concat → verify → publish.
-    rows: dict[int, list[PrefectFuture]] = {}
-    for plan in dispatch:
-        master = prepare_master_audio.submit(plan, config)
-        renders = _render_futures(plan, config)
-        verdicts = verify_chunks.submit(plan, renders, config)
-        video = concat_chunks.submit(plan, renders, master, config, wait_for=[verdicts])
-        final = verify_video.submit(plan, video, config)
-        published = publish_row.submit(plan, video, renders, verdicts, final, config)
-        rows[plan.row.index] = [master, *renders, verdicts, video, final, published]
+    # 3. Render each row's chunks, then verify → concat + mux → verify → publish it.
+    stages = _render_and_finish(dispatch, config)
 
     # 4. Collect per-row outcomes; a failed stage fails only its own row.
     for plan in dispatch:
-        futures = rows[plan.row.index]
+        futures = stages[plan.row.index]
         wait(futures)
         last = futures[-1]
-        results[plan.row.index] = (
-            last.result()
-            if last.state.is_completed()
-            else _failed(plan.row.id, _first_error(futures), plan.row.extra)
-        )
+        if last.state.is_completed() and isinstance(last.result(), RowResult):
+            results[plan.row.index] = last.result()
+        else:
+            results[plan.row.index] = _failed(plan.row.id, _first_error(futures), plan.row.extra)
+            progress.emit("row_finished", id=plan.row.id, status="failed")
 
     ordered = [results[index] for index in sorted(results)]
     outcome = BatchOutcome(results=ordered)
