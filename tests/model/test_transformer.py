@@ -38,14 +38,7 @@ TINY = {
 LATENT_HW = (4, 6)  # 2 x 3 tokens per latent frame
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny matmuls gain nothing from threads, and OpenMP spin-waits make them 100x slower when
-    another process holds a core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build(**overrides) -> LongCatVideoAvatarTransformer3DModel:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import wave
-from collections.abc import Iterator
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
-import torch
 
 from flows.settings import BatchConfig
 from tasks.records import AudioInfo, Chunk, Row, RowPlan
@@ -19,13 +17,7 @@ from tasks.render_local import TINY_DIR, LocalRenderer, read_wav
 RATE = 16_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors gain nothing from threads, and oversubscribed cores slow them down 10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
