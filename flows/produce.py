@@ -136,11 +136,12 @@ def produce_batch(config: BatchConfig) -> BatchOutcome:
     """Render, check and publish every row of a manifest."""
     check = load_rows(config)
     # Keyed by manifest row index: ids may be missing or duplicated in rows that failed validation.
-    results: dict[int, RowResult] = {
-        e.row: _failed(e.id or f"row-{e.row}", str(e), check.extras(e.row))
-        for e in check.errors
-        if e.row is not None
-    }
+    results: dict[int, RowResult] = {}
+    for e in check.errors:
+        if e.row is not None:  # a row with several problems reports them all
+            prior = results.get(e.row)
+            text = str(e) if prior is None else f"{prior.error}; {e}"
+            results[e.row] = _failed(e.id or f"row-{e.row}", text, check.extras(e.row))
 
     # 1. Fetch + probe each row's audio and plan its chunks (no spend yet).
     prepared = prepare_row.map(check.rows, unmapped(config))

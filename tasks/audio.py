@@ -15,11 +15,13 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import av
 import fsspec
 import numpy as np
 
+from tasks.manifest import display_location
 from tasks.records import CONTINUATION_FRAMES, FIRST_SEGMENT_FRAMES, FPS, AudioInfo
 
 with warnings.catch_warnings():
@@ -40,7 +42,8 @@ class AudioError(Exception):
 
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(reason)
-        self.kind = kind  # missing, empty, fetch_failed, not_audio, corrupt, too_short, silent
+        # missing, not_a_file, empty, fetch_failed, not_audio, corrupt, too_short, silent
+        self.kind = kind
         self.reason = reason
 
 
@@ -54,15 +57,16 @@ def probe_audio(
     cached, pcm_path = audio_dir / f"{sha}.json", audio_dir / f"{sha}.pcm.wav"
     if cached.exists() and pcm_path.exists():
         return AudioInfo(**{**json.loads(cached.read_text()), "source": url})
-    samples, rate, codec = _decode(local, url)
+    shown = display_location(url)
+    samples, rate, codec = _decode(local, shown)
     duration_s = samples.shape[0] / rate
     if duration_s < MIN_DURATION_S:
         raise AudioError(
-            "too_short", f"{url}: {duration_s:.3f} s of audio, need ≥ {MIN_DURATION_S}"
+            "too_short", f"{shown}: {duration_s:.3f} s of audio, need ≥ {MIN_DURATION_S}"
         )
     peak = max(int(samples.max()), -int(samples.min()))
     if peak == 0 or 20 * math.log10(peak / 32768) < SILENCE_PEAK_DBFS:
-        raise AudioError("silent", f"{url}: no signal above {SILENCE_PEAK_DBFS:.0f} dBFS")
+        raise AudioError("silent", f"{shown}: no signal above {SILENCE_PEAK_DBFS:.0f} dBFS")
     _write_wav(samples, rate, pcm_path)
     info = AudioInfo(url, sha, duration_s, rate, samples.shape[1], codec, str(pcm_path), str(local))
     _atomic_write_bytes(cached, json.dumps(asdict(info)).encode())
@@ -76,7 +80,7 @@ def fetch_file(
     audio_dir, storage_options = Path(dest_dir), storage_options or {}
     audio_dir.mkdir(parents=True, exist_ok=True)
     tmp = _temp_beside(audio_dir / "fetch")
-    digest = hashlib.sha256()
+    digest, shown = hashlib.sha256(), display_location(url)
     try:
         with fsspec.open(url, "rb", **storage_options) as src, open(tmp, "wb") as dst:
             while block := src.read(1 << 20):
@@ -87,18 +91,33 @@ def fetch_file(
         # fsspec's HTTP backend reports every failed request so: a 503 is not a missing file
         status = getattr(exc.__cause__, "status", None)
         if status not in (None, 404, 410):
-            raise AudioError("fetch_failed", f"{url}: HTTP {status}") from exc
-        raise AudioError("missing", f"{url}: not found") from exc
+            raise AudioError("fetch_failed", f"{shown}: HTTP {status}") from exc
+        raise AudioError("missing", f"{shown}: not found") from exc
+    except IsADirectoryError as exc:
+        tmp.unlink(missing_ok=True)
+        raise AudioError("not_a_file", f"{shown}: is a directory, not a file") from exc
     except Exception as exc:  # any backend's error (HTTP 5xx, auth, network) fails this row only
         tmp.unlink(missing_ok=True)
-        raise AudioError("fetch_failed", f"{url}: cannot be read ({exc!r})") from exc
+        raise AudioError(
+            "fetch_failed", f"{shown}: cannot be read ({_describe(exc, url)})"
+        ) from exc
     if tmp.stat().st_size == 0:
         tmp.unlink()
-        raise AudioError("empty", f"{url}: file is empty (0 bytes)")
+        raise AudioError("empty", f"{shown}: file is empty (0 bytes)")
     suffix = Path(url.split("?", 1)[0]).suffix.lower()[:8]
     local = audio_dir / f"{digest.hexdigest()}{suffix}"
     os.replace(tmp, local)
     return local, digest.hexdigest()
+
+
+def _describe(exc: BaseException, url: str) -> str:
+    """The error's type and text, unless the text quotes the URL's credentials (signed query)."""
+    parts = urlsplit(url)
+    secrets = [v for _, v in parse_qsl(parts.query)] + [parts.username or "", parts.password or ""]
+    text = str(exc).replace(url, display_location(url))
+    if any(len(secret) > 3 and secret in text for secret in secrets):
+        text = "details withheld: they quote the URL's credentials"
+    return f"{type(exc).__name__}: {text}"[:300]
 
 
 def _decode(path: Path, name: str) -> tuple[np.ndarray, int, str]:

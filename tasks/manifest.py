@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
-from urllib.parse import urljoin
+from urllib.parse import parse_qsl, urljoin, urlsplit, urlunsplit
 
 import fsspec
 import pyarrow as pa
@@ -47,6 +47,9 @@ MAX_GUIDANCE_SCALE = 20.0
 MAX_PROMPT_CHARS = 2000  # far above any useful prompt; stops a pasted document reaching the model
 SEED_MAX = 2**32 - 1
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# "javascript:x", "data:...", "simplecache::s3://": a scheme without "//" is still a URL, not a
+# file name (one letter is left alone: it is a Windows drive)
+_BARE_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 _STRING_COLUMNS = ("id", "audio", "prompt", "image", "negative_prompt", "resolution")
 _INT_COLUMNS = ("seed", "num_segments", "num_inference_steps")
 _FLOAT_COLUMNS = ("text_guidance_scale", "audio_guidance_scale")
@@ -70,6 +73,7 @@ _KINDS = {
     "finite_number": "out_of_range",
 }
 _CUSTOM_KINDS = frozenset({"unsupported_scheme"})
+_FILE_COLUMNS = ("audio", "image")
 
 
 class ManifestError(Exception):
@@ -78,8 +82,9 @@ class ManifestError(Exception):
 
 def _check_location(value: str | None) -> str | None:
     """Reject URLs whose scheme the flow cannot read (local paths have no scheme)."""
-    match = _SCHEME.match(value or "")
-    if match and match.group(1).lower() not in ALLOWED_SCHEMES:
+    url = _SCHEME.match(value or "")
+    match = url or _BARE_SCHEME.match(value or "")
+    if match and (url is None or match.group(1).lower() not in ALLOWED_SCHEMES):
         allowed = ", ".join(sorted(ALLOWED_SCHEMES))
         raise PydanticCustomError(
             "unsupported_scheme",
@@ -193,11 +198,13 @@ def _parse_jsonl(data: bytes) -> pa.Table:
 
 
 def _json_column(values: list[Any]) -> pa.Array:
-    try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        # mixed types: keep every value as text so validation can report each bad cell
-        return pa.array([None if v is None else _as_text(v) for v in values], pa.string())
+    bools = {isinstance(v, bool) for v in values if v is not None}
+    if len(bools) < 2:  # Arrow would quietly turn `true` into 1.0 beside floats
+        try:
+            return pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            pass  # mixed types or ints beyond int64: each bad cell is reported by validation
+    return pa.array([None if v is None else _as_text(v) for v in values], pa.string())
 
 
 def _as_text(value: Any) -> str:
@@ -242,8 +249,14 @@ def _coercible(arrow_type: pa.DataType, expected: str) -> bool:
     return expected != "string" and pa.types.is_floating(arrow_type)
 
 
-def validate_manifest(table: pa.Table, manifest_url: str) -> ManifestCheck:
-    """Check every row against the manifest contract; report all problems at once."""
+def validate_manifest(
+    table: pa.Table, manifest_url: str, *, check_files: bool = False
+) -> ManifestCheck:
+    """Check every row against the manifest contract; report all problems at once.
+
+    With check_files, local audio/image files must exist and be non-empty regular files (a cheap
+    stat per row; remote URLs are not fetched here, probing does that).
+    """
     _check_columns(table, manifest_url)
     known = [n for n in table.schema.names if n in ManifestRow.model_fields]
     extras = [n for n in table.schema.names if n not in ManifestRow.model_fields]
@@ -251,23 +264,51 @@ def validate_manifest(table: pa.Table, manifest_url: str) -> ManifestCheck:
     passthrough = {n: table.column(n).to_pylist() for n in extras}
     rows: list[Row] = []
     errors: list[RowError] = []
-    first_index: dict[str, int] = {}
+    first_index: dict[str, tuple[int, str]] = {}
     for i in range(table.num_rows):
         record = {n: values[n][i] for n in known}
         row_id = record["id"] if isinstance(record["id"], str) else None
         valid, row_errors = _validate_record(i, row_id, record)
-        if row_id and row_id in first_index:
-            reason = f"duplicate id '{row_id}' (first used in row {first_index[row_id]})"
-            row_errors.append(RowError(i, row_id, "id", reason, "duplicate_id"))
-        elif row_id:
-            first_index[row_id] = i
-        if row_errors or valid is None:
-            errors.extend(row_errors)
-            continue
-        rows.append(_make_row(i, valid, {n: passthrough[n][i] for n in extras}, manifest_url))
+        row_errors += _duplicate(i, row_id, first_index) if row_id else []
+        if valid is not None and not row_errors:
+            row = _make_row(i, valid, {n: passthrough[n][i] for n in extras}, manifest_url)
+            row_errors = _file_errors(row) if check_files else []
+            rows += [] if row_errors else [row]
+        errors.extend(row_errors)
     schema = pa.schema([table.schema.field(n) for n in extras])
     per_row = [{n: passthrough[n][i] for n in extras} for i in range(table.num_rows)]
     return ManifestCheck(rows, errors, schema, per_row)
+
+
+def _duplicate(index: int, row_id: str, first_index: dict[str, tuple[int, str]]) -> list[RowError]:
+    """Ids must differ beyond case: Intro.mp4 and intro.mp4 collide on macOS and Windows disks."""
+    first = first_index.setdefault(row_id.casefold(), (index, row_id))
+    if first[0] == index:
+        return []
+    same = "" if first[1] == row_id else f" as '{first[1]}' (ids differ only in case)"
+    reason = f"duplicate id '{row_id}' (first used in row {first[0]}{same})"
+    return [RowError(index, row_id, "id", reason, "duplicate_id")]
+
+
+def _file_errors(row: Row) -> list[RowError]:
+    """Missing, empty or non-file local inputs of a valid row (remote URLs are left to probing)."""
+    errors = []
+    for column in _FILE_COLUMNS:
+        location = getattr(row, column)
+        match = _SCHEME.match(location or "")
+        if not location or (match and match.group(1).lower() != "file"):
+            continue
+        path = Path(location[match.end() :] if match else location)
+        if not path.exists():
+            problem = (f"{location}: not found", "missing")
+        elif not path.is_file():
+            problem = (f"{location}: is a directory or special file, not a file", "not_a_file")
+        elif path.stat().st_size == 0:
+            problem = (f"{location}: file is empty (0 bytes)", "empty")
+        else:
+            continue
+        errors.append(RowError(row.index, row.id, column, *problem))
+    return errors
 
 
 def _column_values(table: pa.Table, name: str) -> list[Any]:
@@ -302,7 +343,8 @@ def _to_row_error(index: int, row_id: str | None, error: Any) -> RowError:
     kind = _KINDS.get(error["type"], error["type"])
     if kind not in _KINDS.values() and kind not in _CUSTOM_KINDS:
         kind = "wrong_type"  # int_parsing, float_type, int_from_float, string_type, ...
-    got = reprlib.repr(error.get("input"))
+    value = error.get("input")
+    got = reprlib.repr(display_location(value) if column in _FILE_COLUMNS else value)
     if kind == "missing_value":
         reason = "required value is missing or empty"
     elif kind == "invalid_id":
@@ -344,6 +386,18 @@ def resolve_location(value: str, manifest_url: str) -> str:
     return f"{match.group(1)}://{posixpath.normpath(posixpath.join(parent, value))}"
 
 
+def display_location(location: Any) -> Any:
+    """A location safe to print: URL passwords and query values (signatures, tokens) masked."""
+    if not isinstance(location, str) or not _BARE_SCHEME.match(location):
+        return location
+    parts = urlsplit(location)
+    netloc = parts.netloc  # user info may be a password or a bare token: mask all of it
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "&".join(f"{k}=***" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
 def manifest_json_schema() -> dict[str, Any]:
     """Return the JSON Schema of one manifest row (what manifests/schema.json holds)."""
     schema = ManifestRow.model_json_schema()
@@ -358,7 +412,7 @@ def write_schema(path: str | Path) -> None:
 @task(name="load-manifest")
 def load_rows(config: BatchConfig) -> ManifestCheck:
     """Read and validate the run's manifest (a ManifestError fails the whole run)."""
-    return validate_manifest(read_manifest(config.manifest), config.manifest)
+    return validate_manifest(read_manifest(config.manifest), config.manifest, check_files=True)
 
 
 def _main(argv: Iterable[str] | None = None) -> None:

@@ -28,6 +28,7 @@ from tasks.audio import (
     write_chunk_wav,
 )
 from tasks.ledger import Ledger
+from tasks.manifest import display_location
 from tasks.records import (
     CONTINUATION_FRAMES,
     FIRST_SEGMENT_FRAMES,
@@ -195,9 +196,11 @@ def _fetch_image(row: Row, work_dir: Path) -> tuple[str, str]:
         raise PlanError(RowError(row.index, row.id, "image", exc.reason, exc.kind)) from exc
     try:
         with Image.open(local) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        reason = f"{row.image}: not a readable image ({exc})"
+            image.verify()  # checks the structure (chunk CRCs) ...
+        with Image.open(local) as image:
+            image.load()  # ... and decoding finds what verify() misses: a truncated file
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as exc:
+        reason = f"{display_location(row.image)}: not a readable image ({exc})"
         raise PlanError(RowError(row.index, row.id, "image", reason, "not_image")) from exc
     return str(local), sha
 

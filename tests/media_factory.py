@@ -145,3 +145,23 @@ def write_mp4(path: Path | str, seconds: float = 1.0, size: tuple[int, int] = (6
         for packet in stream.encode(None):
             container.mux(packet)
     return path
+
+
+def write_silence(path: Path | str, duration_s: float, format: str = "wav") -> Path:
+    """Write digital silence: decodable narration with no signal at all."""
+    return write_audio(path, np.zeros(round(duration_s * 16000), np.float32), 16000, format)
+
+
+def write_image(path: Path | str, size: tuple[int, int] = (64, 80)) -> Path:
+    """Write a small, valid PNG portrait-ish image."""
+    path = Path(path)
+    Image.new("RGB", size, (180, 140, 120)).save(path, format="PNG")
+    return path
+
+
+def write_truncated_image(path: Path | str, size: tuple[int, int] = (64, 80)) -> Path:
+    """Write a PNG cut off halfway: a valid header and signature, then nothing."""
+    path = write_image(path, size)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
