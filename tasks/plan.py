@@ -91,13 +91,15 @@ def plan_row(
         )
     seed = row.seed if row.seed is not None else derive_seed(row.id)
     video_s = sum(c.video_s for c in chunks)
+    paid = config.backend == "fal"
     return RowPlan(
         row=row,
         audio=audio,
         chunks=chunks,
         seed=seed,
-        billable_units=video_s * config.units_per_video_s[row.resolution],
-        estimated_cost_usd=video_s * config.price_per_video_s[row.resolution],
+        # Only fal bills; the local backend runs on the user's own GPUs.
+        billable_units=video_s * config.units_per_video_s[row.resolution] if paid else 0.0,
+        estimated_cost_usd=video_s * config.price_per_video_s[row.resolution] if paid else 0.0,
         input_hash=input_hash(row, audio, chunks, seed, image_sha256),
     )
 

@@ -21,7 +21,9 @@ from tasks.plan import (
 from tasks.records import AudioInfo, Row
 from tests.media_factory import speechlike, write_audio
 
-CONFIG = BatchConfig(manifest="m.parquet", chunk_target_s=20.0, chunk_window_s=4.0, chunk_min_s=3.0)
+CONFIG = BatchConfig(
+    manifest="m.parquet", backend="fal", chunk_target_s=20.0, chunk_window_s=4.0, chunk_min_s=3.0
+)
 
 
 def _audio(duration_s: float, sha: str = "a" * 64) -> AudioInfo:
@@ -161,3 +163,11 @@ def test_summarize_totals_the_plans() -> None:
     assert summary["video_s"] == pytest.approx(5.8125 + 15.8125)
     assert summary["billable_units"] == pytest.approx(5.8125 + 4 * 15.8125)
     assert summary["estimated_cost_usd"] == pytest.approx(5.8125 * 0.15 + 15.8125 * 0.30)
+
+
+def test_local_backend_rows_cost_nothing() -> None:
+    local = CONFIG.model_copy(update={"backend": "local"})
+    plan = plan_row(Row(0, "a", "n.wav"), _audio(12.0), local)
+    assert plan.video_s == pytest.approx(15.8125)
+    assert plan.estimated_cost_usd == 0.0
+    assert plan.billable_units == 0.0
