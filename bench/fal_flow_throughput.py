@@ -42,9 +42,10 @@ def main() -> None:
     parser.add_argument("--max-concurrency", type=int, default=8)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp, FakeFal(
-        latency_s=args.latency, concurrency=args.max_concurrency
-    ) as fake:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        FakeFal(latency_s=args.latency, concurrency=args.max_concurrency) as fake,
+    ):
         work = Path(tmp)
         rows = []
         for i in range(args.rows):
@@ -74,7 +75,8 @@ def main() -> None:
     assert outcome.exit_code == 0, [r.error for r in outcome.results if r.error]
     ideal_s = math.ceil(args.rows / args.max_concurrency) * args.latency
     print(
-        f"| fal_flow_throughput | {args.rows} rows through produce_batch, {args.latency:g} s/request,"
+        f"| fal_flow_throughput | {args.rows} rows through produce_batch, "
+        f"{args.latency:g} s/request,"
         f" {args.max_concurrency} in flight | render phase {render_s:.2f} s | ideal {ideal_s:.1f} s"
         f" | **{render_s / ideal_s:.3f}** | whole run {total_s:.1f} s | nproc {os.cpu_count()}, "
         f"{platform.platform()}, Python {platform.python_version()} | {datetime.date.today()} |"

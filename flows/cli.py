@@ -1,20 +1,29 @@
-"""avatarflow command line: validate, plan, run, model init-tiny (typer + rich).
+"""avatarflow command line: validate, plan, run, cancel, model init-tiny (typer + rich).
 
 Exit status: 0 every row published; 1 some rows failed (results.parquet says which and why);
-2 the manifest or the options are invalid (nothing was dispatched); 130 interrupted.
+2 the manifest or the options are invalid (nothing was dispatched); 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from flows.produce import BatchOutcome
+    from flows.settings import BatchConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 model_app = typer.Typer(no_args_is_help=True, help="Local model utilities.")
@@ -32,6 +41,10 @@ PREFECT_DEFAULTS = {
     "PREFECT_SERVER_UI_ENABLED": "false",
 }
 
+# After Ctrl-C, polls stop at once; an HTTP call already in flight gets this long to return
+# before the process leaves anyway (the ledger is consistent at every instant, so that is safe).
+INTERRUPT_GRACE_S = 10.0
+
 ManifestArg = Annotated[str, typer.Argument(help="Parquet, CSV or JSONL manifest (path or URL).")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="local | fal")]
 
@@ -45,7 +58,7 @@ def _config(manifest: str, **options: Any):
     except ValidationError as exc:
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
-            console.print(f"[red]invalid option[/red] {field}: {err['msg']}")
+            console.print(f"[red]invalid option[/red] {escape(field)}: {escape(err['msg'])}")
         raise typer.Exit(EXIT_INVALID) from None
 
 
@@ -54,12 +67,13 @@ def _checked_rows(config):
     from tasks.manifest import ManifestError, read_manifest, validate_manifest
 
     try:
-        check = validate_manifest(read_manifest(config.manifest), config.manifest)
+        table = read_manifest(config.manifest)
+        check = validate_manifest(table, config.manifest, check_files=True)
     except ManifestError as exc:
-        console.print(f"[red]manifest error[/red]: {exc}")
+        console.print(f"[red]manifest error[/red]: {escape(str(exc))}")
         raise typer.Exit(EXIT_INVALID) from None
     for err in check.errors:
-        console.print(f"[yellow]invalid[/yellow] {err}")
+        console.print(f"[yellow]invalid[/yellow] {escape(str(err))}")
     if not check.rows:
         console.print("[red]no valid rows: nothing to do[/red]")
         raise typer.Exit(EXIT_INVALID)
@@ -94,7 +108,7 @@ def plan(
         table.add_column(col, justify="left" if col == "id" else "right")
     for p in plans:
         table.add_row(
-            p.row.id,
+            escape(p.row.id),
             f"{p.audio.duration_s:.2f}",
             str(len(p.chunks)),
             str(p.num_segments),
@@ -102,7 +116,7 @@ def plan(
             f"{p.estimated_cost_usd:.2f}",
         )
     for row_id, reason in failures:
-        table.add_row(row_id, "[red]error[/red]", "", "", "", reason)
+        table.add_row(escape(row_id), "[red]error[/red]", "", "", "", escape(reason))
     out.print(table)
     total = summarize(plans)
     out.print(
@@ -123,8 +137,18 @@ def run(
     state: Annotated[str | None, typer.Option(help="Run ledger URL.")] = None,
     work_dir: Annotated[str | None, typer.Option(help="Local scratch folder.")] = None,
     model_dir: Annotated[str | None, typer.Option(help="Local checkpoint folder.")] = None,
+    chunk_target_s: Annotated[
+        float | None, typer.Option(help="Cut long narration into chunks near this length.")
+    ] = None,
+    resubmit_ambiguous: Annotated[
+        bool,
+        typer.Option(
+            "--resubmit-ambiguous",
+            help="Resubmit chunks whose earlier submit may have reached fal (may pay twice).",
+        ),
+    ] = False,
 ) -> None:
-    """Render, verify and publish every row; live progress; exit 0/1/2 as documented."""
+    """Render, verify and publish every row; live progress; exit 0/1/2/130 as documented."""
     from flows.settings import LocalSettings
 
     local = LocalSettings(model_dir=model_dir) if model_dir else None
@@ -137,22 +161,111 @@ def run(
         state=state,
         work_dir=work_dir,
         local=local,
+        chunk_target_s=chunk_target_s,
+        resubmit_ambiguous=resubmit_ambiguous,
     )
     _checked_rows(config)
     if config.backend == "fal" and config.fal.api_key() is None:
         console.print("[red]FAL_KEY is not set[/red]: the fal backend needs an API key")
         raise typer.Exit(EXIT_INVALID)
-    for key, value in PREFECT_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    from flows.live import run_with_progress
-
-    try:
-        outcome = run_with_progress(config, console)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]: in-flight request ids are in the ledger")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    outcome = _run_locked(config)
     _print_results(outcome)
     raise typer.Exit(outcome.exit_code)
+
+
+def _run_locked(config: BatchConfig) -> BatchOutcome:
+    """Run the batch with live progress; Ctrl-C → 130, a busy target → 2."""
+    from flows.live import run_with_progress
+    from tasks.ledger import LedgerBusyError
+
+    interrupt = _Interrupt(
+        f"interrupted: in-flight fal request ids are kept in {config.state_url}; run the same "
+        f"command again to resume them without paying twice, or `avatarflow cancel {config.target}`"
+    )
+    try:
+        with interrupt.installed():
+            return run_with_progress(config, console)  # the flow holds the ledger's lock
+    except LedgerBusyError as exc:
+        console.print(f"[red]busy[/red]: {exc}; wait for it to finish (or stop it) first")
+        raise typer.Exit(EXIT_INVALID) from None
+    except KeyboardInterrupt:
+        interrupt.say()
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+class _Interrupt:
+    """SIGINT during a run: stop dispatching, let the flow unwind, exit 130 with one hint line."""
+
+    def __init__(self, hint: str) -> None:
+        self.hint = hint
+        self._said = threading.Lock()
+        self._first = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Handle SIGINT inside the block (main thread only), restoring the old handler after."""
+        previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        from tasks.render import request_stop
+
+        if not self._first:  # a second Ctrl-C: leave now
+            self.leave()
+        self._first = False
+        request_stop()  # no new paid submit; polls wake up and stop
+        watchdog = threading.Timer(INTERRUPT_GRACE_S, self.leave)
+        watchdog.daemon = True  # never what keeps the process alive
+        watchdog.start()
+        # Raised in the main thread, where the flow waits on its tasks: Prefect marks the flow
+        # run crashed and re-raises it, and the thread pool's workers stop at their next poll.
+        raise KeyboardInterrupt
+
+    def say(self) -> None:
+        """Print the hint, once."""
+        if self._said.acquire(blocking=False):
+            # Plain stderr: the live display may hold rich's console lock when this runs.
+            sys.stderr.write(self.hint + "\n")
+            sys.stderr.flush()
+
+    def leave(self) -> None:
+        """Print the hint and end the process at once with status 130."""
+        self.say()
+        os._exit(EXIT_INTERRUPTED)
+
+
+@app.command()
+def cancel(
+    target: Annotated[str, typer.Argument(help="The run's output folder or fsspec URL.")],
+    state: Annotated[str | None, typer.Option(help="Run ledger URL.")] = None,
+) -> None:
+    """Cancel every fal request of a run that is still in flight (submitted, not downloaded)."""
+    from flows.settings import FalSettings, state_url_for
+    from tasks.fal_client import FalError, FalQueueClient
+    from tasks.ledger import Ledger
+
+    settings = FalSettings.from_env()
+    if settings.api_key() is None:
+        console.print("[red]FAL_KEY is not set[/red]: cancelling needs the run's API key")
+        raise typer.Exit(EXIT_INVALID)
+    records = Ledger(state_url_for(target, state)).in_flight()
+    cancelled = 0
+    with FalQueueClient(settings) as client:
+        for record in records:
+            where = f"{record.row_id} chunk {record.chunk}"
+            if record.request_id is None:  # ambiguous: there is no id to cancel
+                out.print(f"{where}: request id unknown (ambiguous submit); check fal's dashboard")
+                continue
+            try:
+                status = client.cancel(client.handle(record.request_id))
+            except FalError as exc:
+                status = f"not cancelled ({exc})"
+            cancelled += status == "CANCELLATION_REQUESTED"
+            out.print(f"{where} {record.request_id}: {status}")
+    out.print(f"cancelled {cancelled} of {len(records)} in-flight request(s)")
 
 
 def _print_results(outcome) -> None:
@@ -162,11 +275,11 @@ def _print_results(outcome) -> None:
     for r in outcome.results:
         colour = {"published": "green", "failed": "red"}.get(r.status, "yellow")
         table.add_row(
-            r.id,
+            escape(r.id),
             f"[{colour}]{r.status}[/{colour}]",
-            r.video_url or "",
+            escape(r.video_url or ""),
             f"{r.cost_usd:.2f}",
-            r.error or "",
+            escape(r.error or ""),
         )
     out.print(table)
     out.print(f"results: {outcome.results_url}\nreport:  {outcome.report_url}")
@@ -185,7 +298,9 @@ def init_tiny(
 
 
 def main() -> None:
-    """Entry point used by `python -m flows.cli`."""
+    """The `avatarflow` console script: Prefect defaults first (before Prefect is imported)."""
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     app()
 
 

@@ -14,6 +14,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.settings import BatchConfig
 from tasks import progress
 from tasks.concat import concat_chunks, prepare_master_audio
+from tasks.ledger import Ledger
 from tasks.manifest import load_rows
 from tasks.plan import budget_gate, prepare_row
 from tasks.publish import publish_results, publish_row
@@ -134,6 +135,13 @@ def _render_and_finish(plans: list[RowPlan], config: BatchConfig) -> dict[int, l
 @flow(name="produce-batch", log_prints=False)
 def produce_batch(config: BatchConfig) -> BatchOutcome:
     """Render, check and publish every row of a manifest."""
+    ledger = Ledger.for_run(config)
+    with ledger.lock():  # one run per target at a time: two could both pay for one chunk
+        ledger.sweep_temp_files(config.target)  # what a killed run left; nothing else writes now
+        return _produce(config)
+
+
+def _produce(config: BatchConfig) -> BatchOutcome:
     check = load_rows(config)
     # Keyed by manifest row index: ids may be missing or duplicated in rows that failed validation.
     results: dict[int, RowResult] = {}

@@ -16,6 +16,11 @@ DEFAULT_PRICE_PER_VIDEO_S = {"480p": 0.15, "720p": 0.30}  # fal's public price p
 DEFAULT_UNITS_PER_VIDEO_S = {"480p": 1.0, "720p": 4.0}
 
 
+def state_url_for(target: str, state: str | None = None) -> str:
+    """The run ledger's URL: state if given, else <target>/.avatarflow."""
+    return state or target.rstrip("/") + "/.avatarflow"
+
+
 class FalSettings(BaseModel):
     """Where fal lives and how to talk to it. Hosts and key come from the environment by default."""
 
@@ -81,18 +86,25 @@ class BatchConfig(BaseModel):
     chunk_target_s: float = Field(default=60.0, gt=5.0)  # cut long audio near this length
     chunk_window_s: float = Field(default=5.0, ge=0.0)  # search back from a grid end
     chunk_min_s: float = Field(default=3.0, ge=0.5)
+    # An earlier submit whose answer was lost may be queued (and billed) at fal: resubmit it only
+    # when the user has checked and says so (`avatarflow run --resubmit-ambiguous`).
+    resubmit_ambiguous: bool = False
+    # Resubmits of a request that ended with a 5xx error (fal does not bill those) per chunk.
+    fal_failed_retries: int = Field(default=2, ge=0, le=10)
     price_per_video_s: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_PRICE_PER_VIDEO_S)
     )
     units_per_video_s: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_UNITS_PER_VIDEO_S)
     )
+    results_name: str = "results.parquet"  # shard children write results-shard-N.parquet
+    report_name: str = "report.html"
     fal: FalSettings = Field(default_factory=FalSettings.from_env)
     local: LocalSettings = Field(default_factory=LocalSettings)
 
     @property
     def state_url(self) -> str:
-        return self.state or self.target.rstrip("/") + "/.avatarflow"
+        return state_url_for(self.target, self.state)
 
     @property
     def work_path(self) -> Path:

@@ -6,6 +6,7 @@ are re-encoded only when a copy cannot be exact (mismatched streams, a cut insid
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import math
@@ -302,8 +303,15 @@ def _temp_path(dest: Path) -> Iterator[Path]:
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # PyAV's too (av.error.OSError)
+            raise OSError(
+                errno.ENOSPC,
+                f"work dir is full: no space left on device writing {dest.name}; the partial file "
+                "was removed (free space and rerun: rendered chunks are kept)",
+                str(dest),
+            ) from exc
         raise
     os.replace(tmp, dest)
 

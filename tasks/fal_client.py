@@ -7,6 +7,7 @@ cancel, uploads and downloads retry 429/5xx/network errors with exponential back
 from __future__ import annotations
 
 import base64
+import errno
 import logging
 import os
 import random
@@ -29,6 +30,9 @@ INLINE_MAX_BYTES = 16 * 1024  # files up to this size travel as data: URIs, savi
 # noticed within ~0.1 s of finishing, a 10 min one within 5 s, with few polls either way.
 POLL_FRACTION = 0.05
 _TOKEN_MARGIN_S = 60.0  # refresh a storage token this long before it expires
+# fal's answer when the request's own X-Fal-Request-Timeout (time-to-start) ran out: final, since
+# another try would only hit the same deadline (fal_client does not retry it either).
+TIMEOUT_TYPE_HEADER = "x-fal-request-timeout-type"
 # Errors raised before any byte of the request left this machine: nothing can have been queued.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 
@@ -227,7 +231,8 @@ class FalQueueClient:
                     ) from exc
                 self._backoff(attempt, type(exc).__name__, method, url)
                 continue
-            if retry_status and _is_transient(resp.status_code) and attempt < attempts:
+            transient = _is_transient(resp.status_code) and TIMEOUT_TYPE_HEADER not in resp.headers
+            if retry_status and transient and attempt < attempts:
                 self._backoff(attempt, f"HTTP {resp.status_code}", method, url)
                 continue
             return resp
@@ -238,6 +243,8 @@ class FalQueueClient:
         status = resp.status_code
         if status in (401, 403):
             return FalAuthError(f"fal rejected the credentials (HTTP {status}): check FAL_KEY")
+        if TIMEOUT_TYPE_HEADER in resp.headers:
+            return self._start_timeout_error(resp)
         body = _body(resp)
         detail = body.get("detail") if isinstance(body, dict) else None
         if status == 422:
@@ -251,6 +258,18 @@ class FalQueueClient:
         retryable = hint.lower() == "true" if hint else _is_transient(status)
         message = self._scrub(f"fal request failed (HTTP {status}, {error_type}): {text}")
         return FalRequestError(message, error_type, status, retryable)
+
+    def _start_timeout_error(self, resp: httpx.Response) -> FalRequestError:
+        """The request did not start within its X-Fal-Request-Timeout: name the setting to raise."""
+        kind = resp.headers[TIMEOUT_TYPE_HEADER]
+        limit = self.settings.request_timeout_s
+        sent = f"{limit:g} s" if limit is not None else "the timeout"
+        message = (
+            f"fal gave up on the request (HTTP {resp.status_code}, {kind} timeout): it did not "
+            f"start within X-Fal-Request-Timeout={sent} (FalSettings.request_timeout_s); not "
+            "retried: raise request_timeout_s or rerun when fal's queue is shorter"
+        )
+        return FalRequestError(message, "request_timeout", resp.status_code, retryable=False)
 
     def _json(self, resp: httpx.Response) -> dict[str, Any]:
         if not resp.is_success:
@@ -403,6 +422,21 @@ class FalQueueClient:
         dest = Path(dest_path)
         part = dest.with_name(dest.name + ".part")
         part.unlink(missing_ok=True)
+        try:
+            return self._download(url, dest, part)
+        except BaseException as exc:
+            part.unlink(missing_ok=True)  # a partial file only takes space: a new call restarts
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise OSError(
+                    errno.ENOSPC,
+                    "work dir is full: no space left on device while downloading a rendered "
+                    "chunk; the partial file was removed (free space and rerun: the request is "
+                    "fetched again, not paid again)",
+                    str(dest),
+                ) from exc
+            raise
+
+    def _download(self, url: str, dest: Path, part: Path) -> Path:
         why = ""
         for attempt in range(1, self.settings.max_attempts + 1):
             try:

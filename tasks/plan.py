@@ -246,7 +246,7 @@ def budget_gate(
     plans: Sequence[RowPlan], config: BatchConfig
 ) -> tuple[list[RowPlan], dict[int, RowResult]]:
     """Skip rows already published with the same inputs, then apply the budget; nothing is paid."""
-    ledger = Ledger(config.state_url)
+    ledger = Ledger.for_run(config)
     skipped: dict[int, RowResult] = {}
     pending: list[RowPlan] = []
     for plan in plans:

@@ -148,10 +148,15 @@ def write_results(
     retry: RetryPolicy = RetryPolicy(),
 ) -> str:
     """Write results.parquet (one row per manifest row) atomically and return its URL."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(results_table(results, passthrough_schema), sink)
-    data = sink.getvalue().to_pybytes()
+    data = parquet_bytes(results_table(results, passthrough_schema))
     return publish_bytes(data, target_url, "results.parquet", storage_options, retry)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """Serialise a table as Parquet in memory."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 def build_sidecar(
@@ -327,6 +332,21 @@ def _public_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), parts.fragment))
 
 
+def _publish_outputs(
+    row_id: str, video_path: str, sidecar: dict[str, Any], target: str
+) -> tuple[str, str]:
+    """Publish a row's video, then its sidecar; return both URLs."""
+    try:
+        video_url = publish_file(video_path, target, f"{row_id}.mp4")
+        sidecar_url = write_json(sidecar, target, f"{row_id}.json")
+    except PublishError as exc:
+        # Rendered chunks are in the run's ledger by now: tell the user a rerun costs nothing.
+        raise PublishError(
+            f"{exc}; the rendered chunks are kept, so a rerun publishes without paying again"
+        ) from None
+    return video_url, sidecar_url
+
+
 @task(name="publish-row")
 def publish_row(
     plan: RowPlan,
@@ -350,8 +370,7 @@ def publish_row(
     sidecar = build_sidecar(
         plan, videos, {**verdicts, "final": final}, config.backend, model, timings
     )
-    video_url = publish_file(video_path, config.target, f"{row.id}.mp4")
-    sidecar_url = write_json(sidecar, config.target, f"{row.id}.json")
+    video_url, sidecar_url = _publish_outputs(row.id, video_path, sidecar, config.target)
     result = RowResult(
         id=row.id,
         status="published",
@@ -362,7 +381,7 @@ def publish_row(
         cost_usd=sidecar["cost_usd"],
         extra=row.extra,
     )
-    Ledger(config.state_url).record_published(row.id, plan.input_hash, to_dict(result))
+    Ledger.for_run(config).record_published(row.id, plan.input_hash, to_dict(result))
     progress.emit("row_finished", id=row.id, status="published")
     return result
 
@@ -370,5 +389,6 @@ def publish_row(
 def publish_results(
     results: Sequence[RowResult], passthrough_schema: pa.Schema | None, config: BatchConfig
 ) -> str:
-    """Write the batch's results.parquet to the target."""
-    return write_results(results, passthrough_schema, config.target)
+    """Write the batch's results table (results.parquet) to the target."""
+    table = results_table(results, passthrough_schema)
+    return publish_bytes(parquet_bytes(table), config.target, config.results_name)

@@ -1,7 +1,9 @@
 """fal backend of the render stage: one chunk = one request to fal's hosted LongCat-Video-Avatar.
 
-Uploads the chunk's audio (and portrait, or an identity frame from chunk 0), submits, reports the
-request id through on_submitted before waiting, then downloads the MP4 into the job's out_dir.
+Uploads the chunk's audio (and portrait, or an identity frame from chunk 0), calls on_submitting
+immediately before the submit POST and on_submitted with the request id before waiting, then
+downloads the MP4 into the job's out_dir. A result that is gone raises ResultExpiredError and a
+request that ended in failure raises FailedCompletionError, so the caller can decide to resubmit.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from typing import Any, ClassVar
 import av
 
 from flows.settings import BatchConfig
-from tasks.fal_client import FalQueueClient, SubmitResult
+from tasks.fal_client import FalError, FalQueueClient, FalRequestError, SubmitResult
 from tasks.records import Chunk, ChunkVideo
-from tasks.render import RenderJob
+from tasks.render import RenderJob, RenderStopped, stop_requested, wait_unless_stopped
 
 AT2V = "audio-to-video"
 AI2V = "image-audio-to-video"
@@ -40,6 +42,24 @@ class Submission:
 
 
 SubmittedHook = Callable[[Submission], None]
+SubmittingHook = Callable[[str], None]  # called with the endpoint right before the submit POST
+
+
+class ResultExpiredError(FalError):
+    """fal no longer has a request's status, result or video file (404): it must be resubmitted."""
+
+    def __init__(self, request_id: str, what: str) -> None:
+        super().__init__(f"fal request {request_id}: the {what} is gone (HTTP 404, expired)")
+        self.request_id = request_id
+
+
+class FailedCompletionError(FalRequestError):
+    """A request that ended COMPLETED with an error a new submit may fix (5xx, or cancelled)."""
+
+    def __init__(self, request_id: str, cause: FalRequestError) -> None:
+        super().__init__(str(cause), cause.error_type, cause.status, retryable=True)
+        self.request_id = request_id
+
 
 _SLOTS: dict[tuple[str, int], threading.BoundedSemaphore] = {}
 _SLOTS_LOCK = threading.Lock()
@@ -96,7 +116,8 @@ class FalRenderer:
         on_submitted: SubmittedHook | None = None,
     ) -> None:
         self.config = config
-        self.client = client or FalQueueClient(config.fal)
+        # Polls and backoffs sleep on the stop event, so Ctrl-C ends a wait at once.
+        self.client = client or FalQueueClient(config.fal, sleep=wait_unless_stopped)
         self.on_submitted = on_submitted  # default hook; render(on_submitted=...) overrides it
         self._slots = _slots(config.fal.queue_url, config.max_concurrency)
 
@@ -116,7 +137,12 @@ class FalRenderer:
         with_image = job.image_path is not None or chunk.index > 0
         return f"{self.config.fal.app}/{AI2V if with_image else AT2V}"
 
-    def render(self, job: RenderJob, on_submitted: SubmittedHook | None = None) -> list[ChunkVideo]:
+    def render(
+        self,
+        job: RenderJob,
+        on_submitted: SubmittedHook | None = None,
+        on_submitting: SubmittingHook | None = None,
+    ) -> list[ChunkVideo]:
         """Render the job's single chunk on fal and return it as a local MP4."""
         chunk = _single_chunk(job)
         started = time.monotonic()
@@ -125,6 +151,12 @@ class FalRenderer:
         payload = self._payload(job, chunk, endpoint)
         timings = {"upload_s": time.monotonic() - started}
         with self._slots:
+            if stop_requested():  # Ctrl-C while this chunk waited for a slot: submit nothing
+                raise RenderStopped(f"row {chunk.row_id} chunk {chunk.index}: not submitted")
+            if on_submitting is not None:
+                # Uploads and the slot wait are done: the window between this record and the
+                # request id being known is now only the submit round trip itself.
+                on_submitting(endpoint)
             handle = self.client.submit(endpoint, payload)
             hook = on_submitted or self.on_submitted
             if hook is not None:
@@ -180,11 +212,31 @@ class FalRenderer:
 
     def _wait(self, handle: SubmitResult, timings: dict[str, float]) -> None:
         started = time.monotonic()
-        final = self.client.wait(handle)
+        try:
+            final = self.client.wait(handle)
+        except FalError as exc:
+            raise self._classify(handle, exc) from exc
         waited = time.monotonic() - started
         # fal reports the run time in metrics; the rest of the wait was spent queued.
         run_s = min(waited, float(final.metrics.get("inference_time", waited)))
         timings.update(queue_s=waited - run_s, run_s=run_s)
+
+    def _classify(self, handle: SubmitResult, exc: FalError) -> FalError:
+        """Tell a request that is gone or ended failed from one we merely could not reach."""
+        if isinstance(exc, FalRequestError) and exc.status == 404:
+            return ResultExpiredError(handle.request_id, "request")
+        # fal does not bill 5xx failures, and a cancelled request (499) produced nothing.
+        if not isinstance(exc, FalRequestError) or not (
+            exc.retryable or exc.error_type == "client_cancelled"
+        ):
+            return exc  # e.g. 422: fal's message names the offending field
+        try:
+            # wait() raises the same error types for a failed completion and for a status poll
+            # that kept failing; only the former may be resubmitted, so ask fal once more.
+            ended = self.client.status(handle).status == "COMPLETED"
+        except FalError:
+            ended = False
+        return FailedCompletionError(handle.request_id, exc) if ended else exc
 
     def _collect(
         self,
@@ -195,9 +247,14 @@ class FalRenderer:
     ) -> ChunkVideo:
         """Fetch the result, download the MP4 and price it."""
         started = time.monotonic()
-        result = self.client.result(handle)
         dest = Path(job.out_dir) / f"{chunk.row_id}.chunk{chunk.index}.mp4"
-        self.client.download(result.data["video"]["url"], dest)
+        try:
+            result = self.client.result(handle)
+            self.client.download(result.data["video"]["url"], dest)
+        except FalRequestError as exc:
+            if exc.status == 404:
+                raise ResultExpiredError(handle.request_id, "result or its video") from exc
+            raise
         timings["download_s"] = time.monotonic() - started
         resolution = job.plan.row.resolution
         units_per_s = self.config.units_per_video_s[resolution]

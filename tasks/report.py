@@ -185,4 +185,4 @@ def write_report(
             with contextlib.suppress(Exception):  # a missing thumbnail never fails the report
                 thumbnails[plan.row.id] = thumbnail_jpeg(local)
     html = render_report(results, summary, thumbnails, f"avatarflow — {config.manifest}")
-    return publish_bytes(html.encode(), config.target, "report.html")
+    return publish_bytes(html.encode(), config.target, config.report_name)

@@ -57,6 +57,7 @@ class Faults:
     completed_error: int = 0  # ends COMPLETED with an error; the result answers with the real one
     completed_error_status: int = 503  # 503 runner_disconnected, or 422 with a detail list
     result_504: int = 0  # transient gateway timeout on a completed request's result
+    result_expired: int = 0  # a completed request is forgotten: its status and result answer 404
     download_cut: int = 0  # the connection closes halfway through a file body
     cdn_v3_unavailable: bool = False  # the storage token endpoint answers 404
     omit_billable_units: bool = False
@@ -219,6 +220,7 @@ class FakeFal:
             # Hits per route, plus "submitted" and "completed" jobs and submissions per endpoint.
             self.counts: Counter[str] = Counter()
             self.payloads: list[dict[str, Any]] = []
+            self.request_ids: list[str] = []  # parallel to payloads
             self.billed_units = 0.0
             self.max_in_progress = len(self._running)
 
@@ -258,6 +260,13 @@ class FakeFal:
         with self._lock:
             self._advance(time.monotonic())
             return self._jobs[request_id].state
+
+    def expire(self, request_id: str) -> None:
+        """Forget a request and its output file, as fal does once their retention ends."""
+        with self._lock:
+            self._advance(time.monotonic())
+            self._jobs.pop(request_id, None)
+            self._files.pop(f"{request_id}/output.mp4", None)
 
     def file_bytes(self, url: str) -> bytes | None:
         """What a file URL (on this fake's CDN, or a data: URI) holds, or None."""
@@ -377,6 +386,7 @@ class FakeFal:
             self._jobs[job.id] = job
             self._queue.append(job)
             self.payloads.append(payload)
+            self.request_ids.append(job.id)
             self.counts["submitted"] += 1
             self.counts[endpoint] += 1
             self._fill(now)
@@ -463,6 +473,9 @@ class FakeFal:
             return
         if job.state != "COMPLETED":
             return _reply(h, 400, {"detail": "Request is still in progress"})
+        if self._take("result_expired"):
+            self.expire(job.id)
+            return _reply(h, 404, {"detail": "Request not found"})
         if job.failure is not None:
             status, err = job.failure
             return _reply(h, status, err, {"x-fal-error-type": err.get("error_type", "validation")})

@@ -21,10 +21,10 @@ def _deployments() -> list[dict]:
 def test_prefect_yaml_has_scheduled_and_gpu_deployments() -> None:
     deployments = _deployments()
     names = {d["name"] for d in deployments}
-    assert {"nightly-fal", "on-demand-local-gpu"} <= names
+    assert {"nightly-fal", "on-demand-local-gpu", "sharded-local-gpu"} <= names
     nightly = next(d for d in deployments if d["name"] == "nightly-fal")
     assert nightly["schedules"][0]["cron"] == "0 2 * * *"
-    pools = {d["work_pool"]["name"] for d in deployments}
+    pools = {d["work_pool"]["name"] for d in deployments}  # the sharded parent runs on CPU
     assert pools == {"avatarflow-cpu", "avatarflow-gpu"}
 
 

@@ -318,3 +318,30 @@ def test_a_burst_of_concurrent_requests_through_one_client(
     assert units == [93 / 16] * 120
     assert fake.submissions == 120
     assert fake.max_in_progress > 100  # the fake really served them side by side
+
+
+def test_user_request_timeout_is_final_and_names_the_setting() -> None:
+    """A 504 carrying X-Fal-Request-Timeout-Type: the time-to-start deadline passed; no retry."""
+    calls: list[tuple[str, str]] = []
+    timed_out = {"detail": "Request timed out", "error_type": "request_timeout"}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append((request.method, request.url.path))
+        if request.method == "POST":
+            return httpx.Response(200, json={"request_id": "r-9"})
+        if request.url.path.endswith("/status"):
+            return httpx.Response(200, json={"status": "COMPLETED", "error": "Request timed out"})
+        return httpx.Response(504, json=timed_out, headers={"X-Fal-Request-Timeout-Type": "user"})
+
+    fal = mock_client(handler, request_timeout_s=45)
+    handle = fal.submit(AT2V, {"audio_url": "x"})
+    for attempt in (lambda: fal.wait(handle), lambda: fal.result(handle)):
+        with pytest.raises(FalRequestError) as info:
+            attempt()
+        assert (info.value.error_type, info.value.status) == ("request_timeout", 504)
+        assert not info.value.retryable  # a resubmit would only meet the same deadline
+        assert "X-Fal-Request-Timeout=45 s" in str(info.value)
+        assert "request_timeout_s" in str(info.value)
+        assert "k-mock-secret" not in str(info.value)
+    result_fetches = [c for c in calls if c == ("GET", f"/{APP}/requests/r-9")]
+    assert len(result_fetches) == 2  # once per call: never retried, unlike a gateway 504

@@ -212,7 +212,8 @@ def test_in_flight_requests_are_bounded_by_max_concurrency(fake: FakeFal, tmp_pa
 
 
 def test_random_faults_are_absorbed_without_double_submits(fake: FakeFal, tmp_path: Path) -> None:
-    rates = {"submit_429": 0.3, "submit_5xx": 0.2, "status_5xx": 0.2, "result_504": 0.3}
+    # per-attempt submit failure 0.3: all 6 attempts of one request fail with p = 0.07 %
+    rates = {"submit_429": 0.2, "submit_5xx": 0.1, "status_5xx": 0.2, "result_504": 0.3}
     fake.reset(Faults(rates={**rates, "download_cut": 0.3}, seed=7))
     renderer = FalRenderer(make_config(fake))
     jobs = [make_job(tmp_path / str(i)) for i in range(4)]
