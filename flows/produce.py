@@ -132,7 +132,9 @@ def _render_and_finish(plans: list[RowPlan], config: BatchConfig) -> dict[int, l
     return stages
 
 
-@flow(name="produce-batch", log_prints=False)
+# Bounded by default for deployments too (Prefect's own default pool is unbounded);
+# run_batch sizes it from max_concurrency.
+@flow(name="produce-batch", log_prints=False, task_runner=ThreadPoolTaskRunner(max_workers=18))
 def produce_batch(config: BatchConfig) -> BatchOutcome:
     """Render, check and publish every row of a manifest."""
     ledger = Ledger.for_run(config)
@@ -188,6 +190,7 @@ def _produce(config: BatchConfig) -> BatchOutcome:
 
 def run_batch(config: BatchConfig) -> BatchOutcome:
     """Run produce_batch with a thread pool sized for the backend."""
+    # fal: requests in flight plus as many threads uploading/downloading; local: one GPU at a time
     workers = config.max_concurrency * 2 + 2 if config.backend == "fal" else 4
     runner = ThreadPoolTaskRunner(max_workers=workers)
     return produce_batch.with_options(task_runner=runner)(config)
