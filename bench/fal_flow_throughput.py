@@ -72,13 +72,16 @@ def main() -> None:
         # the fake stamps jobs with time.monotonic(); convert to wall time via the offset now
         offset = time.time() - time.monotonic()
         render_s = max(rendered) - (first_submit + offset)
+        before_s = first_submit + offset - started  # Prefect start-up, probe and plan
+        after_s = total_s - (max(rendered) - started)  # finish-row of the last rows, tables
     assert outcome.exit_code == 0, [r.error for r in outcome.results if r.error]
     ideal_s = math.ceil(args.rows / args.max_concurrency) * args.latency
     print(
         f"| fal_flow_throughput | {args.rows} rows through produce_batch, "
         f"{args.latency:g} s/request,"
         f" {args.max_concurrency} in flight | render phase {render_s:.2f} s | ideal {ideal_s:.1f} s"
-        f" | **{render_s / ideal_s:.3f}** | whole run {total_s:.1f} s | nproc {os.cpu_count()}, "
+        f" | **{render_s / ideal_s:.3f}** | whole run {total_s:.1f} s ({before_s:.1f} s before the"
+        f" first submit, {after_s:.1f} s after the last render) | nproc {os.cpu_count()}, "
         f"{platform.platform()}, Python {platform.python_version()} | {datetime.date.today()} |"
     )
 

@@ -20,7 +20,7 @@ from tasks.plan import budget_gate, prepare_row
 from tasks.publish import publish_results, publish_row
 from tasks.records import ChunkVideo, RowPlan, RowResult
 from tasks.render import render_chunk, render_row, renderer_is_continuous
-from tasks.report import write_report
+from tasks.report import save_thumbnail, write_report
 from tasks.verify import verify_chunks, verify_video
 
 
@@ -64,6 +64,7 @@ def finish_row(
     verdicts = verify_chunks(plan, videos, config)
     video = concat_chunks(plan, videos, master, config)
     final = verify_video(plan, video, config)
+    save_thumbnail(plan, video, config)
     return publish_row(plan, video, videos, verdicts, final, config)
 
 

@@ -173,6 +173,16 @@ def thumbnail_jpeg(mp4_path: str | Path, width: int = 160) -> bytes:
     return buffer.getvalue()
 
 
+def _thumbnail_path(config: BatchConfig, plan: RowPlan) -> Path:
+    return row_work_dir(config, plan) / f"{plan.row.id}.thumb.jpg"
+
+
+def save_thumbnail(plan: RowPlan, video_path: str, config: BatchConfig) -> None:
+    """Keep the row's report thumbnail beside its video (per row, in parallel, not at the end)."""
+    with contextlib.suppress(Exception):  # a missing thumbnail never fails a row
+        _thumbnail_path(config, plan).write_bytes(thumbnail_jpeg(video_path))
+
+
 def write_report(
     results: Sequence[RowResult], plans: Sequence[RowPlan], config: BatchConfig
 ) -> str:
@@ -180,9 +190,7 @@ def write_report(
     summary = summarize(plans)
     thumbnails: dict[str, bytes] = {}
     for plan in plans:
-        local = row_work_dir(config, plan) / f"{plan.row.id}.mp4"
-        if local.exists():
-            with contextlib.suppress(Exception):  # a missing thumbnail never fails the report
-                thumbnails[plan.row.id] = thumbnail_jpeg(local)
+        with contextlib.suppress(OSError):  # rows that did not finish this run have none
+            thumbnails[plan.row.id] = _thumbnail_path(config, plan).read_bytes()
     html = render_report(results, summary, thumbnails, f"avatarflow — {config.manifest}")
     return publish_bytes(html.encode(), config.target, config.report_name)
