@@ -62,6 +62,18 @@ def detect_layout(root: str | Path) -> str:
     raise FileNotFoundError(f"no LongCat-Video-Avatar checkpoint in {root}: expected {expected}")
 
 
+def checkpoint_fps(root: str | Path) -> int:
+    """The frame rate a checkpoint renders at (16 for v1.0, 25 for v1.5), without loading it."""
+    from model.pipeline_longcat_avatar import VERSION_DEFAULTS
+
+    version = detect_layout(root)
+    if version == "diffusers":
+        version = json.loads((Path(root) / "model_index.json").read_text()).get(
+            "model_version", "1.0"
+        )
+    return int(VERSION_DEFAULTS[version]["fps"])
+
+
 def _shards(folder: Path, index_name: str, single_name: str) -> list[Path]:
     """Shard files of a (possibly sharded) safetensors checkpoint, each checked to exist."""
     index = folder / index_name

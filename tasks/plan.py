@@ -75,18 +75,24 @@ def plan_row(
     row: Row, audio: AudioInfo, config: BatchConfig, image_sha256: str | None = None
 ) -> RowPlan:
     """Plan one row: its chunks and segments, seed, billable units, cost and input hash."""
+    fps = render_fps(config)
     if row.num_segments is not None:
-        chunks = (_override_chunk(row, audio, row.num_segments),)
+        chunks = (_override_chunk(row, audio, row.num_segments, fps),)
     else:
         cuts: list[float] = []
-        if audio.duration_s > chunk_span_s(config.chunk_target_s):  # else no need to read PCM
+        if audio.duration_s > chunk_span_s(config.chunk_target_s, fps):  # else no PCM read
             samples, rate = load_pcm(audio.pcm_path)
             cuts = find_cut_points(
-                samples, rate, config.chunk_target_s, config.chunk_window_s, config.chunk_min_s
+                samples,
+                rate,
+                config.chunk_target_s,
+                config.chunk_window_s,
+                config.chunk_min_s,
+                fps=fps,
             )
         bounds = [0.0, *cuts, audio.duration_s]
         chunks = tuple(
-            Chunk(row.id, i, start, end, segments_for_duration(end - start))
+            Chunk(row.id, i, start, end, segments_for_duration(end - start, fps), fps)
             for i, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False))
         )
     seed = row.seed if row.seed is not None else derive_seed(row.id)
@@ -104,16 +110,25 @@ def plan_row(
     )
 
 
-def _override_chunk(row: Row, audio: AudioInfo, n: int) -> Chunk:
+def render_fps(config: BatchConfig) -> int:
+    """The frame rate the backend renders at: 16 (v1.0, fal), or 25 for a local v1.5 model."""
+    if config.backend != "local" or config.local.model_dir is None:
+        return FPS  # fal serves v1.0; the tiny demo checkpoint is v1.0 too
+    from model.loading import checkpoint_fps  # torch-heavy, needed only here
+
+    return checkpoint_fps(config.local.model_dir)
+
+
+def _override_chunk(row: Row, audio: AudioInfo, n: int, fps: int) -> Chunk:
     """One chunk of the row's n = num_segments, if that covers all of the audio."""
-    needed = segments_for_duration(audio.duration_s)
+    needed = segments_for_duration(audio.duration_s, fps)
     if n < needed:
         reason = (
-            f"num_segments={n} renders {video_s_for_segments(n):.3f} s of video but the audio is "
-            f"{audio.duration_s:.3f} s long; it needs at least {needed}"
+            f"num_segments={n} renders {video_s_for_segments(n, fps):.3f} s of video but the "
+            f"audio is {audio.duration_s:.3f} s long; it needs at least {needed}"
         )
         raise PlanError(RowError(row.index, row.id, "num_segments", reason, "too_few_segments"))
-    return Chunk(row.id, 0, 0.0, audio.duration_s, n)
+    return Chunk(row.id, 0, 0.0, audio.duration_s, n, fps)
 
 
 def input_hash(

@@ -6,6 +6,7 @@ bad file: a broken file is a failed verdict that the flow records against the ro
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -142,6 +143,16 @@ def _moov_before_mdat(path: Path) -> bool:
     return False
 
 
+def declares_own_size(model_dir: str | None) -> bool:
+    """True for the tiny checkpoint (the default, or any whose avatarflow.json sets its size)."""
+    if model_dir is None:
+        return True
+    from model.loading import DEFAULTS_FILE
+
+    defaults = Path(model_dir) / DEFAULTS_FILE
+    return defaults.exists() and "sample_size" in json.loads(defaults.read_text())
+
+
 class QCError(RuntimeError):
     """A QC gate failed; the message lists every reason."""
 
@@ -158,7 +169,7 @@ def verify_chunks(
 ) -> dict[str, Verdict]:
     """Check every rendered chunk of a row before anything is joined."""
     videos = [v for r in renders for v in (r if isinstance(r, list) else [r])]
-    tiny_local = config.backend == "local" and config.local.model_dir is None
+    tiny_local = config.backend == "local" and declares_own_size(config.local.model_dir)
     verdicts = {}
     resolution = None if tiny_local else plan.row.resolution
     for video in sorted(videos, key=lambda v: v.chunk_index):

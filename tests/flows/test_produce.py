@@ -127,3 +127,21 @@ def test_fal_batch_publishes_to_s3(
         local = tmp_path / "hello.mp4"
         fs.get(f"{target}/hello.mp4", str(local))
         _check_video(str(local), 4.0)
+
+
+def test_local_v15_checkpoint_renders_and_publishes_at_its_25_fps(tmp_path: Path) -> None:
+    from flows.settings import LocalSettings
+    from model.tiny import write_tiny_checkpoint
+
+    write_narration(tmp_path / "a.wav", 7.0)
+    root = write_tiny_checkpoint(tmp_path / "ckpt", version="1.5")
+    config = BatchConfig(
+        manifest=_manifest(tmp_path, [{"id": "a", "audio": "a.wav"}]),
+        target=str(tmp_path / "out"),
+        work_dir=str(tmp_path / "work"),
+        local=LocalSettings(model_dir=str(root)),
+    )
+    outcome = run_batch(config)
+    assert outcome.exit_code == 0, outcome.results
+    probe = probe_video(str(tmp_path / "out" / "a.mp4"))
+    assert (probe.fps, probe.frames) == (25, 175)  # 7 s at 25 fps, trimmed from 2 segments

@@ -171,3 +171,17 @@ def test_local_backend_rows_cost_nothing() -> None:
     assert plan.video_s == pytest.approx(15.8125)
     assert plan.estimated_cost_usd == 0.0
     assert plan.billable_units == 0.0
+
+
+def test_a_local_v15_checkpoint_plans_on_its_25_fps_grid(tmp_path: Path) -> None:
+    from flows.settings import LocalSettings
+    from model.tiny import write_tiny_checkpoint
+
+    root = write_tiny_checkpoint(tmp_path / "ckpt", version="1.5")
+    local = CONFIG.model_copy(
+        update={"backend": "local", "local": LocalSettings(model_dir=str(root))}
+    )
+    plan = plan_row(Row(0, "a", "n.wav"), _audio(5.0), local)
+    # 5 s at 25 fps is 125 frames: 93 + 80 → 2 segments (at 16 fps it would be 1)
+    assert [(c.fps, c.num_segments) for c in plan.chunks] == [(25, 2)]
+    assert plan.video_s == pytest.approx(173 / 25)
