@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.fakes.fal_server import FakeFal
 
 # Before Prefect is imported anywhere: a private home, no telemetry from this offline machine.
 _HOME = tempfile.mkdtemp(prefix="avatarflow-prefect-")
@@ -56,3 +60,20 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fal_server(request: pytest.FixtureRequest) -> Iterator[FakeFal]:
+    """One loopback fake fal per test module; FAKE_FAL_LATENCY_S in the module sets its latency."""
+    from tests.fakes.fal_server import FakeFal
+
+    with FakeFal(latency_s=getattr(request.module, "FAKE_FAL_LATENCY_S", 0.2)) as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(fal_server: FakeFal, request: pytest.FixtureRequest) -> FakeFal:
+    """The module's fake fal with counters, faults and latency reset for this test."""
+    fal_server.reset()
+    fal_server.latency_s = getattr(request.module, "FAKE_FAL_LATENCY_S", 0.2)
+    return fal_server

@@ -37,17 +37,7 @@ def fast_settings(env: dict[str, str], **update: object) -> FalSettings:
     return FalSettings.from_env(env).model_copy(update=update)
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeFal]:
-    with FakeFal(latency_s=0.1) as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake(server: FakeFal) -> FakeFal:
-    server.reset()
-    server.latency_s = 0.1
-    return server
+FAKE_FAL_LATENCY_S = 0.1  # the conftest fixtures `fal_server` and `fake` read it
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,16 +22,7 @@ from tests.media_factory import write_narration
 HASH = "c" * 64
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeFal]:
-    with FakeFal(latency_s=0.2) as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake(server: FakeFal) -> FakeFal:
-    server.reset()
-    return server
+FAKE_FAL_LATENCY_S = 0.2  # the conftest fixtures `fal_server` and `fake` read it
 
 
 def make_config(fake: FakeFal, tmp_path: Path, **options: object) -> BatchConfig:

@@ -30,16 +30,7 @@ from tests.fakes.fal_server import APP, FakeFal, Faults
 SEED = 1234
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeFal]:
-    with FakeFal(latency_s=0.3) as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake(server: FakeFal) -> FakeFal:
-    server.reset()
-    return server
+FAKE_FAL_LATENCY_S = 0.3  # the conftest fixtures `fal_server` and `fake` read it
 
 
 def make_config(fake: FakeFal, max_concurrency: int = 4, **fal: object) -> BatchConfig:
