@@ -95,7 +95,7 @@ class _RowRenders:
         return later
 
     def videos(self) -> list[ChunkVideo] | None:
-        """Every rendered chunk in order once all finished well, else None."""
+        """Every rendered chunk, in chunk order, once all finished well, else None."""
         if not all(f.state.is_completed() for f in self.futures):
             return None
         if self.continuous:

@@ -329,14 +329,8 @@ def prepare_master_audio(plan: RowPlan, config: BatchConfig) -> str:
 
 
 @task(name="concat-chunks")
-def concat_chunks(
-    plan: RowPlan, renders: list[ChunkVideo | list[ChunkVideo]], master: str, config: BatchConfig
-) -> str:
-    """Join each chunk's span of frames and mux the master narration into the row's video."""
-    videos = sorted(
-        (v for r in renders for v in (r if isinstance(r, list) else [r])),
-        key=lambda v: v.chunk_index,
-    )
+def concat_chunks(plan: RowPlan, videos: list[ChunkVideo], master: str, config: BatchConfig) -> str:
+    """Join each chunk's span of frames (chunks in order) and mux the master narration."""
     spans = [c.frame_span(c.index == len(plan.chunks) - 1) for c in plan.chunks]
     frames = [last - first for first, last in spans]
     out = row_work_dir(config, plan) / f"{plan.row.id}.mp4"

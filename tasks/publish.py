@@ -146,10 +146,11 @@ def write_results(
     target_url: str,
     storage_options: Mapping[str, Any] | None = None,
     retry: RetryPolicy = RetryPolicy(),
+    name: str = "results.parquet",
 ) -> str:
-    """Write results.parquet (one row per manifest row) atomically and return its URL."""
+    """Write the results table (one row per manifest row) atomically and return its URL."""
     data = parquet_bytes(results_table(results, passthrough_schema))
-    return publish_bytes(data, target_url, "results.parquet", storage_options, retry)
+    return publish_bytes(data, target_url, name, storage_options, retry)
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -351,17 +352,13 @@ def _publish_outputs(
 def publish_row(
     plan: RowPlan,
     video_path: str,
-    renders: list[ChunkVideo | list[ChunkVideo]],
+    videos: list[ChunkVideo],
     verdicts: dict[str, Verdict],
     final: Verdict,
     config: BatchConfig,
 ) -> RowResult:
     """Publish a checked video and its sidecar, then record it in the ledger."""
     row = plan.row
-    videos = sorted(
-        (v for r in renders for v in (r if isinstance(r, list) else [r])),
-        key=lambda v: v.chunk_index,
-    )
     timings: dict[str, float] = {}
     for video in videos:
         for name, seconds in video.timings_s.items():
@@ -390,5 +387,4 @@ def publish_results(
     results: Sequence[RowResult], passthrough_schema: pa.Schema | None, config: BatchConfig
 ) -> str:
     """Write the batch's results table (results.parquet) to the target."""
-    table = results_table(results, passthrough_schema)
-    return publish_bytes(parquet_bytes(table), config.target, config.results_name)
+    return write_results(results, passthrough_schema, config.target, name=config.results_name)

@@ -165,14 +165,13 @@ def _raise_if_failed(verdicts: dict[str, Verdict]) -> None:
 
 @task(name="verify-chunks")
 def verify_chunks(
-    plan: RowPlan, renders: list[ChunkVideo | list[ChunkVideo]], config: BatchConfig
+    plan: RowPlan, videos: list[ChunkVideo], config: BatchConfig
 ) -> dict[str, Verdict]:
-    """Check every rendered chunk of a row before anything is joined."""
-    videos = [v for r in renders for v in (r if isinstance(r, list) else [r])]
+    """Check every rendered chunk of a row (in chunk order) before anything is joined."""
     tiny_local = config.backend == "local" and declares_own_size(config.local.model_dir)
     verdicts = {}
     resolution = None if tiny_local else plan.row.resolution
-    for video in sorted(videos, key=lambda v: v.chunk_index):
+    for video in videos:
         chunk = plan.chunks[video.chunk_index]
         # fal returns every rendered frame; the local backend writes only the chunk's span.
         first, last = chunk.frame_span(chunk.index == len(plan.chunks) - 1)
