@@ -23,7 +23,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from flows.produce import BatchOutcome
-    from flows.settings import BatchConfig
+    from tasks.config import BatchConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 model_app = typer.Typer(no_args_is_help=True, help="Local model utilities.")
@@ -49,17 +49,25 @@ ManifestArg = Annotated[str, typer.Argument(help="Parquet, CSV or JSONL manifest
 BackendOpt = Annotated[str, typer.Option("--backend", help="local | fal")]
 
 
-def _config(manifest: str, **options: Any):
+def _config(manifest: str, **options: Any) -> BatchConfig:
     """Build the BatchConfig or exit 2 naming the bad option."""
-    from flows.settings import BatchConfig
+    from tasks.backends import UnknownBackendError, renderer_class
+    from tasks.config import BatchConfig
 
     try:
-        return BatchConfig(manifest=manifest, **{k: v for k, v in options.items() if v is not None})
+        config = BatchConfig(
+            manifest=manifest, **{k: v for k, v in options.items() if v is not None}
+        )
+        renderer_class(config.backend)
     except ValidationError as exc:
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
             console.print(f"[red]invalid option[/red] {escape(field)}: {escape(err['msg'])}")
         raise typer.Exit(EXIT_INVALID) from None
+    except UnknownBackendError as exc:
+        console.print(f"[red]invalid option[/red] backend: {escape(str(exc))}")
+        raise typer.Exit(EXIT_INVALID) from None
+    return config
 
 
 def _checked_rows(config):
@@ -149,7 +157,8 @@ def run(
     ] = False,
 ) -> None:
     """Render, verify and publish every row; live progress; exit 0/1/2/130 as documented."""
-    from flows.settings import LocalSettings
+    from tasks.backends import renderer_class
+    from tasks.config import LocalSettings
 
     local = LocalSettings(model_dir=model_dir) if model_dir else None
     config = _config(
@@ -165,8 +174,9 @@ def run(
         resubmit_ambiguous=resubmit_ambiguous,
     )
     _checked_rows(config)
-    if config.backend == "fal" and config.fal.api_key() is None:
-        console.print("[red]FAL_KEY is not set[/red]: the fal backend needs an API key")
+    problem = renderer_class(config.backend).check_config(config)
+    if problem is not None:
+        console.print(f"[red]cannot run[/red]: {escape(problem)}")
         raise typer.Exit(EXIT_INVALID)
     outcome = _run_locked(config)
     _print_results(outcome)
@@ -211,7 +221,7 @@ class _Interrupt:
             signal.signal(signal.SIGINT, previous)
 
     def _handle(self, signum: int, frame: object) -> None:
-        from tasks.render import request_stop
+        from tasks.stop import request_stop
 
         if not self._first:  # a second Ctrl-C: leave now
             self.leave()
@@ -241,31 +251,24 @@ class _Interrupt:
 def cancel(
     target: Annotated[str, typer.Argument(help="The run's output folder or fsspec URL.")],
     state: Annotated[str | None, typer.Option(help="Run ledger URL.")] = None,
+    backend: Annotated[str, typer.Option(help="The paid backend the run used.")] = "fal",
 ) -> None:
-    """Cancel every fal request of a run that is still in flight (submitted, not downloaded)."""
-    from flows.settings import FalSettings, state_url_for
-    from tasks.fal_client import FalError, FalQueueClient
+    """Cancel every paid request of a run that is still in flight (submitted, not downloaded)."""
+    from tasks.backends import renderer_class
+    from tasks.config import state_url_for
     from tasks.ledger import Ledger
 
-    settings = FalSettings.from_env()
-    if settings.api_key() is None:
-        console.print("[red]FAL_KEY is not set[/red]: cancelling needs the run's API key")
+    config = _config("-", target=target, state=state, backend=backend)
+    renderer = renderer_class(config.backend)
+    problem = renderer.check_config(config)
+    if problem is not None:
+        console.print(f"[red]cannot cancel[/red]: {escape(problem)}")
         raise typer.Exit(EXIT_INVALID)
-    records = Ledger(state_url_for(target, state)).in_flight()
-    cancelled = 0
-    with FalQueueClient(settings) as client:
-        for record in records:
-            where = f"{record.row_id} chunk {record.chunk}"
-            if record.request_id is None:  # ambiguous: there is no id to cancel
-                out.print(f"{where}: request id unknown (ambiguous submit); check fal's dashboard")
-                continue
-            try:
-                status = client.cancel(client.handle(record.request_id))
-            except FalError as exc:
-                status = f"not cancelled ({exc})"
-            cancelled += status == "CANCELLATION_REQUESTED"
-            out.print(f"{where} {record.request_id}: {status}")
-    out.print(f"cancelled {cancelled} of {len(records)} in-flight request(s)")
+    outcomes = renderer.cancel_in_flight(Ledger(state_url_for(target, state)))
+    for record, status in outcomes:
+        out.print(f"{record.row_id} chunk {record.chunk} {record.request_id or ''}: {status}")
+    cancelled = sum(status == "CANCELLATION_REQUESTED" for _, status in outcomes)
+    out.print(f"cancelled {cancelled} of {len(outcomes)} in-flight request(s)")
 
 
 def _print_results(outcome) -> None:

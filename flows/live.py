@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flows.produce import BatchOutcome, run_batch
-from flows.settings import BatchConfig
 from tasks import progress
+from tasks.config import BatchConfig
+from tasks.records import ChunkRendered, ProgressEvent, RowFinished, RowsPlanned
 
 
 class _Display:
@@ -24,17 +24,18 @@ class _Display:
         self.spent_usd = 0.0
         self.lock = threading.Lock()
 
-    def __call__(self, event: str, fields: dict[str, Any]) -> None:
+    def __call__(self, event: ProgressEvent) -> None:
         with self.lock:
-            if event == "rows_planned":
-                self.bars.update(self.rows, total=fields["rows"])
-                self.bars.update(self.chunks, total=fields["chunks"])
-                self.estimated_usd = fields["estimated_usd"]
-            elif event == "chunk_rendered":
-                self.spent_usd += fields.get("cost_usd", 0.0)
-                self.bars.advance(self.chunks)
-            elif event == "row_finished":
-                self.bars.advance(self.rows)
+            match event:
+                case RowsPlanned():
+                    self.bars.update(self.rows, total=event.rows)
+                    self.bars.update(self.chunks, total=event.chunks)
+                    self.estimated_usd = event.estimated_usd
+                case ChunkRendered():
+                    self.spent_usd += event.cost_usd
+                    self.bars.advance(self.chunks)
+                case RowFinished():
+                    self.bars.advance(self.rows)
             self.bars.update(
                 self.rows,
                 description=f"rows   spent ${self.spent_usd:.2f} of est. ${self.estimated_usd:.2f}",

@@ -11,15 +11,16 @@ from prefect import flow, task, unmapped
 from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.settings import BatchConfig
 from tasks import progress
+from tasks.backends import renderer_class
 from tasks.concat import concat_chunks, prepare_master_audio
+from tasks.config import BatchConfig
 from tasks.ledger import Ledger
 from tasks.manifest import load_rows
 from tasks.plan import budget_gate, prepare_row
 from tasks.publish import publish_results, publish_row
-from tasks.records import ChunkVideo, RowPlan, RowResult
-from tasks.render import render_chunk, render_row, renderer_is_continuous
+from tasks.records import ChunkVideo, RowFinished, RowPlan, RowResult
+from tasks.render import render_chunk, render_row
 from tasks.report import save_thumbnail, write_report
 from tasks.verify import verify_chunks, verify_video
 
@@ -73,12 +74,13 @@ class _RowRenders:
 
     def __init__(self, plan: RowPlan, config: BatchConfig) -> None:
         self.plan, self.config = plan, config
-        self.continuous = renderer_is_continuous(config)
+        backend = renderer_class(config.backend)
+        self.continuous = backend.continuous
         if self.continuous:
             self.futures = [render_row.submit(plan, config)]
             return
-        independent = plan.row.image is not None  # with a portrait every chunk can start now
-        count = len(plan.chunks) if independent else 1
+        # Chunks that need chunk 0's video for identity wait for it; the others start now.
+        count = 1 if backend.needs_identity(plan) else len(plan.chunks)
         self.futures = [render_chunk.submit(plan, k, config) for k in range(count)]
 
     def on_done(self, future: PrefectFuture) -> list[PrefectFuture]:
@@ -180,7 +182,7 @@ def _produce(config: BatchConfig) -> BatchOutcome:
             results[plan.row.index] = last.result()
         else:
             results[plan.row.index] = _failed(plan.row.id, _first_error(futures), plan.row.extra)
-            progress.emit("row_finished", id=plan.row.id, status="failed")
+            progress.emit(RowFinished(plan.row.id, "failed"))
 
     ordered = [results[index] for index in sorted(results)]
     outcome = BatchOutcome(results=ordered)
@@ -191,7 +193,5 @@ def _produce(config: BatchConfig) -> BatchOutcome:
 
 def run_batch(config: BatchConfig) -> BatchOutcome:
     """Run produce_batch with a thread pool sized for the backend."""
-    # fal: requests in flight plus as many threads uploading/downloading; local: one GPU at a time
-    workers = config.max_concurrency * 2 + 2 if config.backend == "fal" else 4
-    runner = ThreadPoolTaskRunner(max_workers=workers)
+    runner = ThreadPoolTaskRunner(max_workers=renderer_class(config.backend).task_threads(config))
     return produce_batch.with_options(task_runner=runner)(config)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from prefect import flow, task, unmapped
 from prefect.deployments import run_deployment
 
-from flows.settings import BatchConfig
+from tasks.config import BatchConfig
 from tasks.manifest import read_manifest, resolve_location
 from tasks.publish import parquet_bytes, publish_bytes
 from tasks.records import RowResult
@@ -70,7 +70,8 @@ def merge_results(config: BatchConfig, shard_count: int) -> pa.Table:
         url = f"{config.target.rstrip('/')}/results-shard-{n:05d}.parquet"
         fs, path = fsspec.core.url_to_fs(url)
         if fs.exists(path):
-            tables.append(pq.read_table(fs.open(path, "rb")))
+            with fs.open(path, "rb") as fh:
+                tables.append(pq.read_table(fh))
     return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
 
 

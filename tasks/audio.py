@@ -9,20 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import uuid
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import av
 import fsspec
 import numpy as np
 
-from tasks.manifest import display_location
-from tasks.records import CONTINUATION_FRAMES, FIRST_SEGMENT_FRAMES, FPS, AudioInfo
+from tasks.records import V1_GRID, AudioInfo, FrameGrid
+from tasks.redact import public_url, redact, url_secrets
+from tasks.storage import temp_path, write_local, writing
 
 with warnings.catch_warnings():
     # pydub warns at import when no ffmpeg is on PATH; it only ever handles WAV/PCM here.
@@ -48,16 +46,14 @@ class AudioError(Exception):
 
 
 def probe_audio(
-    url: str, work_dir: Path, storage_options: dict[str, Any] | None = None
+    url: str, audio_dir: Path, storage_options: dict[str, Any] | None = None
 ) -> AudioInfo:
-    """Fetch `url` into work_dir (content-addressed), decode it and return its AudioInfo."""
-    audio_dir = Path(work_dir) / "audio"
-    audio_dir.mkdir(parents=True, exist_ok=True)
+    """Fetch `url` into audio_dir (content-addressed), decode it and return its AudioInfo."""
     local, sha = fetch_file(url, audio_dir, storage_options or {})
     cached, pcm_path = audio_dir / f"{sha}.json", audio_dir / f"{sha}.pcm.wav"
     if cached.exists() and pcm_path.exists():
         return AudioInfo(**{**json.loads(cached.read_text()), "source": url})
-    shown = display_location(url)
+    shown = public_url(url)
     samples, rate, codec = _decode(local, shown)
     duration_s = samples.shape[0] / rate
     if duration_s < MIN_DURATION_S:
@@ -69,7 +65,7 @@ def probe_audio(
         raise AudioError("silent", f"{shown}: no signal above {SILENCE_PEAK_DBFS:.0f} dBFS")
     _write_wav(samples, rate, pcm_path)
     info = AudioInfo(url, sha, duration_s, rate, samples.shape[1], codec, str(pcm_path), str(local))
-    _atomic_write_bytes(cached, json.dumps(asdict(info)).encode())
+    write_local(cached, json.dumps(asdict(info)).encode())
     return info
 
 
@@ -79,8 +75,8 @@ def fetch_file(
     """Copy `url` into dest_dir as <sha256><ext>, hashing while streaming; return (path, sha)."""
     audio_dir, storage_options = Path(dest_dir), storage_options or {}
     audio_dir.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(audio_dir / "fetch")
-    digest, shown = hashlib.sha256(), display_location(url)
+    tmp = temp_path(audio_dir / "fetch")
+    digest, shown = hashlib.sha256(), public_url(url)
     try:
         with fsspec.open(url, "rb", **storage_options) as src, open(tmp, "wb") as dst:
             while block := src.read(1 << 20):
@@ -106,17 +102,13 @@ def fetch_file(
         raise AudioError("empty", f"{shown}: file is empty (0 bytes)")
     suffix = Path(url.split("?", 1)[0]).suffix.lower()[:8]
     local = audio_dir / f"{digest.hexdigest()}{suffix}"
-    os.replace(tmp, local)
+    tmp.replace(local)
     return local, digest.hexdigest()
 
 
 def _describe(exc: BaseException, url: str) -> str:
-    """The error's type and text, unless the text quotes the URL's credentials (signed query)."""
-    parts = urlsplit(url)
-    secrets = [v for _, v in parse_qsl(parts.query)] + [parts.username or "", parts.password or ""]
-    text = str(exc).replace(url, display_location(url))
-    if any(len(secret) > 3 and secret in text for secret in secrets):
-        text = "details withheld: they quote the URL's credentials"
+    """The error's type and text, with the URL's credentials (user, signed query) masked."""
+    text = redact(str(exc).replace(url, public_url(url)), url_secrets(url))
     return f"{type(exc).__name__}: {text}"[:300]
 
 
@@ -165,42 +157,32 @@ def _write_wav(samples: np.ndarray, rate: int, dest: Path) -> None:
     segment = AudioSegment(
         samples.tobytes(), sample_width=2, frame_rate=rate, channels=samples.shape[1]
     )
-    tmp = _temp_beside(dest)
-    segment.export(str(tmp), format="wav").close()
-    os.replace(tmp, dest)
+    with writing(dest) as tmp:  # unique per writer: threads of one worker may write the same file
+        segment.export(str(tmp), format="wav").close()
 
 
-def _temp_beside(dest: Path) -> Path:
-    """A unique temporary name next to dest: threads of one worker may write the same file."""
-    return dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
-
-
-def _atomic_write_bytes(dest: Path, data: bytes) -> None:
-    tmp = _temp_beside(dest)
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
+def _read_wav(path: str | Path) -> AudioSegment:
+    with open(path, "rb") as fh:  # pydub leaves a file it opened itself unclosed
+        return AudioSegment.from_wav(fh)
 
 
 def load_pcm(path: str | Path) -> tuple[np.ndarray, int]:
     """Read a 16-bit WAV as float32 mono in [-1, 1] and its sample rate (for analysis)."""
-    segment = AudioSegment.from_wav(str(path))
+    segment = _read_wav(path)
     data = np.frombuffer(segment.raw_data, dtype=np.int16).reshape(-1, segment.channels)
     return data.mean(axis=1, dtype=np.float32) / 32768.0, segment.frame_rate
 
 
 def write_chunk_wav(info: AudioInfo, start_s: float, end_s: float, dest: Path) -> str:
     """Write the samples [start_s, end_s) of the row's PCM master to dest (sample-exact WAV)."""
-    segment = AudioSegment.from_wav(info.pcm_path)
+    segment = _read_wav(info.pcm_path)
     rate = segment.frame_rate
     first = max(0, round(start_s * rate))
     last = min(int(segment.frame_count()), round(end_s * rate))
     if last <= first:
         raise ValueError(f"empty chunk {start_s}–{end_s} s of {info.source}")
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(dest)
-    segment.get_sample_slice(first, last).export(str(tmp), format="wav").close()
-    os.replace(tmp, dest)
+    with writing(dest) as tmp:
+        segment.get_sample_slice(first, last).export(str(tmp), format="wav").close()
     return str(dest)
 
 
@@ -210,7 +192,7 @@ def find_cut_points(
     target_s: float,
     window_s: float,
     min_s: float,
-    fps: int = FPS,
+    grid: FrameGrid = V1_GRID,
 ) -> list[float]:
     """Return cut times (s) that split narration into chunks on the model's segment grid at pauses.
 
@@ -220,7 +202,7 @@ def find_cut_points(
     and after them, so no chunk (the last included) is shorter than min_s.
     """
     duration_s = len(samples) / sample_rate
-    span_s = chunk_span_s(target_s, fps)
+    span_s = grid.longest_span_s(target_s)
     if 2 * min_s > span_s:
         raise ValueError(
             f"min_s={min_s} is more than half a {span_s} s chunk (target_s={target_s})"
@@ -237,14 +219,6 @@ def find_cut_points(
         start = round(cut * sample_rate) / sample_rate  # sample-exact, so chunks tile the audio
         cuts.append(start)
     return cuts
-
-
-def chunk_span_s(target_s: float, fps: int = FPS) -> float:
-    """Longest chunk: the video length of the most segments that fit in target_s (at least one)."""
-    max_segments = max(
-        1, 1 + (math.floor(target_s * fps) - FIRST_SEGMENT_FRAMES) // CONTINUATION_FRAMES
-    )
-    return (FIRST_SEGMENT_FRAMES + CONTINUATION_FRAMES * (max_segments - 1)) / fps
 
 
 def _frame_loudness(samples: np.ndarray, sample_rate: int) -> tuple[np.ndarray, float]:

@@ -6,17 +6,12 @@ are re-encoded only when a copy cannot be exact (mismatched streams, a cut insid
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import math
-import os
-import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import av
 from av.audio.stream import AudioStream
@@ -25,12 +20,11 @@ from av.packet import Packet
 from av.stream import Stream
 from prefect import task
 
+from tasks.config import BatchConfig
 from tasks.media import VideoProbe, probe_container, probe_video
-from tasks.plan import row_work_dir
 from tasks.records import ChunkVideo, RowPlan
-
-if TYPE_CHECKING:
-    from flows.settings import BatchConfig
+from tasks.storage import writing
+from tasks.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +57,7 @@ class _CannotCopy(Exception):
 def encode_master_audio(source_path: str | Path, dest_path: str | Path) -> str:
     """Write the narration as an AAC .m4a: copied untouched if already AAC, else encoded once."""
     dest = Path(dest_path)
-    with _temp_path(dest) as tmp, av.open(str(source_path)) as src:
+    with writing(dest) as tmp, av.open(str(source_path)) as src:
         if not src.streams.audio:
             raise ValueError(f"{source_path}: no audio stream")
         stream = src.streams.audio[0]
@@ -266,7 +260,7 @@ def _mux(
 ) -> None:
     """Write video plus the master audio (cut at the video's end) as a faststart MP4, atomically."""
     with (
-        _temp_path(Path(out_path)) as tmp,
+        writing(out_path) as tmp,
         av.open(str(master_audio_path)) as master,
         av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as out,
     ):
@@ -296,33 +290,12 @@ def _mux(
             out.mux(rest)
 
 
-@contextmanager
-def _temp_path(dest: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of dest; rename it to dest on success, delete it on failure."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-    try:
-        yield tmp
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # PyAV's too (av.error.OSError)
-            raise OSError(
-                errno.ENOSPC,
-                f"work dir is full: no space left on device writing {dest.name}; the partial file "
-                "was removed (free space and rerun: rendered chunks are kept)",
-                str(dest),
-            ) from exc
-        raise
-    os.replace(tmp, dest)
-
-
 @task(name="prepare-master-audio")
 def prepare_master_audio(plan: RowPlan, config: BatchConfig) -> str:
     """Encode the row's narration to AAC once, while its chunks render."""
-    dest = row_work_dir(config, plan) / "master.m4a"
+    dest = WorkDir(config.work_path).row(plan.row.id, plan.input_hash) / "master.m4a"
     if dest.exists():
         return str(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     # The fetched source when it is still there (AAC is then copied untouched), else the PCM.
     source = plan.audio.local_path or plan.audio.pcm_path
     return encode_master_audio(source if Path(source).exists() else plan.audio.pcm_path, dest)
@@ -331,7 +304,7 @@ def prepare_master_audio(plan: RowPlan, config: BatchConfig) -> str:
 @task(name="concat-chunks")
 def concat_chunks(plan: RowPlan, videos: list[ChunkVideo], master: str, config: BatchConfig) -> str:
     """Join each chunk's span of frames (chunks in order) and mux the master narration."""
-    spans = [c.frame_span(c.index == len(plan.chunks) - 1) for c in plan.chunks]
+    spans = [c.frame_span(plan.is_last(c)) for c in plan.chunks]
     frames = [last - first for first, last in spans]
-    out = row_work_dir(config, plan) / f"{plan.row.id}.mp4"
+    out = WorkDir(config.work_path).row(plan.row.id, plan.input_hash) / f"{plan.row.id}.mp4"
     return concat_row([v.path for v in videos], frames, master, out, plan.chunks[0].fps)

@@ -15,11 +15,13 @@ import os
 import posixpath
 import re
 import reprlib
+import types
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
-from urllib.parse import parse_qsl, urljoin, urlsplit, urlunsplit
+from typing import Any, Literal
+from urllib.parse import urljoin
 
 import fsspec
 import pyarrow as pa
@@ -27,13 +29,12 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from tasks.records import Row, RowError
-
-if TYPE_CHECKING:
-    from flows.settings import BatchConfig
+from tasks.config import BatchConfig
+from tasks.records import RenderParams, Row, RowError
+from tasks.redact import public_url
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # ids name output files: no separators, no dots
 REQUIRED_COLUMNS = ("id", "audio")
@@ -42,17 +43,11 @@ ALLOWED_SCHEMES = frozenset(
     {"file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https", "memory"}
 )
 MAX_SEGMENTS = 1000  # ~83 min of video in one request: anything longer is a typo, not a plan
-MAX_INFERENCE_STEPS = 200
-MAX_GUIDANCE_SCALE = 20.0
-MAX_PROMPT_CHARS = 2000  # far above any useful prompt; stops a pasted document reaching the model
 SEED_MAX = 2**32 - 1
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # "javascript:x", "data:...", "simplecache::s3://": a scheme without "//" is still a URL, not a
 # file name (one letter is left alone: it is a Windows drive)
 _BARE_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
-_STRING_COLUMNS = ("id", "audio", "prompt", "image", "negative_prompt", "resolution")
-_INT_COLUMNS = ("seed", "num_segments", "num_inference_steps")
-_FLOAT_COLUMNS = ("text_guidance_scale", "audio_guidance_scale")
 _EXTENSIONS = {
     ".parquet": "parquet",
     ".pq": "parquet",
@@ -94,32 +89,34 @@ def _check_location(value: str | None) -> str | None:
     return value
 
 
-_Prompt = Annotated[str | None, Field(default=None, max_length=MAX_PROMPT_CHARS)]
-_Scale = Annotated[
-    float | None, Field(default=None, ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False)
-]
-
-
-class ManifestRow(BaseModel):
-    """One manifest row as the flow accepts it (also the source of manifests/schema.json)."""
+class ManifestRow(RenderParams):
+    """One manifest row as the flow accepts it (also the source of manifests/schema.json): the
+    row's inputs plus the model parameters of RenderParams."""
 
     model_config = ConfigDict(extra="allow", title="avatarflow manifest row")
 
     id: str = Field(pattern=ID_PATTERN, description="Unique; names the outputs (<id>.mp4).")
     audio: str = Field(description="Narration: local path (relative to the manifest) or URL.")
-    prompt: _Prompt = Field(description="Scene/behaviour text; the model's default if absent.")
     image: str | None = Field(default=None, description="Portrait → image+audio-to-video mode.")
-    negative_prompt: _Prompt = Field(description="The model's default if absent.")
-    resolution: Literal["480p", "720p"] = "480p"
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX, description="Fixed per row.")
-    num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_INFERENCE_STEPS)
-    text_guidance_scale: _Scale
-    audio_guidance_scale: _Scale
     num_segments: int | None = Field(
         default=None, ge=1, le=MAX_SEGMENTS, description="Override; default from the audio."
     )
 
     _locations = field_validator("audio", "image")(_check_location)
+
+
+def _value_kind(annotation: Any) -> str:
+    """What a column's cells must be, read from its ManifestRow annotation."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    args = set(typing.get_args(annotation) if union else (annotation,)) - {type(None)}
+    if any(a is str or typing.get_origin(a) is Literal for a in args):
+        return "string"
+    return "integer" if int in args else "number"
+
+
+# Column → "string" | "integer" | "number": derived, so a new column is one field above.
+_COLUMN_KINDS = {name: _value_kind(f.annotation) for name, f in ManifestRow.model_fields.items()}
 
 
 @dataclass(frozen=True)
@@ -172,7 +169,8 @@ def _parse_parquet(data: bytes) -> pa.Table:
 def _parse_csv(data: bytes) -> pa.Table:
     # known text columns stay text ("007" is an id, not 7); empty cells become nulls
     convert = pa_csv.ConvertOptions(
-        column_types={name: pa.string() for name in _STRING_COLUMNS}, strings_can_be_null=True
+        column_types={n: pa.string() for n, kind in _COLUMN_KINDS.items() if kind == "string"},
+        strings_can_be_null=True,
     )
     return pa_csv.read_csv(io.BytesIO(data), convert_options=convert)
 
@@ -222,21 +220,13 @@ def _check_columns(table: pa.Table, url: str) -> None:
     if len(set(table.schema.names)) != len(table.schema.names):
         problems.append("duplicate column names")
     for field in table.schema:
-        expected = _expected_kind(field.name)
+        expected = _COLUMN_KINDS.get(field.name)
         if expected and not _coercible(field.type, expected):
             problems.append(f"column '{field.name}' has type {field.type}, expected {expected}")
     if not problems and table.num_rows == 0:
         problems.append("manifest has no rows")
     if problems:
         raise ManifestError(f"{url}: " + "; ".join(problems))
-
-
-def _expected_kind(name: str) -> str | None:
-    if name in _STRING_COLUMNS:
-        return "string"
-    if name in _INT_COLUMNS:
-        return "integer"
-    return "number" if name in _FLOAT_COLUMNS else None
 
 
 def _coercible(arrow_type: pa.DataType, expected: str) -> bool:
@@ -314,7 +304,7 @@ def _file_errors(row: Row) -> list[RowError]:
 def _column_values(table: pa.Table, name: str) -> list[Any]:
     """Python values of a known column; integers become text in text columns."""
     column = table.column(name)
-    if name in _STRING_COLUMNS and pa.types.is_integer(column.type):
+    if _COLUMN_KINDS[name] == "string" and pa.types.is_integer(column.type):
         column = pc.cast(column, pa.string())
     return column.to_pylist()
 
@@ -344,7 +334,7 @@ def _to_row_error(index: int, row_id: str | None, error: Any) -> RowError:
     if kind not in _KINDS.values() and kind not in _CUSTOM_KINDS:
         kind = "wrong_type"  # int_parsing, float_type, int_from_float, string_type, ...
     value = error.get("input")
-    got = reprlib.repr(display_location(value) if column in _FILE_COLUMNS else value)
+    got = reprlib.repr(public_url(value) if column in _FILE_COLUMNS else value)
     if kind == "missing_value":
         reason = "required value is missing or empty"
     elif kind == "invalid_id":
@@ -359,14 +349,9 @@ def _make_row(index: int, valid: ManifestRow, extra: dict[str, Any], manifest_ur
         index=index,
         id=valid.id,
         audio=resolve_location(valid.audio, manifest_url),
-        prompt=valid.prompt,
+        params=RenderParams(**valid.model_dump(include=set(RenderParams.model_fields))),
         image=resolve_location(valid.image, manifest_url) if valid.image else None,
-        negative_prompt=valid.negative_prompt,
-        resolution=valid.resolution,
         seed=valid.seed,
-        num_inference_steps=valid.num_inference_steps,
-        text_guidance_scale=valid.text_guidance_scale,
-        audio_guidance_scale=valid.audio_guidance_scale,
         num_segments=valid.num_segments,
         extra=extra,
     )
@@ -384,18 +369,6 @@ def resolve_location(value: str, manifest_url: str) -> str:
         return urljoin(manifest_url, value)
     parent = posixpath.dirname(manifest_url[match.end() :])
     return f"{match.group(1)}://{posixpath.normpath(posixpath.join(parent, value))}"
-
-
-def display_location(location: Any) -> Any:
-    """A location safe to print: URL passwords and query values (signatures, tokens) masked."""
-    if not isinstance(location, str) or not _BARE_SCHEME.match(location):
-        return location
-    parts = urlsplit(location)
-    netloc = parts.netloc  # user info may be a password or a bare token: mask all of it
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    query = "&".join(f"{k}=***" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def manifest_json_schema() -> dict[str, Any]:

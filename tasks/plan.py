@@ -9,10 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 from prefect import task
@@ -20,29 +18,27 @@ from prefect import task
 from tasks import progress
 from tasks.audio import (
     AudioError,
-    chunk_span_s,
     fetch_file,
     find_cut_points,
     load_pcm,
     probe_audio,
     write_chunk_wav,
 )
+from tasks.backends import renderer_class
+from tasks.config import BatchConfig
 from tasks.ledger import Ledger
-from tasks.manifest import display_location
 from tasks.records import (
-    CONTINUATION_FRAMES,
-    FIRST_SEGMENT_FRAMES,
-    FPS,
     AudioInfo,
     Chunk,
+    FrameGrid,
     Row,
     RowError,
     RowPlan,
     RowResult,
+    RowsPlanned,
 )
-
-if TYPE_CHECKING:
-    from flows.settings import BatchConfig
+from tasks.redact import public_url
+from tasks.workdir import WorkDir
 
 
 class PlanError(ValueError):
@@ -51,19 +47,6 @@ class PlanError(ValueError):
     def __init__(self, error: RowError) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-def segments_for_duration(duration_s: float, fps: int = FPS) -> int:
-    """Segments needed to cover duration_s: 1 + ceil(max(0, D − 93/fps) / (80/fps)), in frames."""
-    # counted in frames, rounded to a millionth of a frame (far below one audio sample), so float
-    # noise never adds a segment: 5.8125 s is exactly 93 frames at 16 fps and stays 1 segment
-    extra_frames = max(0.0, round(duration_s * fps - FIRST_SEGMENT_FRAMES, 6))
-    return 1 + math.ceil(extra_frames / CONTINUATION_FRAMES)
-
-
-def video_s_for_segments(num_segments: int, fps: int = FPS) -> float:
-    """Seconds of video that num_segments segments render: (93 + 80(n − 1)) / fps."""
-    return (FIRST_SEGMENT_FRAMES + CONTINUATION_FRAMES * (num_segments - 1)) / fps
 
 
 def derive_seed(row_id: str) -> int:
@@ -75,12 +58,13 @@ def plan_row(
     row: Row, audio: AudioInfo, config: BatchConfig, image_sha256: str | None = None
 ) -> RowPlan:
     """Plan one row: its chunks and segments, seed, billable units, cost and input hash."""
-    fps = render_fps(config)
+    backend = renderer_class(config.backend)
+    grid = backend.frame_grid(config)
     if row.num_segments is not None:
-        chunks = (_override_chunk(row, audio, row.num_segments, fps),)
+        chunks = (_override_chunk(row, audio, row.num_segments, grid),)
     else:
         cuts: list[float] = []
-        if audio.duration_s > chunk_span_s(config.chunk_target_s, fps):  # else no PCM read
+        if audio.duration_s > grid.longest_span_s(config.chunk_target_s):  # else no PCM read
             samples, rate = load_pcm(audio.pcm_path)
             cuts = find_cut_points(
                 samples,
@@ -88,47 +72,37 @@ def plan_row(
                 config.chunk_target_s,
                 config.chunk_window_s,
                 config.chunk_min_s,
-                fps=fps,
+                grid=grid,
             )
         bounds = [0.0, *cuts, audio.duration_s]
         chunks = tuple(
-            Chunk(row.id, i, start, end, segments_for_duration(end - start, fps), fps)
+            Chunk(row.id, i, start, end, grid.segments_for(end - start), grid.fps)
             for i, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False))
         )
     seed = row.seed if row.seed is not None else derive_seed(row.id)
-    video_s = sum(c.video_s for c in chunks)
-    paid = config.backend == "fal"
+    units, cost = backend.estimate(config, row.resolution, sum(c.video_s for c in chunks))
     return RowPlan(
         row=row,
         audio=audio,
         chunks=chunks,
         seed=seed,
-        # Only fal bills; the local backend runs on the user's own GPUs.
-        billable_units=video_s * config.units_per_video_s[row.resolution] if paid else 0.0,
-        estimated_cost_usd=video_s * config.price_per_video_s[row.resolution] if paid else 0.0,
+        billable_units=units,
+        estimated_cost_usd=cost,
         input_hash=input_hash(row, audio, chunks, seed, image_sha256),
+        image_sha256=image_sha256,
     )
 
 
-def render_fps(config: BatchConfig) -> int:
-    """The frame rate the backend renders at: 16 (v1.0, fal), or 25 for a local v1.5 model."""
-    if config.backend != "local" or config.local.model_dir is None:
-        return FPS  # fal serves v1.0; the tiny demo checkpoint is v1.0 too
-    from model.loading import checkpoint_fps  # torch-heavy, needed only here
-
-    return checkpoint_fps(config.local.model_dir)
-
-
-def _override_chunk(row: Row, audio: AudioInfo, n: int, fps: int) -> Chunk:
+def _override_chunk(row: Row, audio: AudioInfo, n: int, grid: FrameGrid) -> Chunk:
     """One chunk of the row's n = num_segments, if that covers all of the audio."""
-    needed = segments_for_duration(audio.duration_s, fps)
+    needed = grid.segments_for(audio.duration_s)
     if n < needed:
         reason = (
-            f"num_segments={n} renders {video_s_for_segments(n, fps):.3f} s of video but the "
+            f"num_segments={n} renders {grid.video_s(n):.3f} s of video but the "
             f"audio is {audio.duration_s:.3f} s long; it needs at least {needed}"
         )
         raise PlanError(RowError(row.index, row.id, "num_segments", reason, "too_few_segments"))
-    return Chunk(row.id, 0, 0.0, audio.duration_s, n, fps)
+    return Chunk(row.id, 0, 0.0, audio.duration_s, n, grid.fps)
 
 
 def input_hash(
@@ -140,15 +114,10 @@ def input_hash(
 ) -> str:
     """sha256 over everything that changes the rendered video (not the backend or the row id)."""
     key: dict[str, Any] = {
+        **row.params.model_dump(),  # every model parameter, set or not
         "audio_sha256": audio.sha256,
         "image": image_sha256 or row.image,
-        "prompt": row.prompt,
-        "negative_prompt": row.negative_prompt,
-        "resolution": row.resolution,
         "seed": seed,
-        "num_inference_steps": row.num_inference_steps,
-        "text_guidance_scale": row.text_guidance_scale,
-        "audio_guidance_scale": row.audio_guidance_scale,
         "chunks": [[c.start_s, c.end_s, c.num_segments, c.fps] for c in chunks],
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -180,35 +149,11 @@ def apply_budget(
     return to_dispatch, skipped
 
 
-def summarize(plans: Sequence[RowPlan]) -> dict[str, float | int]:
-    """Totals for the `avatarflow plan` table: rows, chunks, segments, seconds, units, USD."""
-    return {
-        "rows": len(plans),
-        "chunks": sum(len(p.chunks) for p in plans),
-        "segments": sum(p.num_segments for p in plans),
-        # rounded only to drop float noise; the CLI and report format for display
-        "audio_s": round(sum(p.audio.duration_s for p in plans), 6),
-        "video_s": round(sum(p.video_s for p in plans), 6),
-        "billable_units": round(sum(p.billable_units for p in plans), 6),
-        "estimated_cost_usd": round(sum(p.estimated_cost_usd for p in plans), 6),
-    }
-
-
-def row_work_dir(config: BatchConfig, plan: RowPlan) -> Path:
-    """The local scratch folder of one row's inputs as planned (changes when its inputs change)."""
-    return config.work_path / "rows" / plan.row.id / plan.input_hash[:16]
-
-
-def chunk_wav_path(config: BatchConfig, plan: RowPlan, chunk_index: int) -> Path:
-    """Where prepare_row wrote the narration span of one chunk."""
-    return row_work_dir(config, plan) / f"chunk-{chunk_index}.wav"
-
-
-def _fetch_image(row: Row, work_dir: Path) -> tuple[str, str]:
+def _fetch_image(row: Row, work_dir: WorkDir) -> tuple[str, str]:
     """Fetch the row's portrait and check it is an image; return (local path, sha256)."""
     assert row.image is not None
     try:
-        local, sha = fetch_file(row.image, work_dir / "images")
+        local, sha = fetch_file(row.image, work_dir.images)
     except AudioError as exc:  # the fetch errors are the same for any input file
         raise PlanError(RowError(row.index, row.id, "image", exc.reason, exc.kind)) from exc
     try:
@@ -217,21 +162,22 @@ def _fetch_image(row: Row, work_dir: Path) -> tuple[str, str]:
         with Image.open(local) as image:
             image.load()  # ... and decoding finds what verify() misses: a truncated file
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as exc:
-        reason = f"{display_location(row.image)}: not a readable image ({exc})"
+        reason = f"{public_url(row.image)}: not a readable image ({exc})"
         raise PlanError(RowError(row.index, row.id, "image", reason, "not_image")) from exc
     return str(local), sha
 
 
 def prepare(row: Row, config: BatchConfig) -> RowPlan:
     """Fetch and probe a row's inputs, plan it and write each chunk's WAV; spends nothing."""
+    work = WorkDir(config.work_path)
     try:
-        audio = probe_audio(row.audio, config.work_path)
+        audio = probe_audio(row.audio, work.audio)
     except AudioError as exc:
         raise PlanError(RowError(row.index, row.id, "audio", exc.reason, exc.kind)) from exc
-    image_path, image_sha = _fetch_image(row, config.work_path) if row.image else (None, None)
+    image_path, image_sha = _fetch_image(row, work) if row.image else (None, None)
     plan = dataclasses.replace(plan_row(row, audio, config, image_sha), image_path=image_path)
     for chunk in plan.chunks:
-        dest = chunk_wav_path(config, plan, chunk.index)
+        dest = work.chunk_wav(row.id, plan.input_hash, chunk.index)
         if not dest.exists():
             write_chunk_wav(audio, chunk.start_s, chunk.end_s, dest)
     return plan
@@ -266,15 +212,10 @@ def budget_gate(
     pending: list[RowPlan] = []
     for plan in plans:
         done = ledger.published(plan.row.id)
-        if done and done.get("input_hash") == plan.input_hash and ledger.exists(done["video_url"]):
-            skipped[plan.row.index] = RowResult(
-                id=plan.row.id,
-                status="skipped",
-                video_url=done["video_url"],
-                sidecar_url=done.get("sidecar_url"),
-                duration_s=done.get("duration_s"),
-                segments=done.get("segments"),
-                extra=plan.row.extra,
+        url = done.result.video_url if done else None
+        if done and done.input_hash == plan.input_hash and url and ledger.exists(url):
+            skipped[plan.row.index] = dataclasses.replace(
+                done.result, status="skipped", cost_usd=0.0, extra=plan.row.extra
             )
         else:
             pending.append(plan)
@@ -283,10 +224,6 @@ def budget_gate(
         skipped[plan.row.index] = RowResult(
             id=plan.row.id, status="skipped", error=reason, extra=plan.row.extra
         )
-    progress.emit(
-        "rows_planned",
-        rows=len(plans),
-        chunks=sum(len(p.chunks) for p in dispatch),
-        estimated_usd=sum(p.estimated_cost_usd for p in dispatch),
-    )
+    chunks = sum(len(p.chunks) for p in dispatch)
+    progress.emit(RowsPlanned(len(plans), chunks, sum(p.estimated_cost_usd for p in dispatch)))
     return dispatch, skipped

@@ -1,13 +1,15 @@
-"""In-process progress events: tasks emit, the CLI's live display (or anything else) listens."""
+"""In-process progress events: stages emit typed events, the CLI's live display (or any other
+listener) reacts to them. Events are records (tasks.records.ProgressEvent), never dicts."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
 from collections.abc import Callable
-from typing import Any
 
-Listener = Callable[[str, dict[str, Any]], None]
+from tasks.records import ProgressEvent
+
+Listener = Callable[[ProgressEvent], None]
 
 _listeners: list[Listener] = []
 _lock = threading.Lock()
@@ -26,10 +28,10 @@ def subscribe(listener: Listener) -> Callable[[], None]:
     return unsubscribe
 
 
-def emit(event: str, **fields: Any) -> None:
+def emit(event: ProgressEvent) -> None:
     """Tell every listener that something happened; a failing listener never fails the task."""
     with _lock:
         listeners = list(_listeners)
     for listener in listeners:
         with contextlib.suppress(Exception):  # a broken display must not fail a render
-            listener(event, fields)
+            listener(event)

@@ -7,35 +7,39 @@ or from an explicit storage_options dict. Names are checked so nothing lands out
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import shutil
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import Any
 
 import botocore.exceptions
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 from prefect import task
 
 from tasks import progress
+from tasks.backends import renderer_class
+from tasks.config import BatchConfig
 from tasks.ledger import Ledger
-from tasks.records import ChunkVideo, RowPlan, RowResult, Verdict, to_dict
+from tasks.records import (
+    ChunkVideo,
+    RowFinished,
+    RowPlan,
+    RowResult,
+    Sidecar,
+    SidecarAudio,
+    SidecarChunk,
+    SidecarInputs,
+    SidecarQC,
+    Timings,
+    Verdict,
+    json_bytes,
+)
+from tasks.redact import option_secrets, public_url, redact
+from tasks.storage import write_url
 
-if TYPE_CHECKING:
-    from flows.settings import BatchConfig
-
-# Object stores make an object visible only once its upload completes (a single PUT, or the final
-# CompleteMultipartUpload for large files), so a direct put is already atomic there.
-ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oci", "memory"})
 # Errors that retrying cannot fix: the bucket/path is missing or access is denied.
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 TRANSIENT_ERRORS = (
@@ -43,8 +47,6 @@ TRANSIENT_ERRORS = (
     botocore.exceptions.ConnectionError,
     botocore.exceptions.HTTPClientError,
 )
-SECRET_OPTION = re.compile(r"(key|secret|token|password|credential|sas|signature)", re.IGNORECASE)
-SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "FAL_KEY")
 
 RESULTS_SCHEMA = pa.schema(
     [
@@ -107,18 +109,6 @@ def publish_bytes(
     return _publish(data, target_url, name, storage_options, retry)
 
 
-def write_json(
-    obj: Any,
-    target_url: str,
-    name: str,
-    storage_options: Mapping[str, Any] | None = None,
-    retry: RetryPolicy = RetryPolicy(),
-) -> str:
-    """Write obj as indented JSON to target_url/name atomically and return its URL."""
-    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n"
-    return publish_bytes(data, target_url, name, storage_options, retry)
-
-
 def is_published(
     target_url: str, name: str, storage_options: Mapping[str, Any] | None = None
 ) -> bool:
@@ -163,66 +153,60 @@ def parquet_bytes(table: pa.Table) -> bytes:
 def build_sidecar(
     plan: RowPlan,
     chunks: Sequence[ChunkVideo],
-    verdicts: Mapping[str, Verdict],
+    qc: SidecarQC,
     backend: str,
     model: str,
-    timings: Mapping[str, float],
-) -> dict[str, Any]:
+) -> Sidecar:
     """Describe how a video was made: inputs and hashes, model, requests, cost, timings, QC."""
     row, audio = plan.row, plan.audio
-    return {
-        "id": row.id,
-        "inputs": {
-            "audio": {
-                "source": _public_url(audio.source),
-                "sha256": audio.sha256,
-                "duration_s": audio.duration_s,
-                "sample_rate_hz": audio.sample_rate_hz,
-                "channels": audio.channels,
-                "codec": audio.codec,
-            },
-            "image": _public_url(row.image) if row.image else None,
-            "input_hash": plan.input_hash,
-        },
-        "parameters": {
-            "prompt": row.prompt,
-            "negative_prompt": row.negative_prompt,
-            "resolution": row.resolution,
-            "num_inference_steps": row.num_inference_steps,
-            "text_guidance_scale": row.text_guidance_scale,
-            "audio_guidance_scale": row.audio_guidance_scale,
-            "num_segments": row.num_segments,
-        },
-        "model": model,
-        "backend": backend,
-        "seed": plan.seed,
-        "segments": plan.num_segments,
-        "chunks": [_chunk_entry(plan, video) for video in chunks],
-        "request_ids": [c.request_id for c in chunks if c.request_id],
-        "timings_s": dict(timings),
-        "billable_units": sum(c.billable_units for c in chunks),
-        "cost_usd": round(sum(c.cost_usd for c in chunks), 6),
-        "estimated_cost_usd": plan.estimated_cost_usd,
-        "qc": {name: to_dict(verdict) for name, verdict in verdicts.items()},
-    }
+    timings = sum((c.timings for c in chunks), Timings())
+    return Sidecar(
+        id=row.id,
+        inputs=SidecarInputs(
+            audio=SidecarAudio(
+                source=public_url(audio.source),
+                sha256=audio.sha256,
+                duration_s=audio.duration_s,
+                sample_rate_hz=audio.sample_rate_hz,
+                channels=audio.channels,
+                codec=audio.codec,
+            ),
+            image=public_url(row.image) if row.image else None,
+            image_sha256=plan.image_sha256,
+            input_hash=plan.input_hash,
+        ),
+        parameters=row.params,
+        num_segments_override=row.num_segments,
+        model=model,
+        backend=backend,
+        seed=plan.seed,
+        segments=plan.num_segments,
+        chunks=tuple(_chunk_entry(plan, video) for video in chunks),
+        request_ids=tuple(c.request_id for c in chunks if c.request_id),
+        timings=timings,
+        billable_units=sum(c.billable_units for c in chunks),
+        cost_usd=round(sum(c.cost_usd for c in chunks), 6),
+        estimated_cost_usd=plan.estimated_cost_usd,
+        qc=qc,
+    )
 
 
-def _chunk_entry(plan: RowPlan, video: ChunkVideo) -> dict[str, Any]:
+def _chunk_entry(plan: RowPlan, video: ChunkVideo) -> SidecarChunk:
     """One chunk's span, render metadata and hash for the sidecar."""
     chunk = plan.chunks[video.chunk_index]
-    return {
-        "index": video.chunk_index,
-        "start_s": chunk.start_s,
-        "end_s": chunk.end_s,
-        "num_segments": chunk.num_segments,
-        "num_frames": chunk.num_frames,
-        "sha256": video.sha256,
-        "request_id": video.request_id,
-        "seed": video.seed,
-        "billable_units": video.billable_units,
-        "cost_usd": video.cost_usd,
-        "timings_s": dict(video.timings_s),
-    }
+    return SidecarChunk(
+        index=video.chunk_index,
+        start_s=chunk.start_s,
+        end_s=chunk.end_s,
+        num_segments=chunk.num_segments,
+        num_frames=chunk.num_frames,
+        sha256=video.sha256,
+        request_id=video.request_id,
+        seed=video.seed,
+        billable_units=video.billable_units,
+        cost_usd=video.cost_usd,
+        timings=video.timings,
+    )
 
 
 def _publish(
@@ -239,9 +223,7 @@ def _publish(
     while True:
         attempt += 1
         try:
-            fs, path = fsspec.core.url_to_fs(url, **options)
-            _write_atomically(fs, path, source)
-            return fs.unstrip_protocol(path)
+            return write_url(url, source, options)
         except PERMANENT_ERRORS as exc:
             raise _publish_error(url, attempt, exc, options) from None
         except TRANSIENT_ERRORS as exc:
@@ -250,96 +232,21 @@ def _publish(
             time.sleep(min(retry.backoff_s * 2 ** (attempt - 1), retry.max_backoff_s))
 
 
-def _write_atomically(fs: fsspec.AbstractFileSystem, path: str, source: str | bytes) -> None:
-    """Make path appear only when complete: rename locally, single put on object stores."""
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if isinstance(fs, LocalFileSystem):
-        _write_local(path, source)
-    elif protocols & ATOMIC_PUT_PROTOCOLS:
-        _put(fs, path, source)
-    else:  # other filesystems (sftp, smb, ...): upload beside the target, then rename
-        parent, base = path.rsplit("/", 1) if "/" in path else ("", path)
-        tmp = f"{parent}/.{base}.{uuid.uuid4().hex[:8]}.part".lstrip("/")
-        _put(fs, tmp, source)
-        fs.mv(tmp, path)
-
-
-def _put(fs: fsspec.AbstractFileSystem, path: str, source: str | bytes) -> None:
-    if isinstance(source, bytes):
-        fs.pipe_file(path, source)
-    else:
-        fs.put_file(source, path)
-
-
-def _write_local(path: str, source: str | bytes) -> None:
-    """Write a temp file in the destination folder, fsync it, then rename it over the final name."""
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-    try:
-        with tmp.open("wb") as out:
-            if isinstance(source, bytes):
-                out.write(source)
-            else:
-                with open(source, "rb") as src:
-                    shutil.copyfileobj(src, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)  # atomic on POSIX within one filesystem
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _publish_error(
     url: str, attempts: int, exc: BaseException, options: Mapping[str, Any]
 ) -> PublishError:
     """A PublishError naming the URL and the cause, with every known secret blanked out."""
-    text = (
-        f"could not publish {_public_url(url)} ({attempts} attempts): {type(exc).__name__}: {exc}"
-    )
-    return PublishError(_redact(text, options))
-
-
-def _redact(text: str, options: Mapping[str, Any]) -> str:
-    """Replace credential values from the options and the environment with '***'."""
-    secrets = [os.environ.get(name, "") for name in SECRET_ENV]
-    secrets += _secret_values(options)
-    for secret in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
-
-
-def _secret_values(options: Mapping[str, Any]) -> list[str]:
-    """Collect string values under credential-like keys, nested dicts included."""
-    found = []
-    for key, value in options.items():
-        if isinstance(value, Mapping):
-            found += _secret_values(value)
-        elif isinstance(value, str) and SECRET_OPTION.search(str(key)):
-            found.append(value)
-    return found
-
-
-def _public_url(url: str) -> str:
-    """Drop user:password and signature-like query values from a URL before recording it."""
-    parts = urlsplit(url)
-    if not parts.scheme or len(parts.scheme) == 1:  # a plain (possibly Windows) path
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = [
-        (k, "REDACTED" if SECRET_OPTION.search(k) else v)
-        for k, v in parse_qsl(parts.query, keep_blank_values=True)
-    ]
-    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), parts.fragment))
+    text = f"could not publish {public_url(url)} ({attempts} attempts): {type(exc).__name__}: {exc}"
+    return PublishError(redact(text, option_secrets(options)))
 
 
 def _publish_outputs(
-    row_id: str, video_path: str, sidecar: dict[str, Any], target: str
+    row_id: str, video_path: str, sidecar: Sidecar, target: str
 ) -> tuple[str, str]:
     """Publish a row's video, then its sidecar; return both URLs."""
     try:
         video_url = publish_file(video_path, target, f"{row_id}.mp4")
-        sidecar_url = write_json(sidecar, target, f"{row_id}.json")
+        sidecar_url = publish_bytes(json_bytes(sidecar), target, f"{row_id}.json")
     except PublishError as exc:
         # Rendered chunks are in the run's ledger by now: tell the user a rerun costs nothing.
         raise PublishError(
@@ -353,20 +260,15 @@ def publish_row(
     plan: RowPlan,
     video_path: str,
     videos: list[ChunkVideo],
-    verdicts: dict[str, Verdict],
+    verdicts: list[Verdict],
     final: Verdict,
     config: BatchConfig,
 ) -> RowResult:
     """Publish a checked video and its sidecar, then record it in the ledger."""
     row = plan.row
-    timings: dict[str, float] = {}
-    for video in videos:
-        for name, seconds in video.timings_s.items():
-            timings[name] = timings.get(name, 0.0) + seconds
-    model = config.fal.app if config.backend == "fal" else "LongCat-Video-Avatar (local)"
-    sidecar = build_sidecar(
-        plan, videos, {**verdicts, "final": final}, config.backend, model, timings
-    )
+    model = renderer_class(config.backend).model_name(config)
+    qc = SidecarQC(chunks=tuple(verdicts), final=final)
+    sidecar = build_sidecar(plan, videos, qc, config.backend, model)
     video_url, sidecar_url = _publish_outputs(row.id, video_path, sidecar, config.target)
     result = RowResult(
         id=row.id,
@@ -375,11 +277,11 @@ def publish_row(
         sidecar_url=sidecar_url,
         duration_s=plan.audio.duration_s,
         segments=plan.num_segments,
-        cost_usd=sidecar["cost_usd"],
+        cost_usd=sidecar.cost_usd,
         extra=row.extra,
     )
-    Ledger.for_run(config).record_published(row.id, plan.input_hash, to_dict(result))
-    progress.emit("row_finished", id=row.id, status="published")
+    Ledger.for_run(config).record_published(result, plan.input_hash)
+    progress.emit(RowFinished(row.id, "published"))
     return result
 
 

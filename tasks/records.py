@@ -1,29 +1,126 @@
-"""Typed records passed between the pipeline stages (manifest → plan → render → verify → publish).
+"""Typed records passed between the stages (manifest → plan → render → verify → publish) and kept
+in the run ledger, the sidecar and the progress stream.
 
-Every record is a frozen dataclass of plain values (paths as strings) so Prefect can hash, pickle
-and log it, and ``to_dict`` turns it into JSON for sidecars, the ledger and results.parquet.
+Every record is a frozen dataclass of plain values (paths as strings), so Prefect can hash, pickle
+and log it; `to_json` / `from_json` round-trip any of them through pydantic, which also gives the
+sidecar its JSON Schema (manifests/sidecar.schema.json).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from functools import cache
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 Resolution = Literal["480p", "720p"]
 RowStatus = Literal["published", "failed", "skipped"]
+T = TypeVar("T")
 
-# LongCat-Video-Avatar 1.0 renders at 16 fps: 93 frames for the first segment, then 80 new frames
-# for each continuation segment (13 of its 93 are conditioning frames carried over from the last).
-FPS = 16
-FIRST_SEGMENT_FRAMES = 93
-CONTINUATION_FRAMES = 80
+MAX_INFERENCE_STEPS = 200
+MAX_GUIDANCE_SCALE = 20.0
+MAX_PROMPT_CHARS = 2000  # far above any useful prompt; stops a pasted document reaching the model
 
 
-def to_dict(record: Any) -> dict[str, Any]:
-    """Return a JSON-ready dict of a record (nested records included)."""
-    return dataclasses.asdict(record)
+@cache
+def _adapter(kind: type) -> TypeAdapter[Any]:
+    return TypeAdapter(kind)
+
+
+def to_json(record: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a record (nested records included)."""
+    return _adapter(type(record)).dump_python(record, mode="json")
+
+
+def from_json(kind: type[T], doc: Any) -> T:
+    """Rebuild a record of `kind` from what to_json wrote (raises pydantic.ValidationError)."""
+    return _adapter(kind).validate_python(doc)
+
+
+def json_schema(kind: type) -> dict[str, Any]:
+    """The JSON Schema of a record type."""
+    schema = _adapter(kind).json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def json_bytes(record: Any) -> bytes:
+    """A record as stable, indented JSON bytes (sidecars, ledger documents)."""
+    return json.dumps(to_json(record), indent=2, sort_keys=True).encode() + b"\n"
+
+
+# --- the model's frame grid ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FrameGrid:
+    """The segment grid a LongCat-Video-Avatar render follows.
+
+    The first segment renders 93 frames; each continuation segment 80 new ones (13 of its 93 are
+    conditioning frames carried over). v1.0 runs at 16 fps (5.8125 s, then +5 s per segment); the
+    local v1.5 checkpoint at 25 fps.
+    """
+
+    fps: int = 16
+    first_frames: int = 93
+    continuation_frames: int = 80
+
+    def frames(self, num_segments: int) -> int:
+        """Frames that num_segments segments render: 93 + 80(n − 1)."""
+        return self.first_frames + self.continuation_frames * (num_segments - 1)
+
+    def video_s(self, num_segments: int) -> float:
+        """Seconds of video that num_segments segments render."""
+        return self.frames(num_segments) / self.fps
+
+    def segments_for(self, duration_s: float) -> int:
+        """Segments needed to cover duration_s: 1 + ceil(max(0, D − 93/fps) / (80/fps))."""
+        # counted in frames, rounded to a millionth of a frame (far below one audio sample), so
+        # float noise never adds a segment: 5.8125 s is exactly 93 frames at 16 fps
+        extra_frames = max(0.0, round(duration_s * self.fps - self.first_frames, 6))
+        return 1 + math.ceil(extra_frames / self.continuation_frames)
+
+    def longest_span_s(self, target_s: float) -> float:
+        """The longest whole-segment span of video that fits in target_s (at least one segment)."""
+        extra = math.floor(target_s * self.fps) - self.first_frames
+        return self.video_s(max(1, 1 + extra // self.continuation_frames))
+
+    def segment_joins(self, num_frames: int) -> list[int]:
+        """Frame indices where one model segment ends and the next begins, within num_frames."""
+        return list(range(self.first_frames, num_frames, self.continuation_frames))
+
+
+V1_GRID = FrameGrid(16)
+
+
+# --- manifest rows --------------------------------------------------------------------------------
+
+_Prompt = Annotated[str | None, Field(default=None, max_length=MAX_PROMPT_CHARS)]
+_Scale = Annotated[
+    float | None, Field(default=None, ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False)
+]
+
+
+class RenderParams(BaseModel):
+    """A row's model parameters: the one source of truth for the manifest columns that reach the
+    model. Field names are fal's API names; they feed the input hash, the fal payload, the sidecar
+    and the local pipeline's keyword arguments, so a new parameter is one field here."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: _Prompt = Field(description="Scene/behaviour text; the model's default if absent.")
+    negative_prompt: _Prompt = Field(description="The model's default if absent.")
+    resolution: Resolution = "480p"
+    num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_INFERENCE_STEPS)
+    text_guidance_scale: _Scale
+    audio_guidance_scale: _Scale
+
+    def given(self) -> dict[str, Any]:
+        """The parameters the row set (None means: the model's default)."""
+        return self.model_dump(exclude_none=True)
 
 
 @dataclass(frozen=True)
@@ -33,16 +130,15 @@ class Row:
     index: int  # 0-based position in the manifest file
     id: str
     audio: str  # absolute local path or fsspec URL, resolved against the manifest's folder
-    prompt: str | None = None
+    params: RenderParams = field(default_factory=RenderParams)
     image: str | None = None  # absolute local path or fsspec URL
-    negative_prompt: str | None = None
-    resolution: Resolution = "480p"
     seed: int | None = None
-    num_inference_steps: int | None = None
-    text_guidance_scale: float | None = None
-    audio_guidance_scale: float | None = None
     num_segments: int | None = None  # user override; None = derived from the audio duration
     extra: dict[str, Any] = field(default_factory=dict)  # passthrough columns, untouched
+
+    @property
+    def resolution(self) -> Resolution:
+        return self.params.resolution
 
 
 @dataclass(frozen=True)
@@ -62,6 +158,9 @@ class RowError:
         if self.column:
             where += f", column '{self.column}'"
         return f"{where}: {self.reason}"
+
+
+# --- planning -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -87,7 +186,11 @@ class Chunk:
     start_s: float
     end_s: float
     num_segments: int
-    fps: int = FPS  # v1.0 (fal and local): 16; local v1.5: 25
+    fps: int = V1_GRID.fps  # v1.0 (fal and local): 16; local v1.5: 25
+
+    @property
+    def grid(self) -> FrameGrid:
+        return FrameGrid(self.fps)
 
     @property
     def duration_s(self) -> float:
@@ -95,22 +198,21 @@ class Chunk:
 
     @property
     def num_frames(self) -> int:
-        return FIRST_SEGMENT_FRAMES + CONTINUATION_FRAMES * (self.num_segments - 1)
+        return self.grid.frames(self.num_segments)
 
     @property
     def video_s(self) -> float:
-        return self.num_frames / self.fps
+        return self.grid.video_s(self.num_segments)
 
-    def frame_span(self, is_last: bool, fps: int | None = None) -> tuple[int, int]:
+    def frame_span(self, is_last: bool) -> tuple[int, int]:
         """Frames [first, last) of the row's video that belong to this chunk's audio span.
 
         Boundaries round to the nearest frame so neighbouring chunks neither overlap nor leave a
         gap; the last chunk rounds up so the video covers all of the narration.
         """
-        fps = fps or self.fps
-        first, last = round(self.start_s * fps), round(self.end_s * fps)
+        first, last = round(self.start_s * self.fps), round(self.end_s * self.fps)
         if is_last:
-            last = max(last, math.ceil(self.end_s * fps - 1e-6))
+            last = max(last, math.ceil(self.end_s * self.fps - 1e-6))
         return first, last
 
 
@@ -126,6 +228,7 @@ class RowPlan:
     estimated_cost_usd: float
     input_hash: str  # sha256 over audio, image and every parameter that changes the render
     image_path: str | None = None  # local copy of the row's portrait, fetched and checked
+    image_sha256: str | None = None
 
     @property
     def num_segments(self) -> int:
@@ -134,6 +237,55 @@ class RowPlan:
     @property
     def video_s(self) -> float:
         return sum(c.video_s for c in self.chunks)
+
+    def is_last(self, chunk: Chunk) -> bool:
+        return chunk.index == len(self.chunks) - 1
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    """Totals over planned rows (the `avatarflow plan` footer, the report's summary)."""
+
+    rows: int = 0
+    chunks: int = 0
+    segments: int = 0
+    audio_s: float = 0.0
+    video_s: float = 0.0
+    billable_units: float = 0.0
+    estimated_cost_usd: float = 0.0
+
+    @classmethod
+    def of(cls, plans: Any) -> PlanSummary:
+        """Sum a sequence of RowPlans (rounded only to drop float noise)."""
+        plans = list(plans)
+        return cls(
+            rows=len(plans),
+            chunks=sum(len(p.chunks) for p in plans),
+            segments=sum(p.num_segments for p in plans),
+            audio_s=round(sum(p.audio.duration_s for p in plans), 6),
+            video_s=round(sum(p.video_s for p in plans), 6),
+            billable_units=round(sum(p.billable_units for p in plans), 6),
+            estimated_cost_usd=round(sum(p.estimated_cost_usd for p in plans), 6),
+        )
+
+
+# --- rendering ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where a chunk's wall time went, by phase (seconds); rows add their chunks' up."""
+
+    upload_s: float = 0.0
+    queue_s: float = 0.0
+    run_s: float = 0.0
+    download_s: float = 0.0
+    render_s: float = 0.0
+    encode_s: float = 0.0
+
+    def __add__(self, other: Timings) -> Timings:
+        pairs = zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True)
+        return Timings(*(a + b for a, b in pairs))
 
 
 @dataclass(frozen=True)
@@ -149,7 +301,10 @@ class ChunkVideo:
     seed: int | None = None
     billable_units: float = 0.0
     cost_usd: float = 0.0
-    timings_s: dict[str, float] = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
+
+
+# --- QC and results -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -174,3 +329,127 @@ class RowResult:
     cost_usd: float = 0.0
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --- the run ledger's documents (tasks/ledger.py) -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """Written immediately before a paid submit: the POST may reach the service from now on."""
+
+    endpoint: str
+    n: int  # 1 for the first submit of this chunk, then 2, 3 ... for resubmits
+    started_at: float  # unix time
+
+
+@dataclass(frozen=True)
+class Request:
+    """Written as soon as the service accepted a submit, before it is waited on."""
+
+    request_id: str
+    endpoint: str
+    attempt: int  # the Attempt.n this request answers
+    submitted_at: float
+    replaced: tuple[str, ...] = ()  # earlier ids of this chunk (expired or failed), for audit
+
+
+@dataclass(frozen=True)
+class Published:
+    """What was last published for a row, and from which inputs."""
+
+    result: RowResult
+    input_hash: str
+
+
+# --- the sidecar (<id>.json) ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SidecarAudio:
+    """The narration as it was read."""
+
+    source: str  # URL with credentials and signatures removed
+    sha256: str
+    duration_s: float
+    sample_rate_hz: int
+    channels: int
+    codec: str
+
+
+@dataclass(frozen=True)
+class SidecarInputs:
+    audio: SidecarAudio
+    image: str | None
+    image_sha256: str | None
+    input_hash: str
+
+
+@dataclass(frozen=True)
+class SidecarChunk:
+    """One rendered chunk: its span of the narration, render metadata and hash."""
+
+    index: int
+    start_s: float
+    end_s: float
+    num_segments: int
+    num_frames: int
+    sha256: str
+    request_id: str | None
+    seed: int | None
+    billable_units: float
+    cost_usd: float
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class SidecarQC:
+    chunks: tuple[Verdict, ...]  # per chunk, in chunk order
+    final: Verdict
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """How a published video was made: inputs and hashes, model, requests, cost, timings, QC."""
+
+    id: str
+    inputs: SidecarInputs
+    parameters: RenderParams
+    num_segments_override: int | None
+    model: str
+    backend: str
+    seed: int
+    segments: int
+    chunks: tuple[SidecarChunk, ...]
+    request_ids: tuple[str, ...]
+    timings: Timings
+    billable_units: float
+    cost_usd: float
+    estimated_cost_usd: float
+    qc: SidecarQC
+
+
+# --- progress events (tasks/progress.py) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowsPlanned:
+    rows: int
+    chunks: int
+    estimated_usd: float
+
+
+@dataclass(frozen=True)
+class ChunkRendered:
+    id: str
+    chunk: int
+    cost_usd: float
+
+
+@dataclass(frozen=True)
+class RowFinished:
+    id: str
+    status: RowStatus
+
+
+ProgressEvent = RowsPlanned | ChunkRendered | RowFinished

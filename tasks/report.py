@@ -13,18 +13,17 @@ import io
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 import av
 from PIL import Image
 
-from tasks.plan import row_work_dir, summarize
+from tasks.config import BatchConfig
 from tasks.publish import publish_bytes
-from tasks.records import RowPlan, RowResult
-
-if TYPE_CHECKING:
-    from flows.settings import BatchConfig
+from tasks.records import PlanSummary, RowPlan, RowResult, to_json
+from tasks.storage import write_local
+from tasks.workdir import WorkDir
 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2rem;color:#1d232a;background:#fafbfc}
@@ -174,20 +173,20 @@ def thumbnail_jpeg(mp4_path: str | Path, width: int = 160) -> bytes:
 
 
 def _thumbnail_path(config: BatchConfig, plan: RowPlan) -> Path:
-    return row_work_dir(config, plan) / f"{plan.row.id}.thumb.jpg"
+    return WorkDir(config.work_path).thumbnail(plan.row.id, plan.input_hash)
 
 
 def save_thumbnail(plan: RowPlan, video_path: str, config: BatchConfig) -> None:
     """Keep the row's report thumbnail beside its video (per row, in parallel, not at the end)."""
     with contextlib.suppress(Exception):  # a missing thumbnail never fails a row
-        _thumbnail_path(config, plan).write_bytes(thumbnail_jpeg(video_path))
+        write_local(_thumbnail_path(config, plan), thumbnail_jpeg(video_path))
 
 
 def write_report(
     results: Sequence[RowResult], plans: Sequence[RowPlan], config: BatchConfig
 ) -> str:
     """Render report.html for the batch (thumbnails from this run's videos) and publish it."""
-    summary = summarize(plans)
+    summary = to_json(PlanSummary.of(plans))
     thumbnails: dict[str, bytes] = {}
     for plan in plans:
         with contextlib.suppress(OSError):  # rows that did not finish this run have none

@@ -6,33 +6,28 @@ bad file: a broken file is a failed verdict that the flow records against the ro
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import av
 from prefect import task
 
+from tasks.backends import renderer_class
+from tasks.config import BatchConfig
 from tasks.media import VideoProbe, count_audio_samples, decode_first_and_last_frame, probe_video
-from tasks.records import ChunkVideo, RowPlan, Verdict
+from tasks.records import V1_GRID, ChunkVideo, RowPlan, Verdict
 
-if TYPE_CHECKING:
-    from flows.settings import BatchConfig
-
-# Nominal pixel areas: 480p renders 832x480 (or an image-audio bucket of about the same area),
-# 720p renders 1280x768 (fal may also return 1280x720). Buckets keep the area.
-NOMINAL_AREA = {"480p": 832 * 480, "720p": 1280 * 768}
+# Image-audio buckets keep the nominal area of their resolution within this ratio.
 AREA_TOLERANCE = (0.8, 1.25)
 AAC_FRAME_SAMPLES = 1024
 AAC_MAX_PRIMING_SAMPLES = 2112  # the largest encoder delay in common use (Apple's encoder)
 
 
 def verify_chunk(
-    path: str | Path, expected_frames: int, resolution: str | None, fps: int = 16
+    path: str | Path, expected_frames: int, expected_area: int | None, fps: int = V1_GRID.fps
 ) -> Verdict:
     """Check a rendered chunk: H.264, even size of the right area, fps, enough frames, decodable.
 
-    resolution None skips the size check (the tiny local checkpoint renders at its own small size).
+    expected_area None skips the size check (a checkpoint that renders at its own size).
     """
     try:
         probe = probe_video(path)
@@ -40,8 +35,8 @@ def verify_chunk(
     except (OSError, ValueError, av.FFmpegError) as exc:
         return Verdict(False, (f"unreadable video: {exc}",), {})
     reasons = _check_video_stream(probe, fps)
-    if resolution is not None:
-        reasons += _check_size(probe, resolution)
+    if expected_area is not None:
+        reasons += _check_size(probe, expected_area)
     if probe.frames < expected_frames:
         reasons.append(f"{probe.frames} frames, expected at least {expected_frames}")
     if not first_ok:
@@ -53,7 +48,7 @@ def verify_chunk(
 
 
 def verify_final(
-    path: str | Path, audio_duration_s: float, audio_sample_rate_hz: int, fps: int = 16
+    path: str | Path, audio_duration_s: float, audio_sample_rate_hz: int, fps: int = V1_GRID.fps
 ) -> Verdict:
     """Check a final MP4: H.264 + AAC, length equal to the narration, faststart, sane streams."""
     try:
@@ -96,14 +91,12 @@ def _check_video_stream(probe: VideoProbe, fps: int) -> list[str]:
     return reasons
 
 
-def _check_size(probe: VideoProbe, resolution: str) -> list[str]:
-    """The frame area must match the requested resolution tier within the bucket tolerance."""
-    if resolution not in NOMINAL_AREA:
-        return [f"unknown resolution {resolution!r}"]
-    ratio = probe.width * probe.height / NOMINAL_AREA[resolution]
+def _check_size(probe: VideoProbe, expected_area: int) -> list[str]:
+    """The frame area must match the requested resolution's within the bucket tolerance."""
+    ratio = probe.width * probe.height / expected_area
     low, high = AREA_TOLERANCE
     if not low <= ratio <= high:
-        return [f"size {probe.width}x{probe.height} does not match {resolution}"]
+        return [f"size {probe.width}x{probe.height} does not have the planned area {expected_area}"]
     return []
 
 
@@ -143,16 +136,6 @@ def _moov_before_mdat(path: Path) -> bool:
     return False
 
 
-def declares_own_size(model_dir: str | None) -> bool:
-    """True for the tiny checkpoint (the default, or any whose avatarflow.json sets its size)."""
-    if model_dir is None:
-        return True
-    from model.loading import DEFAULTS_FILE
-
-    defaults = Path(model_dir) / DEFAULTS_FILE
-    return defaults.exists() and "sample_size" in json.loads(defaults.read_text())
-
-
 class QCError(RuntimeError):
     """A QC gate failed; the message lists every reason."""
 
@@ -164,20 +147,16 @@ def _raise_if_failed(verdicts: dict[str, Verdict]) -> None:
 
 
 @task(name="verify-chunks")
-def verify_chunks(
-    plan: RowPlan, videos: list[ChunkVideo], config: BatchConfig
-) -> dict[str, Verdict]:
+def verify_chunks(plan: RowPlan, videos: list[ChunkVideo], config: BatchConfig) -> list[Verdict]:
     """Check every rendered chunk of a row (in chunk order) before anything is joined."""
-    tiny_local = config.backend == "local" and declares_own_size(config.local.model_dir)
-    verdicts = {}
-    resolution = None if tiny_local else plan.row.resolution
+    backend = renderer_class(config.backend)
+    area = backend.expected_area(config, plan.row.resolution)
+    verdicts = []
     for video in videos:
         chunk = plan.chunks[video.chunk_index]
-        # fal returns every rendered frame; the local backend writes only the chunk's span.
-        first, last = chunk.frame_span(chunk.index == len(plan.chunks) - 1)
-        expected = chunk.num_frames if config.backend == "fal" else last - first
-        verdicts[f"chunk-{chunk.index}"] = verify_chunk(video.path, expected, resolution, chunk.fps)
-    _raise_if_failed(verdicts)
+        expected = backend.expected_frames(plan, chunk)
+        verdicts.append(verify_chunk(video.path, expected, area, chunk.fps))
+    _raise_if_failed({f"chunk {v.chunk_index}": d for v, d in zip(videos, verdicts, strict=True)})
     return verdicts
 
 

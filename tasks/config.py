@@ -1,4 +1,8 @@
-"""BatchConfig: every option of a run in one frozen, validated object; the only env reads."""
+"""Run options at the bottom of the stack: BatchConfig and the per-backend settings.
+
+The only module that reads the environment (through pydantic-settings); it imports nothing else of
+ours, so every stage, backend and flow can depend on it.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,15 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
-
-Backend = Literal["local", "fal"]
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PRICE_PER_VIDEO_S = {"480p": 0.15, "720p": 0.30}  # fal's public price page, USD
 # fal bills in "units": 1 per video-second at 480p, 4 at 720p (the model's API page). Converting
 # units back to seconds keeps actual cost consistent with the per-second price above.
 DEFAULT_UNITS_PER_VIDEO_S = {"480p": 1.0, "720p": 4.0}
+# The random-weight checkpoint `avatarflow model init-tiny` writes; used only when named.
+TINY_MODEL = "tiny"
 
 
 def state_url_for(target: str, state: str | None = None) -> str:
@@ -21,16 +26,18 @@ def state_url_for(target: str, state: str | None = None) -> str:
     return state or target.rstrip("/") + "/.avatarflow"
 
 
-class FalSettings(BaseModel):
-    """Where fal lives and how to talk to it. Hosts and key come from the environment by default."""
+class FalSettings(BaseSettings):
+    """Where fal lives and how to talk to it: FAL_QUEUE_URL, FAL_REST_URL, FAL_CDN_URL, FAL_APP.
 
-    model_config = ConfigDict(frozen=True)
+    The key is deliberately no field: it is read from FAL_KEY at call time (api_key), so it can
+    never be serialised into flow-run parameters, deployments, logs or results.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FAL_", frozen=True, extra="ignore")
 
     queue_url: str = "https://queue.fal.run"
     rest_url: str = "https://rest.fal.ai"
     cdn_url: str = "https://v3.fal.media"
-    # Never serialised: deployments and flow-run parameters must not carry the key (see api_key).
-    key: SecretStr | None = Field(default=None, exclude=True, repr=False)
     app: str = "fal-ai/longcat-single-avatar"
     poll_initial_s: float = 0.1  # status polls start fast and back off to poll_max_s
     poll_max_s: float = 5.0
@@ -40,35 +47,35 @@ class FalSettings(BaseModel):
     backoff_max_s: float = 30.0
     request_timeout_s: float | None = None  # sent as X-Fal-Request-Timeout (time-to-start)
 
-    def api_key(self) -> str | None:
-        """The key to send: the configured one, else FAL_KEY from the worker's environment."""
-        if self.key is not None:
-            return self.key.get_secret_value()
+    def model_post_init(self, context: object) -> None:
+        for name in ("queue_url", "rest_url", "cdn_url"):  # "http://host/" and "http://host" alike
+            object.__setattr__(self, name, getattr(self, name).rstrip("/"))
+
+    @staticmethod
+    def api_key() -> str | None:
+        """The key to send: FAL_KEY from this worker's environment, read when it is needed."""
         return os.environ.get("FAL_KEY") or None
 
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> FalSettings:
-        env = dict(os.environ) if env is None else env
-        key = env.get("FAL_KEY")
-        return cls(
-            queue_url=env.get("FAL_QUEUE_URL", cls.model_fields["queue_url"].default).rstrip("/"),
-            rest_url=env.get("FAL_REST_URL", cls.model_fields["rest_url"].default).rstrip("/"),
-            cdn_url=env.get("FAL_CDN_URL", cls.model_fields["cdn_url"].default).rstrip("/"),
-            key=SecretStr(key) if key else None,
-        )
 
+class LocalSettings(BaseSettings):
+    """The local LongCat-Video-Avatar backend (AVATARFLOW_LOCAL_MODEL_DIR, _DEVICE, _DTYPE ...)."""
 
-class LocalSettings(BaseModel):
-    """The local LongCat-Video-Avatar backend: checkpoint folder, device and memory options."""
+    model_config = SettingsConfigDict(
+        env_prefix="AVATARFLOW_LOCAL_", frozen=True, extra="ignore", protected_namespaces=()
+    )
 
-    model_config = ConfigDict(frozen=True)
-
-    model_dir: str | None = None  # None → the tiny checkpoint written on first use (demo, tests)
+    # A checkpoint folder, or "tiny" for the random-weight demo checkpoint (written on first use).
+    model_dir: str | None = None
     device: str = "auto"  # auto → cuda if available, else cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     num_inference_steps: int | None = None  # None → the checkpoint's default
     cpu_offload: bool = False
     vae_tiling: bool = False
+
+    @property
+    def is_tiny(self) -> bool:
+        """True when the run asked for the random-weight demo checkpoint by name."""
+        return self.model_dir == TINY_MODEL
 
 
 class BatchConfig(BaseModel):
@@ -78,7 +85,7 @@ class BatchConfig(BaseModel):
 
     manifest: str
     target: str = "./out"
-    backend: Backend = "local"
+    backend: str = "local"  # a name in tasks.backends' registry ("local", "fal", ...)
     state: str | None = None  # run ledger URL; default <target>/.avatarflow
     work_dir: str | None = None  # local scratch; default ~/.cache/avatarflow/work
     budget_usd: float | None = Field(default=None, ge=0)
@@ -99,7 +106,7 @@ class BatchConfig(BaseModel):
     )
     results_name: str = "results.parquet"  # shard children write results-shard-N.parquet
     report_name: str = "report.html"
-    fal: FalSettings = Field(default_factory=FalSettings.from_env)
+    fal: FalSettings = Field(default_factory=FalSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
 
     @property

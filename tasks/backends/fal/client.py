@@ -1,4 +1,4 @@
-"""A small typed client for fal's queue and storage HTTP APIs, used by the fal render backend.
+"""A small typed client for fal's queue and storage HTTP APIs, used by the fal renderer.
 
 Submit is never replayed once its body may have reached fal (no double spend); status, result,
 cancel, uploads and downloads retry 429/5xx/network errors with exponential backoff and full jitter.
@@ -21,7 +21,8 @@ from typing import Any, NamedTuple
 
 import httpx
 
-from flows.settings import FalSettings
+from tasks.config import FalSettings
+from tasks.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class FalQueueClient:
         return {"Authorization": f"Key {self._key}"}
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***")
+        return redact(text, [self._key])
 
     def _backoff(self, attempt: int, why: str, method: str, url: str) -> None:
         cap = min(self.settings.backoff_max_s, self.settings.backoff_base_s * 2 ** (attempt - 1))

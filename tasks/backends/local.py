@@ -1,16 +1,17 @@
 """Local render backend: LongCat-Video-Avatar on this machine's GPU (or CPU for the tiny model).
 
-A row's chunks render as one continuous video, segment by segment, continuing in latent space
-across chunk boundaries; each finished segment's frames and continuation state are saved under
-job.out_dir, so an interrupted row resumes at its last finished segment. Each chunk then becomes
-one H.264 MP4 of its span of the narration (video only: the concat stage muxes the audio).
-Frame size: a checkpoint's avatarflow.json `sample_size` wins (the tiny one renders 32x32 on CPU),
-otherwise the row's resolution bucket (480x832 / 768x1280, or the portrait's aspect bucket).
+The only module that imports model/. A row's chunks render as one continuous video, segment by
+segment, continuing in latent space across chunk boundaries; each finished segment's frames and
+continuation state are saved under job.out_dir, so an interrupted row resumes at its last finished
+segment. Each chunk then becomes one H.264 MP4 of its span of the narration (video only: the
+concat stage muxes the audio). Frame size: a checkpoint's avatarflow.json `sample_size` wins (the
+tiny one renders 32x32 on CPU), otherwise the row's resolution bucket (480x832 / 768x1280, or the
+portrait's aspect bucket).
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import math
 import shutil
 import threading
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Self
 
 import av
 import numpy as np
@@ -26,17 +27,22 @@ import torch
 from PIL import Image
 from scipy.signal import resample_poly
 
-from flows.settings import BatchConfig, LocalSettings
-from model.loading import load_pipeline
+from model.loading import DEFAULTS_FILE, checkpoint_fps, load_pipeline
 from model.pipeline_longcat_avatar import LongCatAvatarSegmentState, LongCatVideoAvatarPipeline
 from model.tiny import write_tiny_checkpoint
 from tasks.audio import load_pcm
-from tasks.records import ChunkVideo
-from tasks.render import RenderJob
+from tasks.backends.base import NOMINAL_AREA, Renderer, RenderJob
+from tasks.config import TINY_MODEL, BatchConfig, LocalSettings
+from tasks.records import V1_GRID, Chunk, ChunkVideo, FrameGrid, RowPlan, Timings
+from tasks.storage import sha256_file, writing
+from tasks.workdir import WorkDir
 
-SAMPLE_RATE_HZ = 16_000
-TINY_DIR = "tiny-checkpoint"
+if TYPE_CHECKING:
+    from tasks.ledger import Ledger
+
+MODEL_SAMPLE_RATE_HZ = 16_000  # both audio encoders (wav2vec2, Whisper) take 16 kHz mono
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY_MODEL_NAME = "tiny random-weight checkpoint (renders noise; for demos and tests)"
 
 
 def resolve_device(settings: LocalSettings) -> torch.device:
@@ -46,14 +52,18 @@ def resolve_device(settings: LocalSettings) -> torch.device:
     return torch.device(settings.device)
 
 
-def load_local_pipeline(settings: LocalSettings, work_path: Path) -> LongCatVideoAvatarPipeline:
-    """Load the configured checkpoint (or the tiny one, written once under work_path)."""
+def checkpoint_dir(config: BatchConfig) -> Path:
+    """The configured checkpoint folder (the tiny one lives in the work dir)."""
+    if config.local.is_tiny:
+        return WorkDir(config.work_path).tiny_checkpoint
+    if config.local.model_dir is None:
+        raise ValueError(LocalRenderer.check_config(config))
+    return Path(config.local.model_dir)
+
+
+def load_local_pipeline(settings: LocalSettings, model_dir: Path) -> LongCatVideoAvatarPipeline:
+    """Load a checkpoint folder on the configured device and dtype."""
     device = resolve_device(settings)
-    model_dir = settings.model_dir
-    if model_dir is None:
-        model_dir = work_path / TINY_DIR
-        if not (model_dir / "avatarflow.json").exists():  # written last: the folder is complete
-            write_tiny_checkpoint(model_dir)
     # bf16 on GPU halves memory; CPU stays fp32 (the DiT's fp32 modulation needs it there).
     dtype = _DTYPES.get(settings.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     pipe = load_pipeline(model_dir, dtype=dtype)
@@ -70,17 +80,16 @@ def load_local_pipeline(settings: LocalSettings, work_path: Path) -> LongCatVide
 def read_wav(path: str | Path) -> np.ndarray:
     """Read a chunk's 16-bit WAV as mono float32 at the model's 16 kHz."""
     samples, rate = load_pcm(path)
-    if rate == SAMPLE_RATE_HZ:
+    if rate == MODEL_SAMPLE_RATE_HZ:
         return samples
-    divisor = math.gcd(rate, SAMPLE_RATE_HZ)
-    resampled = resample_poly(samples, SAMPLE_RATE_HZ // divisor, rate // divisor)
+    divisor = math.gcd(rate, MODEL_SAMPLE_RATE_HZ)
+    resampled = resample_poly(samples, MODEL_SAMPLE_RATE_HZ // divisor, rate // divisor)
     return resampled.astype(np.float32)
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
     """Encode (F, H, W, 3) uint8 frames as H.264 MP4 at fps, written atomically."""
-    tmp = path.with_name(path.name + ".part")
-    with av.open(str(tmp), "w", format="mp4") as container:
+    with writing(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
@@ -88,24 +97,13 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
         for image in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode(None))
-    tmp.replace(path)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class LocalRenderer:
+class LocalRenderer(Renderer):
     """Renderer on LongCatVideoAvatarPipeline; one model per process, reused for every row."""
 
     name: ClassVar[str] = "local"
     continuous: ClassVar[bool] = True
-    _instances: ClassVar[dict[tuple, LocalRenderer]] = {}
-    _instances_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(
         self,
@@ -118,18 +116,61 @@ class LocalRenderer:
         self.on_segment = on_segment  # called with (row id, segment index) after each save
         self._lock = threading.Lock()  # one render at a time on the one model
 
-    @classmethod
-    def shared(cls, config: BatchConfig) -> LocalRenderer:
-        """Return this process's renderer for config.local, loading the model once under a lock."""
-        model_dir = config.local.model_dir or str(config.work_path / TINY_DIR)
-        key = (model_dir, config.local)
-        with cls._instances_lock:
-            if key not in cls._instances:
-                pipe = load_local_pipeline(config.local, config.work_path)
-                cls._instances[key] = cls(pipe, config.local)
-            return cls._instances[key]
+    # --- what the stages ask --------------------------------------------------------------------
 
-    def render(self, job: RenderJob) -> list[ChunkVideo]:
+    @classmethod
+    def check_config(cls, config: BatchConfig) -> str | None:
+        model_dir = config.local.model_dir
+        if model_dir is None:
+            return (
+                "the local backend needs a checkpoint folder: --model-dir DIR (or "
+                f"AVATARFLOW_LOCAL_MODEL_DIR); --model-dir {TINY_MODEL} uses the random-weight "
+                "demo checkpoint, which renders noise"
+            )
+        if not config.local.is_tiny and not Path(model_dir).is_dir():
+            return f"model folder {model_dir} does not exist"
+        return None
+
+    @classmethod
+    def frame_grid(cls, config: BatchConfig) -> FrameGrid:
+        if config.local.is_tiny or config.local.model_dir is None:
+            return V1_GRID  # the tiny demo checkpoint is v1.0
+        return FrameGrid(checkpoint_fps(config.local.model_dir))
+
+    @classmethod
+    def expected_frames(cls, plan: RowPlan, chunk: Chunk) -> int:
+        first, last = chunk.frame_span(plan.is_last(chunk))  # only the chunk's span is written
+        return last - first
+
+    @classmethod
+    def expected_area(cls, config: BatchConfig, resolution: str) -> int | None:
+        if config.local.is_tiny:
+            return None  # renders at its own small size
+        defaults = Path(config.local.model_dir or "") / DEFAULTS_FILE
+        if defaults.exists() and "sample_size" in json.loads(defaults.read_text()):
+            return None
+        return NOMINAL_AREA.get(resolution)
+
+    @classmethod
+    def model_name(cls, config: BatchConfig) -> str:
+        if config.local.is_tiny:
+            return TINY_MODEL_NAME
+        return f"LongCat-Video-Avatar (local checkpoint {config.local.model_dir})"
+
+    @classmethod
+    def cache_key(cls, config: BatchConfig) -> str:
+        return f"{checkpoint_dir(config)}|{config.local.model_dump_json()}"
+
+    @classmethod
+    def create(cls, config: BatchConfig) -> Self:
+        model_dir = checkpoint_dir(config)
+        if config.local.is_tiny and not (model_dir / DEFAULTS_FILE).exists():
+            write_tiny_checkpoint(model_dir)  # DEFAULTS_FILE is written last: folder complete
+        return cls(load_local_pipeline(config.local, model_dir), config.local)
+
+    # --- rendering ------------------------------------------------------------------------------
+
+    def render(self, job: RenderJob, ledger: Ledger | None = None) -> list[ChunkVideo]:
         """Render all of job's chunks as one continuous video; return one MP4 per chunk."""
         started = time.monotonic()
         segments_dir = Path(job.out_dir) / f"{job.plan.row.id}.segments"
@@ -140,7 +181,7 @@ class LocalRenderer:
         segments = [
             np.load(segments_dir / f"{k:04d}.npy", mmap_mode="r") for k in range(num_segments)
         ]
-        videos = self._write_chunks(job, segments, {"render_s": rendered - started})
+        videos = self._write_chunks(job, segments, Timings(render_s=rendered - started))
         del segments  # release the memory maps before removing their files
         shutil.rmtree(segments_dir)
         return videos
@@ -148,10 +189,10 @@ class LocalRenderer:
     def _row_audio(self, job: RenderJob) -> np.ndarray:
         """Place each chunk's WAV at its start in one 16 kHz buffer covering the row."""
         end_s = max(chunk.end_s for chunk in job.chunks)
-        audio = np.zeros(int(np.ceil(end_s * SAMPLE_RATE_HZ)), dtype=np.float32)
+        audio = np.zeros(int(np.ceil(end_s * MODEL_SAMPLE_RATE_HZ)), dtype=np.float32)
         for chunk, path in zip(job.chunks, job.chunk_audio_paths, strict=True):
             samples = read_wav(path)
-            start = int(round(chunk.start_s * SAMPLE_RATE_HZ))
+            start = int(round(chunk.start_s * MODEL_SAMPLE_RATE_HZ))
             samples = samples[: max(0, audio.size - start)]
             audio[start : start + samples.size] = samples
         return audio
@@ -161,7 +202,7 @@ class LocalRenderer:
         row, pipe = job.plan.row, self.pipe
         audio = self._row_audio(job)
         # The chunks' own segment counts, or more when their sum falls short of the whole row.
-        needed = pipe.num_segments_for(audio.size / SAMPLE_RATE_HZ)
+        needed = pipe.num_segments_for(audio.size / MODEL_SAMPLE_RATE_HZ)
         num_segments = max(sum(c.num_segments for c in job.chunks), needed)
         state = _latest_state(segments_dir, num_segments)
         if state is not None and state.segments_done == num_segments:
@@ -169,16 +210,12 @@ class LocalRenderer:
 
         image = Image.open(job.image_path).convert("RGB") if job.image_path else None
         generator = torch.Generator(device=pipe._execution_device).manual_seed(job.plan.seed)
+        params = {"num_inference_steps": self.settings.num_inference_steps, **row.params.given()}
         pipe(
-            prompt=row.prompt,
-            negative_prompt=row.negative_prompt,
+            **params,  # the pipeline takes the manifest's parameter names
             audio=audio,
             image=image,
             num_segments=num_segments,
-            resolution=row.resolution,
-            num_inference_steps=row.num_inference_steps or self.settings.num_inference_steps,
-            text_guidance_scale=row.text_guidance_scale,
-            audio_guidance_scale=row.audio_guidance_scale,
             generator=generator,
             output_type="latent",
             resume_state=state,
@@ -197,24 +234,21 @@ class LocalRenderer:
     ) -> None:
         """Persist one finished segment: its frames (uint8 .npy), then its continuation state."""
         pixels = ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255)
-        frames_tmp = segments_dir / f"{index:04d}.npy.part"
-        with frames_tmp.open("wb") as handle:
+        with writing(segments_dir / f"{index:04d}.npy") as tmp, tmp.open("wb") as handle:
             np.save(handle, pixels.to(torch.uint8).numpy())
-        frames_tmp.replace(segments_dir / f"{index:04d}.npy")
         # The state file is written last: its presence marks the segment finished.
-        state_tmp = segments_dir / f"{index:04d}.state.part"
-        state.save(state_tmp)
-        state_tmp.replace(segments_dir / f"{index:04d}.safetensors")
+        with writing(segments_dir / f"{index:04d}.safetensors") as tmp:
+            state.save(tmp)
         if self.on_segment is not None:
             self.on_segment(row_id, index)
 
     def _write_chunks(
-        self, job: RenderJob, segments: list[np.ndarray], timings: dict[str, float]
+        self, job: RenderJob, segments: list[np.ndarray], timings: Timings
     ) -> list[ChunkVideo]:
         """Cut the row's frames at the chunk boundaries and encode one MP4 per chunk."""
         fps, videos = self.pipe.fps, []
-        for position, chunk in enumerate(job.chunks):
-            first, last = chunk.frame_span(position == len(job.chunks) - 1, fps)
+        for chunk in job.chunks:
+            first, last = chunk.frame_span(job.plan.is_last(chunk))
             path = Path(job.out_dir) / f"{chunk.row_id}-{chunk.index:03d}.mp4"
             encode_started = time.monotonic()
             write_mp4(path, _frame_span(segments, first, last), fps)
@@ -223,10 +257,10 @@ class LocalRenderer:
                     row_id=chunk.row_id,
                     chunk_index=chunk.index,
                     path=str(path),
-                    sha256=_sha256(path),
+                    sha256=sha256_file(path),
                     backend=self.name,
                     seed=job.plan.seed,
-                    timings_s=timings | {"encode_s": time.monotonic() - encode_started},
+                    timings=timings + Timings(encode_s=time.monotonic() - encode_started),
                 )
             )
         return videos
