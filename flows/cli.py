@@ -22,13 +22,14 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from flows.produce import BatchOutcome
     from tasks.config import BatchConfig
+    from tasks.manifest import ManifestCheck
+    from tasks.records import BatchOutcome
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 model_app = typer.Typer(no_args_is_help=True, help="Local model utilities.")
 app.add_typer(model_app, name="model")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # error lines stay whole (paths, URLs)
 out = Console()
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -70,7 +71,7 @@ def _config(manifest: str, **options: Any) -> BatchConfig:
     return config
 
 
-def _checked_rows(config):
+def _checked_rows(config: BatchConfig) -> ManifestCheck:
     """Read and validate the manifest; exit 2 when it is unusable or has no valid row."""
     from tasks.manifest import ManifestError, read_manifest, validate_manifest
 
@@ -106,7 +107,8 @@ def plan(
     work_dir: Annotated[str | None, typer.Option(help="Local scratch folder.")] = None,
 ) -> None:
     """Show chunks, segments, video-seconds and estimated cost per row; spends nothing."""
-    from tasks.plan import plan_manifest_rows, summarize
+    from tasks.plan import plan_manifest_rows
+    from tasks.records import PlanSummary
 
     config = _config(manifest, backend=backend, work_dir=work_dir)
     check = _checked_rows(config)
@@ -126,10 +128,10 @@ def plan(
     for row_id, reason in failures:
         table.add_row(escape(row_id), "[red]error[/red]", "", "", "", escape(reason))
     out.print(table)
-    total = summarize(plans)
+    total = PlanSummary.of(plans)
     out.print(
-        f"{total['rows']} rows, {total['segments']} segments, {total['video_s']:.1f} video-s, "
-        f"estimated ${total['estimated_cost_usd']:.2f}"
+        f"{total.rows} rows, {total.segments} segments, {total.video_s:.1f} video-s, "
+        f"estimated ${total.estimated_cost_usd:.2f}"
     )
     if failures or check.errors:
         raise typer.Exit(EXIT_ROWS_FAILED)
@@ -266,12 +268,13 @@ def cancel(
         raise typer.Exit(EXIT_INVALID)
     outcomes = renderer.cancel_in_flight(Ledger(state_url_for(target, state)))
     for record, status in outcomes:
-        out.print(f"{record.row_id} chunk {record.chunk} {record.request_id or ''}: {status}")
+        request = f" {record.request_id}" if record.request_id else ""
+        out.print(f"{record.row_id} chunk {record.chunk}{request}: {status}")
     cancelled = sum(status == "CANCELLATION_REQUESTED" for _, status in outcomes)
     out.print(f"cancelled {cancelled} of {len(outcomes)} in-flight request(s)")
 
 
-def _print_results(outcome) -> None:
+def _print_results(outcome: BatchOutcome) -> None:
     table = Table(title="results")
     for col in ("id", "status", "video", "cost USD", "error"):
         table.add_column(col)
@@ -308,4 +311,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

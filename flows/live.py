@@ -7,10 +7,10 @@ import threading
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from flows.produce import BatchOutcome, run_batch
+from flows.produce import run_batch
 from tasks import progress
 from tasks.config import BatchConfig
-from tasks.records import ChunkRendered, ProgressEvent, RowFinished, RowsPlanned
+from tasks.records import BatchOutcome, ChunkRendered, ProgressEvent, RowFinished, RowsPlanned
 
 
 class _Display:

@@ -1,50 +1,50 @@
 """The batch flow: manifest → plan → render → verify → concat → verify → publish → results + report.
 
-Wiring only: every stage is a Prefect task in tasks/. A failing row is recorded and the rest go on.
+Wiring only: every stage is a Prefect task in tasks/. A failing row is recorded and the rest go on;
+the flow run ends Completed when every row is published and Failed (with the count) otherwise,
+after results, report and artifacts are published either way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+import os
+import time
+from typing import Any
 
-from prefect import flow, task, unmapped
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.blocks.system import Secret
+from prefect.client.schemas.objects import Flow as FlowSchema
+from prefect.client.schemas.objects import FlowRun
 from prefect.futures import PrefectFuture, as_completed, wait
+from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.terminal import survive_lost_terminal
 from tasks import progress
 from tasks.backends import renderer_class
 from tasks.concat import concat_chunks, prepare_master_audio
-from tasks.config import BatchConfig
+from tasks.config import BatchConfig, FalSettings, LocalSettings
 from tasks.ledger import Ledger
 from tasks.manifest import load_rows
 from tasks.plan import budget_gate, prepare_row
 from tasks.publish import publish_results, publish_row
-from tasks.records import ChunkVideo, RowFinished, RowPlan, RowResult
+from tasks.records import BatchOutcome, ChunkVideo, RowFinished, RowPlan, RowResult
 from tasks.render import render_chunk, render_row
-from tasks.report import save_thumbnail, write_report
+from tasks.report import ProgressArtifact, publish_artifacts, save_thumbnail, write_report
+from tasks.stop import request_stop
 from tasks.verify import verify_chunks, verify_video
 
-
-@dataclass
-class BatchOutcome:
-    """What a batch produced: one result per manifest row, and where the tables went."""
-
-    results: list[RowResult] = field(default_factory=list)
-    results_url: str | None = None
-    report_url: str | None = None
-
-    @property
-    def exit_code(self) -> int:
-        """0 when every row is published (now or by an earlier run), else 1."""
-        done = all(r.status == "published" or r.error is None for r in self.results)
-        return 0 if done else 1
+# Our modules log through these; the flow copies Prefect's API handler onto them so their lines
+# (resubmits, ambiguous submits, storage retries) show in the flow run's logs on the server.
+PROJECT_LOGGERS = ("tasks", "flows")
 
 
-def _failed(row_id: str, error: str, extra: dict | None = None) -> RowResult:
+def _failed(row_id: str, error: str, extra: dict[str, Any] | None = None) -> RowResult:
     return RowResult(id=row_id, status="failed", error=error, extra=extra or {})
 
 
-def _first_error(futures: list[PrefectFuture]) -> str:
+def _first_error(futures: list[PrefectFuture[Any]]) -> str:
     """The message of the earliest failed stage of a row (later stages only report NotReady)."""
     for future in futures:
         state = future.state
@@ -135,15 +135,127 @@ def _render_and_finish(plans: list[RowPlan], config: BatchConfig) -> dict[int, l
     return stages
 
 
-# Bounded by default for deployments too (Prefect's own default pool is unbounded);
-# run_batch sizes it from max_concurrency.
-@flow(name="produce-batch", log_prints=False, task_runner=ThreadPoolTaskRunner(max_workers=18))
-def produce_batch(config: BatchConfig) -> BatchOutcome:
-    """Render, check and publish every row of a manifest."""
+def _cancel_paid_requests(flow: FlowSchema, flow_run: FlowRun, state: State) -> None:
+    """On cancellation: stop dispatching and cancel the run's paid requests still in flight."""
+    request_stop()
+    config = batch_config(**flow_run.parameters)
+    backend = renderer_class(config.backend)
+    for record, outcome in backend.cancel_in_flight(Ledger.for_run(config)):
+        logging.getLogger(__name__).warning(
+            "row %s chunk %d: request %s %s",
+            record.row_id,
+            record.chunk,
+            record.request_id,
+            outcome,
+        )
+
+
+# The thread pool is bounded by default, for deployments too (Prefect's own default is
+# unbounded); run_batch sizes it from the backend.
+@flow(
+    name="produce-batch",
+    log_prints=False,
+    task_runner=ThreadPoolTaskRunner(max_workers=18),
+    on_cancellation=[_cancel_paid_requests],
+)
+def produce_batch(
+    manifest: str,
+    target: str = "./out",
+    backend: str = "local",
+    model_dir: str | None = None,
+    budget_usd: float | None = None,
+    max_concurrency: int = 8,
+    state: str | None = None,
+    work_dir: str | None = None,
+    chunk_target_s: float = 60.0,
+    resubmit_ambiguous: bool = False,
+    fal_key_secret: str | None = None,
+    results_name: str = "results.parquet",
+    report_name: str = "report.html",
+    fal: FalSettings | None = None,
+    local: LocalSettings | None = None,
+) -> State[BatchOutcome]:
+    """Render, check and publish every row of a manifest.
+
+    Every parameter is flat, so a run that overrides some keeps the deployment's others. The fal
+    key is never a parameter: it comes from the worker's FAL_KEY, or from the Prefect Secret block
+    named by `fal_key_secret`, read here at run time. `fal` and `local` default to the worker's
+    environment (FAL_*, AVATARFLOW_LOCAL_*); `model_dir` is the local checkpoint folder ("tiny"
+    for the random-weight demo checkpoint).
+    """
+    survive_lost_terminal()
+    _ship_project_logs()
+    if fal_key_secret:
+        os.environ["FAL_KEY"] = Secret.load(fal_key_secret).get()
+    started = time.monotonic()
+    config = batch_config(
+        manifest=manifest,
+        target=target,
+        backend=backend,
+        model_dir=model_dir,
+        budget_usd=budget_usd,
+        max_concurrency=max_concurrency,
+        state=state,
+        work_dir=work_dir,
+        chunk_target_s=chunk_target_s,
+        resubmit_ambiguous=resubmit_ambiguous,
+        results_name=results_name,
+        report_name=report_name,
+        fal=fal,
+        local=local,
+    )
+    problem = renderer_class(config.backend).check_config(config)
+    if problem is not None:
+        return Failed(message=f"cannot run: {problem}")
     ledger = Ledger.for_run(config)
-    with ledger.lock():  # one run per target at a time: two could both pay for one chunk
+    with ledger.run_slot(), ledger.lock():  # one run per target: two could pay for one chunk
         ledger.sweep_temp_files(config.target)  # what a killed run left; nothing else writes now
-        return _produce(config)
+        with ProgressArtifact.tracking(config):
+            outcome = _produce(config)
+    publish_artifacts(outcome, config, time.monotonic() - started)
+    return _final_state(outcome)
+
+
+def batch_config(**parameters: Any) -> BatchConfig:
+    """The run's BatchConfig from the flow's parameters (unset ones: defaults and environment)."""
+    model_dir = parameters.pop("model_dir", None)
+    parameters.pop("fal_key_secret", None)
+    given = {name: value for name, value in parameters.items() if value is not None}
+    if model_dir is not None:
+        local = given.get("local") or LocalSettings()
+        local = LocalSettings.model_validate(local) if isinstance(local, dict) else local
+        given["local"] = local.model_copy(update={"model_dir": model_dir})
+    return BatchConfig(**given)
+
+
+def flow_parameters(config: BatchConfig) -> dict[str, Any]:
+    """produce_batch's parameters for a BatchConfig (the CLI's and Python callers' way in)."""
+    names = set(produce_batch.parameters.properties) - {"model_dir", "fal_key_secret"}
+    return {name: getattr(config, name) for name in names}
+
+
+def _final_state(outcome: BatchOutcome) -> State[BatchOutcome]:
+    """Completed when every row is published (now or before), else Failed with the count."""
+    failed = outcome.failed
+    rows = len(outcome.results)
+    if failed:
+        message = f"{len(failed)} of {rows} rows failed; see {outcome.results_url}"
+        get_run_logger().error(message)
+        return Failed(message=message, data=outcome)
+    return Completed(
+        message=f"{rows} rows published; results at {outcome.results_url}", data=outcome
+    )
+
+
+def _ship_project_logs() -> None:
+    """Send our modules' log lines to the flow run's logs on the server, as Prefect's own."""
+    api_handlers = logging.getLogger("prefect.extra").handlers
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        for handler in api_handlers:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
 
 
 def _produce(config: BatchConfig) -> BatchOutcome:
@@ -185,13 +297,24 @@ def _produce(config: BatchConfig) -> BatchOutcome:
             progress.emit(RowFinished(plan.row.id, "failed"))
 
     ordered = [results[index] for index in sorted(results)]
-    outcome = BatchOutcome(results=ordered)
-    outcome.results_url = publish_results(ordered, check.passthrough_schema, config)
-    outcome.report_url = write_report(ordered, plans, config)
-    return outcome
+    logger = get_run_logger()
+    for result in ordered:
+        if result.status == "failed":
+            logger.warning("row %s failed: %s", result.id, result.error)
+    results_url = publish_results(ordered, check.passthrough_schema, config)
+    report_url = write_report(ordered, plans, config)
+    estimated = sum(p.estimated_cost_usd for p in dispatch)
+    return BatchOutcome(tuple(ordered), results_url, report_url, estimated)
 
 
 def run_batch(config: BatchConfig) -> BatchOutcome:
-    """Run produce_batch with a thread pool sized for the backend."""
+    """Run produce_batch for config, with a thread pool sized for the backend; its outcome."""
     runner = ThreadPoolTaskRunner(max_workers=renderer_class(config.backend).task_threads(config))
-    return produce_batch.with_options(task_runner=runner)(config)
+    flow_run = produce_batch.with_options(task_runner=runner)
+    state = flow_run(**flow_parameters(config), return_state=True)
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    if not isinstance(outcome, BatchOutcome):  # refused before any row ran
+        raise RuntimeError(state.message or state.name)
+    return outcome

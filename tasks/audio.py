@@ -25,6 +25,8 @@ from tasks.storage import temp_path, write_local, writing
 with warnings.catch_warnings():
     # pydub warns at import when no ffmpeg is on PATH; it only ever handles WAV/PCM here.
     warnings.simplefilter("ignore", RuntimeWarning)
+    # ... and imports audioop, which Python 3.11+ deprecates (pydub's problem, not a caller's).
+    warnings.filterwarnings("ignore", "'audioop' is deprecated", DeprecationWarning)
     from pydub import AudioSegment
 
 MIN_DURATION_S = 0.5  # shorter than this is not narration (and below one model frame window)
@@ -250,4 +252,4 @@ def _pause_point(frame_db: np.ndarray, threshold_db: float, lo: float, hi: float
         window = frame_db[first:last]
         smooth = np.convolve(window, np.ones(5) / 5, mode="same") if len(window) >= 5 else window
         middle = (first + int(np.argmin(smooth)) + 0.5) * FRAME_S
-    return min(max(middle, lo), hi)
+    return float(min(max(middle, lo), hi))

@@ -12,12 +12,14 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import av
 from av.audio.stream import AudioStream
 from av.container import InputContainer, OutputContainer
 from av.packet import Packet
 from av.stream import Stream
+from av.video.stream import VideoStream
 from prefect import task
 
 from tasks.config import BatchConfig
@@ -46,8 +48,10 @@ AAC_SAMPLE_RATES = {
 DEFAULT_LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1", 8: "7.1"}
 REENCODE_OPTIONS = {"crf": "18", "preset": "veryfast"}  # visually lossless, still ~realtime on CPU
 
+if TYPE_CHECKING:
+    AnyPacket = Packet[Any]  # PyAV's packets are generic only in its type stubs
 # A function that adds the video stream to the output and returns it with its packets, in order.
-VideoSource = Callable[[OutputContainer], tuple[Stream, Iterator[Packet]]]
+VideoSource = Callable[[OutputContainer], "tuple[Stream, Iterator[AnyPacket]]"]
 
 
 class _CannotCopy(Exception):
@@ -151,7 +155,7 @@ def concat_row(
 def _copy_source(paths: Sequence[str], chunk_frames: Sequence[int], fps: int) -> VideoSource:
     """Stream-copy the chunks' first packets, rewriting timestamps into one continuous timeline."""
 
-    def add(out: OutputContainer) -> tuple[Stream, Iterator[Packet]]:
+    def add(out: OutputContainer) -> tuple[Stream, Iterator[AnyPacket]]:
         with av.open(paths[0]) as first:
             reference = probe_container(first, paths[0], count_frames=False)
             stream = out.add_stream_from_template(first.streams.video[0])
@@ -165,15 +169,15 @@ def _copy_source(paths: Sequence[str], chunk_frames: Sequence[int], fps: int) ->
 
 def _copied_packets(
     paths: Sequence[str], chunk_frames: Sequence[int], reference: VideoProbe, step: int
-) -> Iterator[Packet]:
+) -> Iterator[AnyPacket]:
     """Yield the first chunk_frames[k] packets of each chunk with continuous timestamps."""
     offset, last_dts = 0, None
     for index, (path, frames) in enumerate(zip(paths, chunk_frames, strict=True)):
         packets = _first_packets(path, index, frames, reference, step)
-        shift = offset - packets[0].pts
+        shift = offset - _pts(packets[0])
         for packet in packets:
-            packet.pts += shift
-            packet.dts += shift
+            packet.pts = _pts(packet) + shift
+            packet.dts = _dts(packet) + shift
             if last_dts is not None and packet.dts <= last_dts:
                 raise _CannotCopy(f"chunk {index}: decode timestamps overlap the previous chunk")
             last_dts = packet.dts
@@ -184,7 +188,7 @@ def _copied_packets(
 
 def _first_packets(
     path: str, index: int, count: int, reference: VideoProbe, step: int
-) -> list[Packet]:
+) -> list[AnyPacket]:
     """Demux a chunk's first count packets, or raise _CannotCopy if copying them is not exact."""
     with av.open(path) as container:
         differences = _differences(probe_container(container, path, False), reference)
@@ -194,13 +198,24 @@ def _first_packets(
         packets = list(itertools.islice(timed, count))
     if len(packets) < count:
         raise ValueError(f"chunk {index} has {len(packets)} frames, need {count}")
-    start = packets[0].pts
+    start = _pts(packets[0])
     # Exact only if these packets present exactly the first frames on the frame grid: then no kept
     # frame references a dropped one (a B-frame run cut in two fails this).
-    presented = sorted(p.pts for p in packets)
+    presented = sorted(_pts(p) for p in packets)
     if not packets[0].is_keyframe or presented != list(range(start, start + count * step, step)):
         raise _CannotCopy(f"chunk {index}: cutting at frame {count} splits reordered frames")
     return packets
+
+
+def _pts(packet: AnyPacket) -> int:
+    """A demuxed packet's presentation time (only the final flush packet has none)."""
+    assert packet.pts is not None
+    return packet.pts
+
+
+def _dts(packet: AnyPacket) -> int:
+    """A packet's decode time (its presentation time when the muxer left it unset)."""
+    return packet.dts if packet.dts is not None else _pts(packet)
 
 
 def _reencode_source(
@@ -208,7 +223,7 @@ def _reencode_source(
 ) -> VideoSource:
     """Decode the chunks, resample them to fps and size, and encode one uniform H.264 stream."""
 
-    def add(out: OutputContainer) -> tuple[Stream, Iterator[Packet]]:
+    def add(out: OutputContainer) -> tuple[Stream, Iterator[AnyPacket]]:
         stream = out.add_stream("libx264", rate=fps, options=dict(REENCODE_OPTIONS))
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"
@@ -218,12 +233,12 @@ def _reencode_source(
 
 
 def _encoded_packets(
-    stream: Stream,
+    stream: VideoStream,
     probes: Sequence[VideoProbe],
     chunk_frames: Sequence[int],
     fps: int,
     size: tuple[int, int],
-) -> Iterator[Packet]:
+) -> Iterator[AnyPacket]:
     """Encode the wanted frames of every chunk in order, then flush the encoder."""
     index = 0
     for probe, frames in zip(probes, chunk_frames, strict=True):
@@ -267,6 +282,7 @@ def _mux(
         video_stream, packets = video(out)
         audio_in = master.streams.audio[0]
         audio_stream = out.add_stream_from_template(audio_in)
+        assert audio_in.time_base is not None  # set by the demuxer
         audio_tb = Fraction(audio_in.time_base)
         end_ticks = math.ceil(end / audio_tb)  # audio packets starting before the video ends
         audio = (p for p in master.demux(audio_in) if p.pts is not None and p.pts < end_ticks)
@@ -279,7 +295,7 @@ def _mux(
                     video_tb.numerator * audio_tb.denominator,
                 )
             # Interleave by time so players can stream the file from the start.
-            while pending is not None and pending.dts * scale[0] <= packet.dts * scale[1]:
+            while pending is not None and _dts(pending) * scale[0] <= _dts(packet) * scale[1]:
                 pending.stream = audio_stream
                 out.mux(pending)
                 pending = next(audio, None)

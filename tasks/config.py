@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PRICE_PER_VIDEO_S = {"480p": 0.15, "720p": 0.30}  # fal's public price page, USD
@@ -46,10 +46,14 @@ class FalSettings(BaseSettings):
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
     request_timeout_s: float | None = None  # sent as X-Fal-Request-Timeout (time-to-start)
+    # Requests in flight hold a slot of this Prefect global concurrency limit when it exists
+    # (`prefect gcl create avatarflow-fal --limit N`): every run and shard shares the account's N.
+    concurrency_limit: str | None = "avatarflow-fal"
 
-    def model_post_init(self, context: object) -> None:
-        for name in ("queue_url", "rest_url", "cdn_url"):  # "http://host/" and "http://host" alike
-            object.__setattr__(self, name, getattr(self, name).rstrip("/"))
+    @field_validator("queue_url", "rest_url", "cdn_url")
+    @classmethod
+    def _no_trailing_slash(cls, url: str) -> str:
+        return url.rstrip("/")  # "http://host/" and "http://host" alike
 
     @staticmethod
     def api_key() -> str | None:

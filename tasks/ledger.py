@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +31,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import fsspec
 import pydantic
 from fsspec.implementations.local import LocalFileSystem
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists
+from prefect.settings import PREFECT_API_URL
 
 from tasks.records import Attempt, ChunkVideo, Published, Request, RowResult, from_json, to_json
 from tasks.storage import sha256_file, sweep_temp_files, write_local, write_url
@@ -40,6 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+RUN_SLOT_LEASE_S = 60  # renewed while the run lives; how long a dead run blocks its target
 
 
 class LedgerBusyError(RuntimeError):
@@ -134,6 +141,27 @@ class Ledger:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise LedgerBusyError(f"another run is using the ledger at {self.url}") from None
+            yield
+
+    @contextlib.contextmanager
+    def run_slot(self) -> Iterator[None]:
+        """One run per target on any storage, across machines: hold the only slot of a Prefect
+        global concurrency limit named after this ledger, so a second run waits for the first.
+
+        Only against a Prefect server (PREFECT_API_URL); an ephemeral server lives and dies with
+        its process, so lock() is what serialises runs there. The slot is a lease: a run that
+        dies frees it after RUN_SLOT_LEASE_S.
+        """
+        if not PREFECT_API_URL.value():
+            yield
+            return
+        name = "avatarflow-target-" + hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        with get_client(sync_client=True) as client:
+            limit = GlobalConcurrencyLimitCreate(name=name, limit=1)
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(limit)
+        log.info("waiting for the run slot of %s (limit %s)", self.url, name)
+        with concurrency(name, occupy=1, lease_duration=RUN_SLOT_LEASE_S, strict=True):
             yield
 
     def sweep_temp_files(self, target: str | None = None) -> list[str]:

@@ -33,7 +33,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from tasks.config import BatchConfig
-from tasks.records import RenderParams, Row, RowError
+from tasks.records import RenderParams, Row, RowError, Sidecar, json_schema
 from tasks.redact import public_url
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # ids name output files: no separators, no dots
@@ -306,7 +306,8 @@ def _column_values(table: pa.Table, name: str) -> list[Any]:
     column = table.column(name)
     if _COLUMN_KINDS[name] == "string" and pa.types.is_integer(column.type):
         column = pc.cast(column, pa.string())
-    return column.to_pylist()
+    values: list[Any] = column.to_pylist()
+    return values
 
 
 def _present(record: dict[str, Any]) -> dict[str, Any]:
@@ -377,9 +378,10 @@ def manifest_json_schema() -> dict[str, Any]:
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
-def write_schema(path: str | Path) -> None:
-    """Write manifest_json_schema() to path as stable, indented JSON."""
-    Path(path).write_text(json.dumps(manifest_json_schema(), indent=2, ensure_ascii=False) + "\n")
+def write_schema(path: str | Path, schema: dict[str, Any] | None = None) -> None:
+    """Write a JSON Schema (default: the manifest row's) to path as stable, indented JSON."""
+    schema = manifest_json_schema() if schema is None else schema
+    Path(path).write_text(json.dumps(schema, indent=2, ensure_ascii=False) + "\n")
 
 
 @task(name="load-manifest")
@@ -390,9 +392,13 @@ def load_rows(config: BatchConfig) -> ManifestCheck:
 
 def _main(argv: Iterable[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tasks.manifest", description=__doc__)
-    parser.add_argument("--write-schema", metavar="PATH", required=True, help="write JSON Schema")
+    parser.add_argument("--write-schema", metavar="PATH", help="write the manifest row schema")
+    parser.add_argument("--write-sidecar-schema", metavar="PATH", help="write the sidecar schema")
     args = parser.parse_args(list(argv) if argv is not None else None)
-    write_schema(args.write_schema)
+    if args.write_schema:
+        write_schema(args.write_schema)
+    if args.write_sidecar_schema:
+        write_schema(args.write_sidecar_schema, json_schema(Sidecar))
 
 
 if __name__ == "__main__":

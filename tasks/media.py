@@ -93,19 +93,20 @@ def probe_container(container: InputContainer, path: str, count_frames: bool = T
 
 def _scan_packets(container: InputContainer, stream: VideoStream) -> tuple[int, int, bool]:
     """Demux a video stream: (packets, first start to last end in ticks, pts ever go backwards)."""
-    frames, first, end, top = 0, None, None, None
+    frames, first, end, top = 0, 0, 0, 0
     reordered = False
     for packet in container.demux(stream):
-        if packet.dts is None and packet.pts is None:
+        pts = packet.pts if packet.pts is not None else packet.dts
+        if pts is None:
             continue  # the demuxer's final flush packet
         frames += 1
-        pts = packet.pts if packet.pts is not None else packet.dts
-        reordered = reordered or (top is not None and pts < top)
-        top = pts if top is None else max(top, pts)
-        first = pts if first is None else min(first, pts)
         stop = pts + (packet.duration or 0)
-        end = stop if end is None else max(end, stop)
-    return frames, (end - first) if frames else 0, reordered
+        if frames == 1:
+            first, top, end = pts, pts, stop
+            continue
+        reordered = reordered or pts < top
+        top, first, end = max(top, pts), min(first, pts), max(end, stop)
+    return frames, end - first, reordered
 
 
 def count_audio_samples(path: str | Path) -> tuple[int, int]:

@@ -60,6 +60,7 @@ def plan_row(
     """Plan one row: its chunks and segments, seed, billable units, cost and input hash."""
     backend = renderer_class(config.backend)
     grid = backend.frame_grid(config)
+    chunks: tuple[Chunk, ...]
     if row.num_segments is not None:
         chunks = (_override_chunk(row, audio, row.num_segments, grid),)
     else:

@@ -147,7 +147,8 @@ def parquet_bytes(table: pa.Table) -> bytes:
     """Serialise a table as Parquet in memory."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
+    data: bytes = sink.getvalue().to_pybytes()
+    return data
 
 
 def build_sidecar(

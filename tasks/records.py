@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -26,19 +25,27 @@ MAX_GUIDANCE_SCALE = 20.0
 MAX_PROMPT_CHARS = 2000  # far above any useful prompt; stops a pasted document reaching the model
 
 
-@cache
-def _adapter(kind: type) -> TypeAdapter[Any]:
-    return TypeAdapter(kind)
+_ADAPTERS: dict[Any, TypeAdapter[Any]] = {}
+
+
+def _adapter(kind: Any) -> TypeAdapter[Any]:
+    """One pydantic adapter per record type (building one is slow; a race only builds it twice)."""
+    adapter = _ADAPTERS.get(kind)
+    if adapter is None:
+        adapter = _ADAPTERS[kind] = TypeAdapter(kind)
+    return adapter
 
 
 def to_json(record: Any) -> dict[str, Any]:
     """A JSON-ready dict of a record (nested records included)."""
-    return _adapter(type(record)).dump_python(record, mode="json")
+    doc: dict[str, Any] = _adapter(type(record)).dump_python(record, mode="json")
+    return doc
 
 
 def from_json(kind: type[T], doc: Any) -> T:
     """Rebuild a record of `kind` from what to_json wrote (raises pydantic.ValidationError)."""
-    return _adapter(kind).validate_python(doc)
+    record: T = _adapter(kind).validate_python(doc)
+    return record
 
 
 def json_schema(kind: type) -> dict[str, Any]:
@@ -98,10 +105,8 @@ V1_GRID = FrameGrid(16)
 
 # --- manifest rows --------------------------------------------------------------------------------
 
-_Prompt = Annotated[str | None, Field(default=None, max_length=MAX_PROMPT_CHARS)]
-_Scale = Annotated[
-    float | None, Field(default=None, ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False)
-]
+_Prompt = Annotated[str | None, Field(max_length=MAX_PROMPT_CHARS)]
+_Scale = Annotated[float | None, Field(ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False)]
 
 
 class RenderParams(BaseModel):
@@ -111,12 +116,14 @@ class RenderParams(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    prompt: _Prompt = Field(description="Scene/behaviour text; the model's default if absent.")
-    negative_prompt: _Prompt = Field(description="The model's default if absent.")
+    prompt: _Prompt = Field(
+        None, description="Scene/behaviour text; the model's default if absent."
+    )
+    negative_prompt: _Prompt = Field(None, description="The model's default if absent.")
     resolution: Resolution = "480p"
-    num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_INFERENCE_STEPS)
-    text_guidance_scale: _Scale
-    audio_guidance_scale: _Scale
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_INFERENCE_STEPS)
+    text_guidance_scale: _Scale = None
+    audio_guidance_scale: _Scale = None
 
     def given(self) -> dict[str, Any]:
         """The parameters the row set (None means: the model's default)."""
@@ -329,6 +336,27 @@ class RowResult:
     cost_usd: float = 0.0
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What a batch run produced: one result per manifest row, and where the tables went."""
+
+    results: tuple[RowResult, ...] = ()
+    results_url: str | None = None
+    report_url: str | None = None
+    estimated_usd: float = 0.0  # what this run's dispatched rows were estimated to cost
+
+    @property
+    def failed(self) -> list[RowResult]:
+        """Rows that are not published: failed, or skipped for a reason (e.g. the budget)."""
+        done = ("published", "skipped")
+        return [r for r in self.results if r.status not in done or r.error is not None]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every row is published (now or by an earlier run), else 1."""
+        return 1 if self.failed else 0
 
 
 # --- the run ledger's documents (tasks/ledger.py) -------------------------------------------------

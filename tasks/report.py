@@ -8,20 +8,40 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import html
 import io
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import av
 from PIL import Image
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
+from tasks import progress
+from tasks.backends import renderer_class
 from tasks.config import BatchConfig
 from tasks.publish import publish_bytes
-from tasks.records import PlanSummary, RowPlan, RowResult, to_json
+from tasks.records import (
+    BatchOutcome,
+    PlanSummary,
+    ProgressEvent,
+    RowFinished,
+    RowPlan,
+    RowResult,
+    RowsPlanned,
+    to_json,
+)
 from tasks.storage import write_local
 from tasks.workdir import WorkDir
 
@@ -34,6 +54,7 @@ th{background:#f0f2f5;font-weight:600}td.num{text-align:right;font-variant-numer
 .published{color:#137333}.failed{color:#b3261e}.skipped{color:#8a6d00}
 video,img.thumb{max-width:240px;border-radius:4px;background:#000}
 .error{white-space:pre-wrap;font-family:ui-monospace,monospace;color:#b3261e}
+.warning{background:#fff4ce;border-left:4px solid #b38600;padding:.6rem 1rem}
 .cards{display:flex;gap:1rem;flex-wrap:wrap}.card{background:#fff;padding:.7rem 1rem;
 border-radius:6px;box-shadow:0 1px 2px #0002}.card b{display:block;font-size:1.3rem}
 """
@@ -57,14 +78,16 @@ def render_report(
     summary: Mapping[str, Any],
     thumbnails: Mapping[str, bytes],
     title: str,
+    warning: str | None = None,
 ) -> str:
-    """Return the batch report as one self-contained HTML page."""
+    """Return the batch report as one self-contained HTML page (warning: a banner on top)."""
     parts = [
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width,initial-scale=1">',
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
+        f'<p class="warning">{_e(warning)}</p>' if warning else "",
         _summary_section(results, summary),
         _rows_section(results, thumbnails),
         _failures_section(results),
@@ -153,12 +176,13 @@ def thumbnail_jpeg(mp4_path: str | Path, width: int = 160) -> bytes:
     """Return a JPEG of the video's middle frame, scaled to `width` pixels wide."""
     with av.open(str(mp4_path)) as container:
         stream = container.streams.video[0]
-        middle_s = float(stream.duration * stream.time_base) / 2 if stream.duration else 0.0
+        time_base = stream.time_base or Fraction(1, 1_000_000)
+        middle_s = float(stream.duration * time_base) / 2 if stream.duration else 0.0
         if middle_s > 0:
-            container.seek(int(middle_s / stream.time_base), stream=stream)
+            container.seek(int(middle_s / time_base), stream=stream)
         image = None
         for frame in container.decode(stream):
-            image = frame.to_image()
+            image = frame.to_image()  # type: ignore[no-untyped-call]
             # the seek lands on the keyframe before the middle: decode forward to it
             if frame.time is None or frame.time >= middle_s:
                 break
@@ -186,10 +210,92 @@ def write_report(
     results: Sequence[RowResult], plans: Sequence[RowPlan], config: BatchConfig
 ) -> str:
     """Render report.html for the batch (thumbnails from this run's videos) and publish it."""
-    summary = to_json(PlanSummary.of(plans))
+    backend = renderer_class(config.backend)
+    summary = {"model": backend.model_name(config), **to_json(PlanSummary.of(plans))}
     thumbnails: dict[str, bytes] = {}
     for plan in plans:
         with contextlib.suppress(OSError):  # rows that did not finish this run have none
             thumbnails[plan.row.id] = _thumbnail_path(config, plan).read_bytes()
-    html = render_report(results, summary, thumbnails, f"avatarflow — {config.manifest}")
+    title = f"avatarflow — {config.manifest}"
+    html = render_report(results, summary, thumbnails, title, backend.warning(config))
     return publish_bytes(html.encode(), config.target, config.report_name)
+
+
+def artifact_key(config: BatchConfig, kind: str) -> str:
+    """A stable Prefect artifact key per target, so the UI shows each target's history."""
+    digest = hashlib.sha256(config.target.rstrip("/").encode()).hexdigest()[:12]
+    return f"avatarflow-{kind}-{digest}"
+
+
+def publish_artifacts(outcome: BatchOutcome, config: BatchConfig, wall_s: float) -> None:
+    """The run's results table, summary and links as Prefect artifacts (shown in the UI)."""
+    rows = [
+        {
+            "id": r.id,
+            "status": r.status,
+            "duration_s": round(r.duration_s, 3) if r.duration_s is not None else None,
+            "cost_usd": round(r.cost_usd, 4),
+            "video": r.video_url,
+            "error": r.error,
+        }
+        for r in outcome.results
+    ]
+    create_table_artifact(rows, key=artifact_key(config, "rows"), description="Rows of this run")
+    create_markdown_artifact(
+        _summary_markdown(outcome, config, wall_s),
+        key=artifact_key(config, "summary"),
+        description="Batch summary",
+    )
+    for name, url in (("results", outcome.results_url), ("report", outcome.report_url)):
+        if url:
+            create_link_artifact(url, link_text=url, key=artifact_key(config, name))
+
+
+def _summary_markdown(outcome: BatchOutcome, config: BatchConfig, wall_s: float) -> str:
+    counts = Counter(r.status for r in outcome.results)
+    published_s = sum(r.duration_s or 0.0 for r in outcome.results if r.status == "published")
+    paid = sum(r.cost_usd for r in outcome.results)
+    warning = renderer_class(config.backend).warning(config)
+    lines = [
+        f"# avatarflow: {config.manifest} → {config.target}",
+        *([f"> **{warning}**", ""] if warning else []),
+        "| rows | published | skipped | failed | video min | estimated USD | paid USD | wall |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| {len(outcome.results)} | {counts['published']} | {counts['skipped']} "
+        f"| {len(outcome.failed)} | {published_s / 60:.2f} | {outcome.estimated_usd:.2f} "
+        f"| {paid:.2f} | {wall_s:.0f} s |",
+    ]
+    return "\n".join(lines)
+
+
+class ProgressArtifact:
+    """A Prefect progress artifact that follows the rows as they finish."""
+
+    def __init__(self, config: BatchConfig) -> None:
+        self.done, self.total = 0, 0
+        self.id = create_progress_artifact(
+            0.0, key=artifact_key(config, "progress"), description="Rows finished"
+        )
+
+    def __call__(self, event: ProgressEvent) -> None:
+        match event:
+            case RowsPlanned():
+                self.total += event.rows
+            case RowFinished():
+                self.done += 1
+            case _:
+                return
+        if self.total:
+            update_progress_artifact(self.id, progress=100.0 * self.done / self.total)
+
+    @classmethod
+    @contextlib.contextmanager
+    def tracking(cls, config: BatchConfig) -> Iterator[ProgressArtifact]:
+        """Keep a progress artifact updated from the progress events inside the block."""
+        artifact = cls(config)
+        unsubscribe = progress.subscribe(artifact)
+        try:
+            yield artifact
+        finally:
+            unsubscribe()
+            update_progress_artifact(artifact.id, progress=100.0)

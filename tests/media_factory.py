@@ -76,6 +76,7 @@ def write_audio(path: Path | str, samples: np.ndarray, sample_rate: int, format:
     if codec == "libopus" and rate not in _OPUS_RATES:
         rate = 48000
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w", format=container_format) as container:
         stream = container.add_stream(
             codec, rate=rate, layout=layout, options=_ENCODER_OPTIONS.get(codec, {})

@@ -87,6 +87,11 @@ class Renderer(ABC):
         return f"LongCat-Video-Avatar ({cls.name})"
 
     @classmethod
+    def warning(cls, config: BatchConfig) -> str | None:
+        """Something every output of this run must say (the report's banner), if anything."""
+        return None
+
+    @classmethod
     def task_threads(cls, config: BatchConfig) -> int:
         """Threads the flow's task pool needs to keep this backend busy."""
         return 4

@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, ClassVar, Self
 import av
 import numpy as np
 import torch
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from scipy.signal import resample_poly
+from transformers.utils import logging as transformers_logging
 
 from model.loading import DEFAULTS_FILE, checkpoint_fps, load_pipeline
 from model.pipeline_longcat_avatar import LongCatAvatarSegmentState, LongCatVideoAvatarPipeline
@@ -84,7 +86,7 @@ def read_wav(path: str | Path) -> np.ndarray:
         return samples
     divisor = math.gcd(rate, MODEL_SAMPLE_RATE_HZ)
     resampled = resample_poly(samples, MODEL_SAMPLE_RATE_HZ // divisor, rate // divisor)
-    return resampled.astype(np.float32)
+    return np.asarray(resampled, dtype=np.float32)
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
@@ -158,11 +160,20 @@ class LocalRenderer(Renderer):
         return f"LongCat-Video-Avatar (local checkpoint {config.local.model_dir})"
 
     @classmethod
+    def warning(cls, config: BatchConfig) -> str | None:
+        if config.local.is_tiny:
+            return "Rendered with the tiny random-weight checkpoint: these videos are noise."
+        return None
+
+    @classmethod
     def cache_key(cls, config: BatchConfig) -> str:
         return f"{checkpoint_dir(config)}|{config.local.model_dump_json()}"
 
     @classmethod
     def create(cls, config: BatchConfig) -> Self:
+        # A batch run shows its own progress; the libraries' load/save bars would tear through it.
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         model_dir = checkpoint_dir(config)
         if config.local.is_tiny and not (model_dir / DEFAULTS_FILE).exists():
             write_tiny_checkpoint(model_dir)  # DEFAULTS_FILE is written last: folder complete
@@ -202,7 +213,7 @@ class LocalRenderer(Renderer):
         row, pipe = job.plan.row, self.pipe
         audio = self._row_audio(job)
         # The chunks' own segment counts, or more when their sum falls short of the whole row.
-        needed = pipe.num_segments_for(audio.size / MODEL_SAMPLE_RATE_HZ)
+        needed = int(pipe.num_segments_for(audio.size / MODEL_SAMPLE_RATE_HZ))
         num_segments = max(sum(c.num_segments for c in job.chunks), needed)
         state = _latest_state(segments_dir, num_segments)
         if state is not None and state.segments_done == num_segments:

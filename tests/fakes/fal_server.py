@@ -25,12 +25,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 import av
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from tasks.config import FalSettings
 
 APP = "fal-ai/longcat-single-avatar"
 AI2V = "image-audio-to-video"
@@ -254,6 +257,24 @@ class FakeFal:
             "FAL_REST_URL": self.rest_url,
             "FAL_CDN_URL": self.cdn_url,
         }
+
+    def settings(self, **overrides: Any) -> FalSettings:
+        """FalSettings pointing at this fake, with the real protocol but millisecond backoff and
+        fast polls (the retry logic is real, only its waits are short). The key is not in them:
+        FalSettings.api_key() reads FAL_KEY, which the `fake` fixture sets (or see env())."""
+        from tasks.config import FalSettings
+
+        fast: dict[str, Any] = {
+            "queue_url": self.queue_url,
+            "rest_url": self.rest_url,
+            "cdn_url": self.cdn_url,
+            "backoff_base_s": 0.005,
+            "backoff_max_s": 0.02,
+            "poll_initial_s": 0.05,
+            "poll_max_s": 0.2,
+            "http_timeout_s": 5.0,
+        }
+        return FalSettings(**{**fast, **overrides})
 
     def state(self, request_id: str) -> str:
         """The request's status right now (IN_QUEUE, IN_PROGRESS or COMPLETED)."""

@@ -15,10 +15,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from flows.settings import BatchConfig
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.settings import BatchConfig
 from tasks.manifest import read_manifest, validate_manifest
 from tasks.plan import PlanError, prepare
 from tests.fakes.fal_server import FakeFal

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prefect import Flow
-
 from flows.settings import BatchConfig
+from prefect import Flow
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "prefect.yaml"
 

@@ -20,12 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
+import tasks.fal_client
 from botocore.exceptions import EndpointConnectionError
+from flows.settings import BatchConfig, FalSettings
 
 import tasks.concat
-import tasks.fal_client
 from flows.produce import run_batch
-from flows.settings import BatchConfig, FalSettings
 from tasks import publish
 from tasks.ledger import Ledger
 from tasks.media import count_audio_samples, probe_video

@@ -7,49 +7,33 @@ import json
 from pathlib import Path
 
 import fsspec
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from flows.produce import run_batch
-from flows.settings import BatchConfig
+from tasks.config import BatchConfig, LocalSettings
 from tasks.media import count_audio_samples, probe_video
+from tests.factories import narrated_manifest, write_manifest, write_narrations
 from tests.fakes.fal_server import FakeFal
 from tests.fakes.s3_server import S3Server
-from tests.media_factory import write_narration
 
 FPS = 16
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
-def _manifest(folder: Path, rows: list[dict]) -> str:
-    path = folder / "manifest.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return str(path)
-
-
-@pytest.fixture
-def fal(monkeypatch: pytest.MonkeyPatch):
-    with FakeFal(latency_s=0.05) as fake:
-        for key, value in fake.env().items():
-            monkeypatch.setenv(key, value)
-        yield fake
-
-
 @pytest.fixture
 def mixed_manifest(tmp_path: Path) -> tuple[str, dict[str, float]]:
     """3 s wav, 12 s mp3, 47 s m4a and 190 s wav narrations, plus a row whose audio is missing."""
-    media = tmp_path / "media"
-    media.mkdir()
     lengths = {"short": (3.0, "wav"), "mid": (12.0, "mp3"), "long": (47.0, "m4a")}
     lengths["lecture"] = (190.0, "wav")
-    rows = []
-    for i, (row_id, (seconds, fmt)) in enumerate(lengths.items()):
-        write_narration(media / f"{row_id}.{fmt}", seconds, fmt, seed=i)
-        rows.append({"id": row_id, "audio": f"media/{row_id}.{fmt}", "course": f"c{i}", "n": i})
+    rows = write_narrations(tmp_path, lengths)
+    for i, row in enumerate(rows):
+        row |= {"course": f"c{i}", "n": i}
     rows.insert(2, {"id": "ghost", "audio": "media/nope.wav", "course": "cx", "n": 99})
-    return _manifest(tmp_path, rows), {k: v[0] for k, v in lengths.items()}
+    return write_manifest(tmp_path / "manifest.parquet", rows), {
+        k: v[0] for k, v in lengths.items()
+    }
 
 
 def _check_video(path: str, audio_s: float) -> None:
@@ -61,13 +45,19 @@ def _check_video(path: str, audio_s: float) -> None:
     assert abs(samples / rate - audio_s) <= 1 / FPS
 
 
+@pytest.mark.slow
 def test_fal_batch_publishes_every_valid_row_and_resumes_without_paying_twice(
-    fal: FakeFal, mixed_manifest: tuple[str, dict[str, float]], tmp_path: Path
+    fake: FakeFal, mixed_manifest: tuple[str, dict[str, float]], tmp_path: Path
 ) -> None:
+    fal = fake
     manifest, lengths = mixed_manifest
     target = tmp_path / "out"
     config = BatchConfig(
-        manifest=manifest, target=str(target), backend="fal", work_dir=str(tmp_path / "work")
+        manifest=manifest,
+        target=str(target),
+        backend="fal",
+        work_dir=str(tmp_path / "work"),
+        fal=fake.settings(),
     )
 
     outcome = run_batch(config)
@@ -108,16 +98,19 @@ def test_fal_batch_publishes_every_valid_row_and_resumes_without_paying_twice(
 
 
 def test_fal_batch_publishes_to_s3(
-    fal: FakeFal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake: FakeFal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write_narration(tmp_path / "hello.wav", 4.0)
-    manifest = _manifest(tmp_path, [{"id": "hello", "audio": "hello.wav"}])
+    manifest = narrated_manifest(tmp_path, {"hello": 4.0}, subdir="")
     with S3Server() as s3:
         for key, value in s3.env.items():
             monkeypatch.setenv(key, value)
         target = f"{s3.url}/videos"
         config = BatchConfig(
-            manifest=manifest, target=target, backend="fal", work_dir=str(tmp_path / "w")
+            manifest=manifest,
+            target=target,
+            backend="fal",
+            work_dir=str(tmp_path / "w"),
+            fal=fake.settings(),
         )
         outcome = run_batch(config)
         assert outcome.exit_code == 0, outcome.results
@@ -129,17 +122,14 @@ def test_fal_batch_publishes_to_s3(
         _check_video(str(local), 4.0)
 
 
-def test_local_v15_checkpoint_renders_and_publishes_at_its_25_fps(tmp_path: Path) -> None:
-    from flows.settings import LocalSettings
-    from model.tiny import write_tiny_checkpoint
-
-    write_narration(tmp_path / "a.wav", 7.0)
-    root = write_tiny_checkpoint(tmp_path / "ckpt", version="1.5")
+def test_local_v15_checkpoint_renders_and_publishes_at_its_25_fps(
+    tmp_path: Path, tiny_checkpoint_v15: Path
+) -> None:
     config = BatchConfig(
-        manifest=_manifest(tmp_path, [{"id": "a", "audio": "a.wav"}]),
+        manifest=narrated_manifest(tmp_path, {"a": 7.0}, subdir=""),
         target=str(tmp_path / "out"),
         work_dir=str(tmp_path / "work"),
-        local=LocalSettings(model_dir=str(root)),
+        local=LocalSettings(model_dir=str(tiny_checkpoint_v15)),
     )
     outcome = run_batch(config)
     assert outcome.exit_code == 0, outcome.results

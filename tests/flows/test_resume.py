@@ -25,11 +25,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from flows.settings import FalSettings
+from tasks.fal_client import FalQueueClient
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.settings import FalSettings
-from tasks.fal_client import FalQueueClient
 from tasks.ledger import Ledger
 from tasks.media import probe_video
 from tests.fakes.fal_server import APP, FakeFal, Faults

@@ -19,13 +19,13 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from flows.settings import BatchConfig
 from prefect.logging.handlers import APILogHandler
 from prefect.settings import get_current_settings
 from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.produce import run_batch
-from flows.settings import BatchConfig
 from tasks.plan import PlanError, prepare
 from tasks.records import Row
 from tests.fakes.fal_server import FakeFal, Faults

@@ -8,9 +8,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from flows.settings import BatchConfig
 
 from flows.produce import run_batch
-from flows.settings import BatchConfig
 from flows.shard import child_config, merge_results, write_shards
 from tests.fakes.fal_server import FakeFal
 from tests.media_factory import write_narration

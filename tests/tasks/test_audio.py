@@ -18,12 +18,13 @@ import pytest
 
 from tasks.audio import (
     AudioError,
-    chunk_span_s,
     find_cut_points,
     load_pcm,
     probe_audio,
     write_chunk_wav,
 )
+from tasks.records import V1_GRID, FrameGrid
+from tasks.workdir import WorkDir
 from tests.media_factory import (
     speechlike,
     write_audio,
@@ -48,7 +49,7 @@ def test_decodes_every_common_format_with_exact_duration(
     mono = speechlike(1.3, rate, seed=rate)
     samples = mono if channels == 1 else np.stack([mono, mono[::-1]], axis=1)
     source = write_audio(tmp_path / f"n.{fmt}", samples, rate, fmt)
-    info = probe_audio(str(source), tmp_path / "work")
+    info = probe_audio(str(source), WorkDir(tmp_path / "work").audio)
     # opus always decodes at 48 kHz; everything else keeps the source rate
     expected_rate = 48000 if fmt == "ogg" else rate
     assert info.sample_rate_hz == expected_rate
@@ -70,16 +71,16 @@ def test_ffmpeg_made_m4a_is_trimmed_to_its_exact_duration(tmp_path: Path) -> Non
     ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
     cmd = [ffmpeg, "-loglevel", "error", "-i", str(wav), "-c:a", "aac", str(m4a)]
     subprocess.run(cmd, check=True)
-    assert probe_audio(str(m4a), tmp_path / "work").duration_s == 2.0
+    assert probe_audio(str(m4a), WorkDir(tmp_path / "work").audio).duration_s == 2.0
 
 
 def test_probe_reuses_the_content_addressed_copy(tmp_path: Path) -> None:
     source = write_audio(tmp_path / "n.wav", speechlike(1.0), 16000, "wav")
-    first = probe_audio(str(source), tmp_path / "work")
+    first = probe_audio(str(source), WorkDir(tmp_path / "work").audio)
     pcm_mtime = Path(first.pcm_path).stat().st_mtime_ns
     copy = tmp_path / "renamed.wav"
     copy.write_bytes(source.read_bytes())
-    second = probe_audio(f"file://{copy}", tmp_path / "work")
+    second = probe_audio(f"file://{copy}", WorkDir(tmp_path / "work").audio)
     assert second.sha256 == first.sha256
     assert second.pcm_path == first.pcm_path
     assert second.source == f"file://{copy}"
@@ -89,7 +90,9 @@ def test_probe_reuses_the_content_addressed_copy(tmp_path: Path) -> None:
 def test_concurrent_probes_of_one_file_agree(tmp_path: Path) -> None:
     source = write_audio(tmp_path / "n.mp3", speechlike(2.0), 16000, "mp3")
     with ThreadPoolExecutor(4) as pool:
-        infos = list(pool.map(lambda _: probe_audio(str(source), tmp_path / "work"), range(4)))
+        infos = list(
+            pool.map(lambda _: probe_audio(str(source), WorkDir(tmp_path / "work").audio), range(4))
+        )
     assert len(set(infos)) == 1
     assert load_pcm(infos[0].pcm_path)[0].shape == (32000,)
 
@@ -98,7 +101,9 @@ def test_probe_reads_memory_urls(tmp_path: Path) -> None:
     local = write_audio(tmp_path / "n.flac", speechlike(1.0), 16000, "flac")
     with fsspec.open("memory://narration/n.flac", "wb") as f:
         f.write(local.read_bytes())
-    assert probe_audio("memory://narration/n.flac", tmp_path / "work").duration_s == 1.0
+    assert (
+        probe_audio("memory://narration/n.flac", WorkDir(tmp_path / "work").audio).duration_s == 1.0
+    )
 
 
 @pytest.fixture
@@ -132,12 +137,14 @@ def test_probe_fetches_http_and_reports_404_and_503(
 ) -> None:
     root, base = http_root
     write_audio(root / "n.mp3", speechlike(1.5), 16000, "mp3")
-    assert probe_audio(f"{base}/n.mp3", tmp_path / "work").duration_s == pytest.approx(1.5)
+    assert probe_audio(
+        f"{base}/n.mp3", WorkDir(tmp_path / "work").audio
+    ).duration_s == pytest.approx(1.5)
     with pytest.raises(AudioError) as info:
-        probe_audio(f"{base}/absent.mp3", tmp_path / "work")
+        probe_audio(f"{base}/absent.mp3", WorkDir(tmp_path / "work").audio)
     assert info.value.kind == "missing"
     with pytest.raises(AudioError) as info:
-        probe_audio(f"{base}/down/n.mp3", tmp_path / "work")
+        probe_audio(f"{base}/down/n.mp3", WorkDir(tmp_path / "work").audio)
     assert info.value.kind == "fetch_failed"
 
 
@@ -158,7 +165,7 @@ def test_unusable_files_raise_their_kind(
     if callable(make):
         make(path)
     with pytest.raises(AudioError) as info:
-        probe_audio(str(path), tmp_path / "work")
+        probe_audio(str(path), WorkDir(tmp_path / "work").audio)
     assert info.value.kind == kind
     assert name in info.value.reason
 
@@ -168,7 +175,7 @@ def test_flac_with_garbage_frames_is_corrupt(tmp_path: Path) -> None:
     noise = np.random.default_rng(1).bytes(len(good) - 200)
     (tmp_path / "bad.flac").write_bytes(good[:200] + noise)
     with pytest.raises(AudioError) as info:
-        probe_audio(str(tmp_path / "bad.flac"), tmp_path / "work")
+        probe_audio(str(tmp_path / "bad.flac"), WorkDir(tmp_path / "work").audio)
     assert info.value.kind == "corrupt"
 
 
@@ -178,14 +185,14 @@ def test_too_short_and_silent_audio_are_rejected(tmp_path: Path) -> None:
     hum = write_audio(tmp_path / "hum.wav", np.full(32000, 0.0005, np.float32), 16000, "wav")
     for path, kind in ((short, "too_short"), (silent, "silent"), (hum, "silent")):
         with pytest.raises(AudioError) as info:
-            probe_audio(str(path), tmp_path / "work")
+            probe_audio(str(path), WorkDir(tmp_path / "work").audio)
         assert info.value.kind == kind
 
 
 def test_load_pcm_gives_float_mono_at_the_source_rate(tmp_path: Path) -> None:
     stereo = np.stack([np.full(8000, 0.5), np.full(8000, -0.25)], axis=1)
     source = write_audio(tmp_path / "s.wav", stereo, 8000, "wav")
-    samples, rate = load_pcm(probe_audio(str(source), tmp_path / "work").pcm_path)
+    samples, rate = load_pcm(probe_audio(str(source), WorkDir(tmp_path / "work").audio).pcm_path)
     assert rate == 8000
     assert samples.dtype == np.float32
     assert samples.shape == (8000,)
@@ -208,9 +215,18 @@ def test_cuts_land_in_pauses_on_the_segment_grid(
         assert any(start < cut < end for start, end in PAUSES), cut
     bounds = [0.0, *cuts, 47.0]
     lengths = np.diff(bounds)
-    span = chunk_span_s(target_s)
+    span = V1_GRID.longest_span_s(target_s)
     assert span <= target_s
     assert all(3.0 <= length <= span + 1e-9 for length in lengths), lengths
+
+
+def test_cuts_follow_the_grid_they_are_given() -> None:
+    samples = speechlike(47.0, 16000, PAUSES, seed=3)
+    grid = FrameGrid(25)
+    cuts = find_cut_points(samples, 16000, 12.0, 5.0, min_s=3.0, grid=grid)
+    assert cuts
+    lengths = np.diff([0.0, *cuts, 47.0])
+    assert all(3.0 <= length <= grid.longest_span_s(12.0) + 1e-9 for length in lengths), lengths
 
 
 def test_cut_prefers_the_middle_of_the_longest_pause_in_the_window() -> None:
@@ -246,7 +262,7 @@ def test_min_length_larger_than_half_a_chunk_is_refused() -> None:
 def test_chunk_wavs_are_sample_exact_and_tile_the_narration(tmp_path: Path) -> None:
     rate = 44100
     source = write_audio(tmp_path / "n.wav", speechlike(9.0, rate, [(4.0, 4.5)]), rate, "wav")
-    info = probe_audio(str(source), tmp_path / "work")
+    info = probe_audio(str(source), WorkDir(tmp_path / "work").audio)
     samples, _ = load_pcm(info.pcm_path)
     bounds = [0.0, 4.25, 7.123456, info.duration_s]
     pieces = []

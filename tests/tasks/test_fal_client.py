@@ -15,8 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.settings import FalSettings
-from tasks.fal_client import (
+from tasks.backends.fal.client import (
     AmbiguousSubmitError,
     FalAuthError,
     FalQueueClient,
@@ -25,16 +24,11 @@ from tasks.fal_client import (
     FalValidationError,
     SubmitResult,
 )
+from tasks.config import FalSettings
 from tests.fakes.fal_server import APP, FakeFal, Faults
 
 AT2V = f"{APP}/audio-to-video"
 AUDIO = os.urandom(40_000)  # above the inline threshold, so it goes through fal storage
-
-
-def fast_settings(env: dict[str, str], **update: object) -> FalSettings:
-    """Settings for tests: real protocol, millisecond backoff."""
-    update = {"backoff_base_s": 0.005, "backoff_max_s": 0.02, "http_timeout_s": 5.0, **update}
-    return FalSettings.from_env(env).model_copy(update=update)
 
 
 FAKE_FAL_LATENCY_S = 0.1  # the conftest fixtures `fal_server` and `fake` read it
@@ -42,7 +36,7 @@ FAKE_FAL_LATENCY_S = 0.1  # the conftest fixtures `fal_server` and `fake` read i
 
 @pytest.fixture
 def client(fake: FakeFal) -> Iterator[FalQueueClient]:
-    with FalQueueClient(fast_settings(fake.env())) as fal:
+    with FalQueueClient(fake.settings()) as fal:
         yield fal
 
 
@@ -106,7 +100,7 @@ def test_5xx_on_submit_is_retried(fake: FakeFal, client: FalQueueClient) -> None
 
 def test_submit_gives_up_after_max_attempts(fake: FakeFal) -> None:
     fake.reset(Faults(submit_429=100))
-    fal = FalQueueClient(fast_settings(fake.env(), max_attempts=3))
+    fal = FalQueueClient(fake.settings(max_attempts=3))
     with fal, pytest.raises(FalRequestError) as info:
         submit_audio(fal)
     assert (info.value.status, info.value.retryable) == (429, True)
@@ -115,7 +109,7 @@ def test_submit_gives_up_after_max_attempts(fake: FakeFal) -> None:
 
 def test_ambiguous_submit_raises_and_is_not_resubmitted(fake: FakeFal) -> None:
     fake.reset(Faults(submit_hang=1, hang_s=3.0))
-    fal = FalQueueClient(fast_settings(fake.env(), http_timeout_s=0.3))
+    fal = FalQueueClient(fake.settings(http_timeout_s=0.3))
     with fal, pytest.raises(AmbiguousSubmitError):
         submit_audio(fal)
     assert fake.counts["submit"] == 1
@@ -126,24 +120,39 @@ def test_connection_refused_is_retried_and_never_ambiguous(fake: FakeFal) -> Non
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again at once: nothing listens there
-    env = {**fake.env(), "FAL_QUEUE_URL": f"http://127.0.0.1:{port}"}
+    settings = fake.settings(queue_url=f"http://127.0.0.1:{port}", max_attempts=4)
     sleeps: list[float] = []
-    fal = FalQueueClient(fast_settings(env, max_attempts=4), sleep=sleeps.append)
+    fal = FalQueueClient(settings, sleep=sleeps.append)
     with fal, pytest.raises(FalRequestError) as info:
         fal.submit(AT2V, {"audio_url": "data:audio/wav;base64,AA=="})
     assert info.value.error_type == "network_error"
     assert len(sleeps) == 3
 
 
+@pytest.fixture
 def mock_client(
-    handler: Callable[[httpx.Request], httpx.Response], **update: object
-) -> FalQueueClient:
-    env = {"FAL_KEY": "k-mock-secret", "FAL_QUEUE_URL": "http://127.0.0.1:9"}
-    transport = httpx.MockTransport(handler)
-    return FalQueueClient(fast_settings(env, **update), transport=transport, sleep=lambda s: None)
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Callable[..., FalQueueClient]]:
+    """Build clients on httpx.MockTransport (no waits between retries); closed after the test."""
+    monkeypatch.setenv("FAL_KEY", "k-mock-secret")
+    made: list[FalQueueClient] = []
+
+    def build(
+        handler: Callable[[httpx.Request], httpx.Response], **update: object
+    ) -> FalQueueClient:
+        settings = FalSettings(queue_url="http://127.0.0.1:9", **update)
+        transport = httpx.MockTransport(handler)
+        made.append(FalQueueClient(settings, transport=transport, sleep=lambda s: None))
+        return made[-1]
+
+    yield build
+    for client in made:
+        client.close()
 
 
-def test_connect_error_before_sending_is_retried_once_sent_is_ambiguous() -> None:
+def test_connect_error_before_sending_is_retried_once_sent_is_ambiguous(
+    mock_client: Callable[..., FalQueueClient],
+) -> None:
     calls: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -164,7 +173,9 @@ def test_connect_error_before_sending_is_retried_once_sent_is_ambiguous() -> Non
     assert len(calls) == 3
 
 
-def test_queue_urls_on_foreign_hosts_are_not_followed() -> None:
+def test_queue_urls_on_foreign_hosts_are_not_followed(
+    mock_client: Callable[..., FalQueueClient],
+) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         elsewhere = "https://elsewhere.example/requests/r-2"
         body = {"request_id": "r-2", "status_url": f"{elsewhere}/status", "response_url": elsewhere}
@@ -176,7 +187,9 @@ def test_queue_urls_on_foreign_hosts_are_not_followed() -> None:
     assert handle.status_url == f"http://127.0.0.1:9/{APP}/requests/r-2/status"
 
 
-def test_key_is_not_sent_to_download_hosts(tmp_path: Path) -> None:
+def test_key_is_not_sent_to_download_hosts(
+    mock_client: Callable[..., FalQueueClient], tmp_path: Path
+) -> None:
     seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -248,7 +261,7 @@ def test_wait_deadline_then_cancel_then_already_completed(
 
 def test_wait_notices_a_finished_job_promptly(fake: FakeFal) -> None:
     fake.latency_s = 1.5
-    with FalQueueClient(FalSettings.from_env(fake.env())) as fal:  # default poll settings
+    with FalQueueClient(FalSettings()) as fal:  # default poll settings, from the environment
         handle = submit_audio(fal)
         started = time.monotonic()
         fal.wait(handle)
@@ -258,11 +271,12 @@ def test_wait_notices_a_finished_job_promptly(fake: FakeFal) -> None:
 
 
 def test_bad_key_raises_auth_error_without_the_key(
-    fake: FakeFal, caplog: pytest.LogCaptureFixture
+    fake: FakeFal, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.DEBUG)
     secret = "wrong-secret-7d41c9"
-    with FalQueueClient(fast_settings({**fake.env(), "FAL_KEY": secret})) as fal:
+    monkeypatch.setenv("FAL_KEY", secret)
+    with FalQueueClient(fake.settings()) as fal:
         with pytest.raises(FalAuthError) as info:
             fal.submit(AT2V, {"audio_url": "data:audio/wav;base64,AA=="})
         assert secret not in repr(fal.settings)
@@ -272,9 +286,29 @@ def test_bad_key_raises_auth_error_without_the_key(
         assert fake.key not in text
 
 
-def test_missing_key_is_refused_up_front() -> None:
+def test_missing_key_is_refused_up_front(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FAL_KEY", raising=False)
     with pytest.raises(FalAuthError, match="FAL_KEY"):
         FalQueueClient(FalSettings())
+
+
+def test_settings_come_from_the_environment_and_never_hold_the_key(
+    fake: FakeFal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAL_QUEUE_URL", fake.queue_url + "/")  # a trailing slash is dropped
+    monkeypatch.setenv("FAL_APP", "fal-ai/other-app")
+    settings = FalSettings()
+    assert (settings.queue_url, settings.rest_url, settings.cdn_url, settings.app) == (
+        fake.queue_url,
+        fake.rest_url,
+        fake.cdn_url,
+        "fal-ai/other-app",
+    )
+    assert FalSettings.api_key() == fake.key
+    for text in (repr(settings), settings.model_dump_json(), str(settings.model_dump())):
+        assert fake.key not in text
+    monkeypatch.setenv("FAL_KEY", "rotated-key-0001")  # read when needed, not at construction
+    assert settings.api_key() == "rotated-key-0001"
 
 
 def test_secrets_stay_out_of_retry_logs_and_errors(
@@ -310,7 +344,9 @@ def test_a_burst_of_concurrent_requests_through_one_client(
     assert fake.max_in_progress > 100  # the fake really served them side by side
 
 
-def test_user_request_timeout_is_final_and_names_the_setting() -> None:
+def test_user_request_timeout_is_final_and_names_the_setting(
+    mock_client: Callable[..., FalQueueClient],
+) -> None:
     """A 504 carrying X-Fal-Request-Timeout-Type: the time-to-start deadline passed; no retry."""
     calls: list[tuple[str, str]] = []
     timed_out = {"detail": "Request timed out", "error_type": "request_timeout"}

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.ledger import Ledger, LedgerBusyError, sha256_file
-from tasks.records import ChunkVideo
+from tasks.ledger import Ledger, LedgerBusyError
+from tasks.records import ChunkVideo, Published, Request, RowResult
+from tasks.storage import sha256_file
 
 ROW, HASH = "row-1", "a" * 64
 
@@ -61,11 +62,7 @@ def test_attempt_request_done_lifecycle(ledger: Ledger, tmp_path: Path) -> None:
     ledger.record_request(ROW, HASH, 0, "req-2", "app/audio-to-video")
     request = ledger.request(ROW, HASH, 0)
     assert request is not None
-    assert (request["request_id"], request["attempt"], request["replaced"]) == (
-        "req-2",
-        2,
-        ["req-1"],
-    )
+    assert (request.request_id, request.attempt, request.replaced) == ("req-2", 2, ("req-1",))
 
     ledger.record_chunk(_video(tmp_path), HASH)
     assert ledger.chunk(ROW, HASH, 0).done
@@ -126,14 +123,14 @@ def test_writes_leave_no_temp_files_and_sweep_removes_only_dead_writers(
         text=True,
     )
     dead_pid = int(dead.stdout)
-    stale = folder / f"chunk-1.request.json.tmp-{dead_pid}-{'0' * 32}"
-    live = folder / f"chunk-2.request.json.tmp-{os.getpid()}-{'1' * 32}"
+    stale = folder / f".chunk-1.request.json.tmp-{dead_pid}-{'0' * 32}"
+    live = folder / f".chunk-2.request.json.tmp-{os.getpid()}-{'1' * 32}"
     stale.write_bytes(b"{")
     live.write_bytes(b"{")
     target = tmp_path / "out"
     target.mkdir()
     (target / "a.mp4").write_bytes(b"final")
-    torn = target / ".a.mp4.0123abcd.part"  # a publish killed before its rename
+    torn = target / f".a.mp4.tmp-{dead_pid}-{'2' * 32}"  # a publish killed before its rename
     torn.write_bytes(b"half")
     assert ledger.sweep_temp_files(str(target)) == [str(stale), str(torn)]
     assert live.exists()
@@ -152,3 +149,19 @@ def test_one_run_at_a_time_holds_a_ledger(ledger: Ledger) -> None:
 def test_in_flight_includes_requests_recorded_without_an_attempt(ledger: Ledger) -> None:
     ledger.record_request(ROW, HASH, 3, "req-3", "app/audio-to-video")  # an older ledger's layout
     assert [(r.chunk, r.request_id) for r in ledger.in_flight()] == [(3, "req-3")]
+
+
+def test_documents_are_typed_records(ledger: Ledger, tmp_path: Path) -> None:
+    ledger.record_attempt(ROW, HASH, 0, "app/audio-to-video")
+    ledger.record_request(ROW, HASH, 0, "req-1", "app/audio-to-video")
+    record = ledger.chunk(ROW, HASH, 0)
+    assert record.attempt is not None
+    assert (record.attempt.endpoint, record.attempt.n) == ("app/audio-to-video", 1)
+    assert isinstance(record.request, Request)
+    assert ledger.read(ledger._chunk_path(ROW, HASH, 0, "request.json"), Request) == record.request
+    assert ledger.read(ledger._chunk_path(ROW, HASH, 9, "request.json"), Request) is None
+
+    result = RowResult(ROW, "published", str(tmp_path / "row-1.mp4"), extra={"course": "c1"})
+    ledger.record_published(result, HASH)
+    assert ledger.published(ROW) == Published(result, HASH)
+    assert ledger.published("other") is None

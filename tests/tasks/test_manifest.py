@@ -96,8 +96,11 @@ def test_valid_values_at_the_bounds_are_accepted() -> None:
     check = validate_manifest(table, "/m/x.parquet")
     assert check.errors == []
     row = check.rows[0]
-    assert (row.seed, row.num_segments, row.audio_guidance_scale) == (2**32 - 1, 1000, 20.0)
-    assert row.resolution == "720p"
+    assert (row.seed, row.num_segments, row.params.audio_guidance_scale) == (2**32 - 1, 1000, 20.0)
+    assert row.params.num_inference_steps == 1
+    assert row.params.text_guidance_scale == 0.0
+    assert row.params.prompt == "p" * 2000
+    assert row.resolution == row.params.resolution == "720p"
 
 
 def test_missing_cells_take_defaults_and_pandas_nan_counts_as_missing() -> None:
@@ -111,7 +114,7 @@ def test_missing_cells_take_defaults_and_pandas_nan_counts_as_missing() -> None:
         }
     )
     rows = validate_manifest(table, "/m/x.parquet").rows
-    assert [(r.seed, r.resolution, r.prompt) for r in rows] == [
+    assert [(r.seed, r.resolution, r.params.prompt) for r in rows] == [
         (None, "480p", None),
         (3, "480p", None),
     ]

@@ -7,18 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from flows.settings import BatchConfig
-from tasks.audio import chunk_span_s, probe_audio
-from tasks.plan import (
-    PlanError,
-    apply_budget,
-    derive_seed,
-    plan_row,
-    segments_for_duration,
-    summarize,
-    video_s_for_segments,
-)
-from tasks.records import AudioInfo, Row
+from tasks.audio import probe_audio
+from tasks.config import BatchConfig, LocalSettings
+from tasks.plan import PlanError, apply_budget, derive_seed, plan_row
+from tasks.records import V1_GRID, AudioInfo, FrameGrid, PlanSummary, Row
+from tasks.workdir import WorkDir
+from tests.factories import make_audio, make_row, with_params
 from tests.media_factory import speechlike, write_audio
 
 CONFIG = BatchConfig(
@@ -28,7 +22,7 @@ CONFIG = BatchConfig(
 
 def _audio(duration_s: float, sha: str = "a" * 64) -> AudioInfo:
     """An AudioInfo for a short narration (plan_row only reads PCM when it must cut)."""
-    return AudioInfo("n.wav", sha, duration_s, 16000, 1, "pcm_s16le", "/nonexistent.wav")
+    return make_audio(duration_s, source="n.wav", sha256=sha)
 
 
 @pytest.mark.parametrize(
@@ -44,14 +38,15 @@ def _audio(duration_s: float, sha: str = "a" * 64) -> AudioInfo:
     ],
 )
 def test_segments_for_duration_at_the_grid_boundaries(duration_s: float, segments: int) -> None:
-    assert segments_for_duration(duration_s) == segments
+    assert V1_GRID.segments_for(duration_s) == segments
 
 
 def test_segments_follow_the_frame_grid_at_other_frame_rates() -> None:
     # v1.5 at 25 fps: 93 frames = 3.72 s, then +3.2 s per segment
-    assert segments_for_duration(3.72, fps=25) == 1
-    assert segments_for_duration(3.7201, fps=25) == 2
-    assert video_s_for_segments(2, fps=25) == pytest.approx(6.92)
+    grid = FrameGrid(25)
+    assert grid.segments_for(3.72) == 1
+    assert grid.segments_for(3.7201) == 2
+    assert grid.video_s(2) == pytest.approx(6.92)
 
 
 def test_short_row_is_one_chunk_priced_per_video_second() -> None:
@@ -66,7 +61,7 @@ def test_short_row_is_one_chunk_priced_per_video_second() -> None:
 
 def test_720p_costs_twice_480p_and_bills_four_units_per_second() -> None:
     low = plan_row(Row(0, "a", "n.wav"), _audio(12.0), CONFIG)
-    high = plan_row(Row(0, "a", "n.wav", resolution="720p"), _audio(12.0), CONFIG)
+    high = plan_row(make_row("a", "n.wav", resolution="720p"), _audio(12.0), CONFIG)
     assert high.estimated_cost_usd == pytest.approx(2 * low.estimated_cost_usd)
     assert high.billable_units == pytest.approx(4 * high.video_s)
     assert low.billable_units == pytest.approx(low.video_s)
@@ -75,17 +70,17 @@ def test_720p_costs_twice_480p_and_bills_four_units_per_second() -> None:
 def test_long_row_is_cut_into_chunks_that_tile_the_audio(tmp_path: Path) -> None:
     pauses = [(3.3 + 3.7 * i, 3.7 + 3.7 * i) for i in range(12)]
     wav = write_audio(tmp_path / "n.wav", speechlike(47.0, 16000, pauses), 16000, "wav")
-    audio = probe_audio(str(wav), tmp_path / "work")
+    audio = probe_audio(str(wav), WorkDir(tmp_path / "work").audio)
     plan = plan_row(Row(0, "long", str(wav)), audio, CONFIG)
     assert len(plan.chunks) >= 3
     assert plan.chunks[0].start_s == 0.0
     assert plan.chunks[-1].end_s == audio.duration_s
     for before, after in zip(plan.chunks, plan.chunks[1:], strict=False):
         assert before.end_s == after.start_s
-    max_segments = segments_for_duration(chunk_span_s(CONFIG.chunk_target_s))
+    max_segments = V1_GRID.segments_for(V1_GRID.longest_span_s(CONFIG.chunk_target_s))
     for i, chunk in enumerate(plan.chunks):
         assert chunk.index == i
-        assert chunk.num_segments == segments_for_duration(chunk.duration_s) <= max_segments
+        assert chunk.num_segments == V1_GRID.segments_for(chunk.duration_s) <= max_segments
         assert chunk.video_s >= chunk.duration_s
     assert plan.num_segments == sum(c.num_segments for c in plan.chunks)
 
@@ -115,16 +110,19 @@ def test_missing_seed_is_derived_stably_from_the_id() -> None:
 
 
 def test_input_hash_tracks_render_inputs_only() -> None:
-    row = Row(0, "a", "n.wav", prompt="hello", seed=1, extra={"course": "x"})
+    row = make_row("a", "n.wav", prompt="hello", seed=1, extra={"course": "x"})
     base = plan_row(row, _audio(4.0), CONFIG).input_hash
     assert plan_row(replace(row, extra={"course": "y"}), _audio(4.0), CONFIG).input_hash == base
     fal = CONFIG.model_copy(update={"backend": "fal"})
     assert plan_row(row, _audio(4.0), fal).input_hash == base
     changed = [
-        plan_row(replace(row, prompt="bye"), _audio(4.0), CONFIG),
+        plan_row(with_params(row, prompt="bye"), _audio(4.0), CONFIG),
         plan_row(replace(row, seed=2), _audio(4.0), CONFIG),
-        plan_row(replace(row, resolution="720p"), _audio(4.0), CONFIG),
-        plan_row(replace(row, num_inference_steps=8), _audio(4.0), CONFIG),
+        plan_row(with_params(row, resolution="720p"), _audio(4.0), CONFIG),
+        plan_row(with_params(row, num_inference_steps=8), _audio(4.0), CONFIG),
+        plan_row(with_params(row, negative_prompt="blur"), _audio(4.0), CONFIG),
+        plan_row(with_params(row, text_guidance_scale=4.0), _audio(4.0), CONFIG),
+        plan_row(with_params(row, audio_guidance_scale=4.0), _audio(4.0), CONFIG),
         plan_row(replace(row, num_segments=3), _audio(4.0), CONFIG),
         plan_row(row, _audio(4.0, sha="b" * 64), CONFIG),
         plan_row(row, _audio(4.0), CONFIG, image_sha256="c" * 64),
@@ -153,16 +151,18 @@ def test_budget_dispatches_a_prefix_of_the_manifest() -> None:
 def test_summarize_totals_the_plans() -> None:
     plans = [
         plan_row(Row(0, "a", "n.wav"), _audio(5.0), CONFIG),
-        plan_row(Row(1, "b", "n.wav", resolution="720p"), _audio(11.0), CONFIG),
+        plan_row(make_row("b", "n.wav", index=1, resolution="720p"), _audio(11.0), CONFIG),
     ]
-    summary = summarize(plans)
-    assert summary["rows"] == 2
-    assert summary["chunks"] == 2
-    assert summary["segments"] == 1 + 3
-    assert summary["audio_s"] == 16.0
-    assert summary["video_s"] == pytest.approx(5.8125 + 15.8125)
-    assert summary["billable_units"] == pytest.approx(5.8125 + 4 * 15.8125)
-    assert summary["estimated_cost_usd"] == pytest.approx(5.8125 * 0.15 + 15.8125 * 0.30)
+    summary = PlanSummary.of(plans)
+    assert summary.rows == 2
+    assert summary.chunks == 2
+    assert summary.segments == 1 + 3
+    assert summary.audio_s == 16.0
+    assert summary.video_s == pytest.approx(5.8125 + 15.8125)
+    assert summary.billable_units == pytest.approx(5.8125 + 4 * 15.8125)
+    assert summary.estimated_cost_usd == pytest.approx(5.8125 * 0.15 + 15.8125 * 0.30)
+    assert PlanSummary.of(iter(plans)) == summary  # any iterable
+    assert PlanSummary.of([]) == PlanSummary()
 
 
 def test_local_backend_rows_cost_nothing() -> None:
@@ -173,13 +173,9 @@ def test_local_backend_rows_cost_nothing() -> None:
     assert plan.billable_units == 0.0
 
 
-def test_a_local_v15_checkpoint_plans_on_its_25_fps_grid(tmp_path: Path) -> None:
-    from flows.settings import LocalSettings
-    from model.tiny import write_tiny_checkpoint
-
-    root = write_tiny_checkpoint(tmp_path / "ckpt", version="1.5")
+def test_a_local_v15_checkpoint_plans_on_its_25_fps_grid(tiny_checkpoint_v15: Path) -> None:
     local = CONFIG.model_copy(
-        update={"backend": "local", "local": LocalSettings(model_dir=str(root))}
+        update={"backend": "local", "local": LocalSettings(model_dir=str(tiny_checkpoint_v15))}
     )
     plan = plan_row(Row(0, "a", "n.wav"), _audio(5.0), local)
     # 5 s at 25 fps is 125 frames: 93 + 80 → 2 segments (at 16 fps it would be 1)

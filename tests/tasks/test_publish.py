@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,10 +26,23 @@ from tasks.publish import (
     publish_bytes,
     publish_file,
     safe_join,
-    write_json,
     write_results,
 )
-from tasks.records import AudioInfo, Chunk, ChunkVideo, Row, RowPlan, RowResult, Verdict
+from tasks.records import (
+    Chunk,
+    ChunkVideo,
+    RowPlan,
+    RowResult,
+    Sidecar,
+    SidecarQC,
+    Timings,
+    Verdict,
+    from_json,
+    json_bytes,
+    to_json,
+)
+from tasks.storage import write_url
+from tests.factories import make_audio, make_plan, make_row
 from tests.fakes.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
 
 FAST_RETRY = RetryPolicy(attempts=3, backoff_s=0.01)
@@ -60,7 +74,7 @@ def test_publish_file_to_a_local_folder_lands_complete_without_leftovers(tmp_pat
     source.write_bytes(b"\x00mp4" * 1000)
     target = tmp_path / "out" / "nested"
     url = publish_file(source, str(target), "row.mp4")
-    assert fsspec.open(url, "rb").open().read() == source.read_bytes()
+    assert _read(url) == source.read_bytes()
     assert [p.name for p in target.iterdir()] == ["row.mp4"]
     assert is_published(str(target), "row.mp4")
     assert not is_published(str(target), "other.mp4")
@@ -73,14 +87,16 @@ def test_failed_local_copy_leaves_neither_final_nor_temp_file(
     source.write_bytes(b"x" * 10_000)
     calls = []
 
-    def half_copy(src, dst, length=0):  # writes part of the file, then the disk "fails"
+    def half_copy(src: str, dst: str, **kwargs: object) -> str:  # part of it, then disk "fails"
         calls.append(1)
-        dst.write(src.read(100))
+        with open(src, "rb") as source, open(dst, "wb") as partial:
+            partial.write(source.read(100))
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(shutil, "copyfileobj", half_copy)
+    monkeypatch.setattr(shutil, "copyfile", half_copy)  # how storage copies a local file
     target = tmp_path / "out"
-    with pytest.raises(PublishError, match="row.mp4 \\(3 attempts\\).*No space left"):
+    # (?i): tasks.storage rewords ENOSPC as "... full: no space left on device writing row.mp4"
+    with pytest.raises(PublishError, match="(?i)row.mp4 \\(3 attempts\\).*no space left on device"):
         publish_file(source, str(target), "row.mp4", retry=FAST_RETRY)
     assert len(calls) == 3
     assert list(target.iterdir()) == []
@@ -90,12 +106,21 @@ def test_publish_to_a_memory_url() -> None:
     url = publish_bytes(b"hello", "memory://published/run1", "a.txt")
     assert url.startswith("memory://")
     assert url.endswith("/published/run1/a.txt")
-    assert fsspec.open(url, "rb").open().read() == b"hello"
+    assert _read(url) == b"hello"
 
 
-def test_write_json_is_readable_back(tmp_path: Path) -> None:
-    url = write_json({"b": 1, "a": [1.5, None]}, f"file://{tmp_path}", "row.json")
-    assert json.loads(Path(url.removeprefix("file://")).read_text()) == {"a": [1.5, None], "b": 1}
+def _read(url: str) -> bytes:
+    with fsspec.open(url, "rb") as f:
+        return f.read()
+
+
+def test_a_record_published_as_json_is_readable_back(tmp_path: Path) -> None:
+    record = RowResult("a", "failed", error="x", extra={"b": 1, "a": [1.5, None]})
+    url = publish_bytes(json_bytes(record), f"file://{tmp_path}", "row.json")
+    doc = json.loads(Path(url.removeprefix("file://")).read_text())
+    assert doc == to_json(record)
+    assert doc["extra"] == {"a": [1.5, None], "b": 1}
+    assert from_json(RowResult, doc) == record
 
 
 def _results() -> tuple[list[RowResult], pa.Schema]:
@@ -215,49 +240,77 @@ def test_unavailable_s3_raises_publish_error_after_retries_without_secrets(
     assert sleeps == [0.01, 0.02]
 
 
+SIGNED_AUDIO = "https://user:hunter22@example.com/a.wav?X-Amz-Signature=abc123&v=1"
+
+
 def _plan() -> RowPlan:
-    row = Row(
-        index=0,
-        id="intro",
-        audio="https://user:hunter22@example.com/a.wav?X-Amz-Signature=abc123&v=1",
-        prompt="a teacher",
-        seed=7,
-        extra={"note": "x"},
-    )
-    audio = AudioInfo(row.audio, "f" * 64, 9.0, 16000, 1, "pcm_s16le", "/work/a.wav")
+    row = make_row("intro", SIGNED_AUDIO, prompt="a teacher", seed=7, extra={"note": "x"})
+    audio = make_audio(9.0, source=row.audio, sha256="f" * 64, pcm_path="/work/a.wav")
     chunks = (Chunk("intro", 0, 0.0, 5.5, 1), Chunk("intro", 1, 5.5, 9.0, 1))
-    return RowPlan(row, audio, chunks, 7, 11.625, 1.74, "h" * 64)
+    return make_plan(row, audio, chunks, billable_units=11.625, estimated_cost_usd=1.74)
 
 
 def test_sidecar_records_inputs_requests_cost_and_qc_but_no_secret(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("FAL_KEY", "fal-secret-key-123")
+    timings = Timings(upload_s=0.5, queue_s=1.0, run_s=3.5, download_s=0.25)
     videos = [
-        ChunkVideo("intro", i, f"/w/{i}.mp4", str(i) * 64, "fal", f"req-{i}", 7, 5.8, 0.87)
+        ChunkVideo("intro", i, f"/w/{i}.mp4", str(i) * 64, "fal", f"req-{i}", 7, 5.8, 0.87, timings)
         for i in range(2)
     ]
-    verdicts = {"final": Verdict(False, ("moov atom is not before mdat",), {"frames": 144})}
-    sidecar = build_sidecar(_plan(), videos, verdicts, "fal", "longcat-avatar-1.0", {"render": 3.5})
-    text = json.dumps(sidecar)
-    assert sidecar["inputs"]["audio"]["sha256"] == "f" * 64
-    assert sidecar["request_ids"] == ["req-0", "req-1"]
-    assert sidecar["cost_usd"] == pytest.approx(1.74)
-    assert sidecar["billable_units"] == pytest.approx(11.6)
-    assert sidecar["segments"] == 2
-    assert sidecar["chunks"][1]["start_s"] == 5.5
-    assert sidecar["qc"]["final"]["passed"] is False
-    assert (sidecar["model"], sidecar["backend"], sidecar["seed"]) == (
-        "longcat-avatar-1.0",
-        "fal",
-        7,
+    chunk_qc = (Verdict(True, (), {"frames": 93}), Verdict(True, (), {"frames": 93}))
+    final = Verdict(False, ("moov atom is not before mdat",), {"frames": 144})
+    sidecar = build_sidecar(
+        _plan(), videos, SidecarQC(chunk_qc, final), "fal", "longcat-avatar-1.0"
     )
+    text = json_bytes(sidecar).decode()
+    doc = json.loads(text)
+    assert set(doc) == {
+        "id", "inputs", "parameters", "num_segments_override", "model", "backend", "seed",
+        "segments", "chunks", "request_ids", "timings", "billable_units", "cost_usd",
+        "estimated_cost_usd", "qc",
+    }  # fmt: skip
+    assert set(doc["inputs"]) == {"audio", "image", "image_sha256", "input_hash"}
+    assert doc["inputs"]["audio"]["sha256"] == "f" * 64
+    assert (
+        doc["inputs"]["audio"]["source"]
+        == "https://***@example.com/a.wav?X-Amz-Signature=***&v=***"
+    )
+    assert doc["inputs"]["input_hash"] == "h" * 64
+    assert doc["parameters"]["prompt"] == "a teacher"
+    assert doc["request_ids"] == ["req-0", "req-1"]
+    assert doc["cost_usd"] == pytest.approx(1.74)
+    assert doc["estimated_cost_usd"] == pytest.approx(1.74)
+    assert doc["billable_units"] == pytest.approx(11.6)
+    assert doc["segments"] == 2
+    assert doc["chunks"][1]["start_s"] == 5.5
+    assert doc["chunks"][1]["timings"] == to_json(timings)
+    assert doc["timings"] == to_json(timings + timings)
+    assert doc["qc"]["final"]["passed"] is False
+    assert [v["passed"] for v in doc["qc"]["chunks"]] == [True, True]
+    assert (doc["model"], doc["backend"], doc["seed"]) == ("longcat-avatar-1.0", "fal", 7)
+    assert from_json(Sidecar, doc) == sidecar
     for secret in ("fal-secret-key-123", "hunter22", "abc123"):
         assert secret not in text
 
 
 def test_other_filesystems_upload_beside_the_target_then_rename(tmp_path: Path) -> None:
-    fs = DirFileSystem(path=str(tmp_path), fs=LocalFileSystem())  # neither local nor object store
-    publish._write_atomically(fs, "row.json", b"{}")
+    moves: list[tuple[str, str]] = []
+
+    class Recording(LocalFileSystem):
+        cachable = False
+
+        def mv(self, path1: str, path2: str, **kwargs: object) -> None:
+            moves.append((path1, path2))
+            super().mv(path1, path2, **kwargs)
+
+    # dir:// is neither local nor an object store: no atomic put, so a temp name and a rename
+    options = {"path": str(tmp_path), "fs": Recording()}
+    assert isinstance(fsspec.core.url_to_fs("dir://row.json", **options)[0], DirFileSystem)
+    assert write_url("dir://row.json", b"{}", options) == "dir://row.json"
+    [(temp, final)] = moves
+    assert re.fullmatch(r"\.row\.json\.tmp-\d+-[0-9a-f]{32}", Path(temp).name), temp
+    assert Path(final) == tmp_path / "row.json"
     assert [p.name for p in tmp_path.iterdir()] == ["row.json"]
     assert (tmp_path / "row.json").read_bytes() == b"{}"

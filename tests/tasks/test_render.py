@@ -9,50 +9,46 @@ from pathlib import Path
 
 import pytest
 
-from flows.settings import BatchConfig, FalSettings
-from tasks import render
-from tasks.fal_client import FalQueueClient, FalRequestError, FalValidationError
+from tasks import stop
+from tasks.backends.fal.client import FalQueueClient, FalRequestError, FalValidationError
+from tasks.backends.fal.renderer import AmbiguousChunkError
+from tasks.config import BatchConfig
 from tasks.ledger import Ledger
-from tasks.plan import chunk_wav_path
-from tasks.records import AudioInfo, Chunk, Row, RowPlan
-from tasks.render import AmbiguousChunkError, RenderStopped, render_chunk
+from tasks.records import RowPlan
+from tasks.render import render_chunk
+from tasks.stop import RenderStopped
+from tasks.workdir import WorkDir
+from tests.factories import make_plan as plan_of
 from tests.fakes.fal_server import APP, FakeFal, Faults
 from tests.media_factory import write_narration
 
 HASH = "c" * 64
 
 
-FAKE_FAL_LATENCY_S = 0.2  # the conftest fixtures `fal_server` and `fake` read it
+FAKE_FAL_LATENCY_S = 0.1  # the conftest fixtures `fal_server` and `fake` read it
 
 
 def make_config(fake: FakeFal, tmp_path: Path, **options: object) -> BatchConfig:
-    fal = {"backoff_base_s": 0.005, "backoff_max_s": 0.02, "poll_initial_s": 0.05}
-    settings = FalSettings.from_env(fake.env()).model_copy(update=fal)
     return BatchConfig(
         manifest="m.parquet",
         target=str(tmp_path / "out"),
         work_dir=str(tmp_path / "work"),
         backend="fal",
-        fal=settings,
+        fal=fake.settings(),
         **options,
     )
 
 
 def make_plan(config: BatchConfig) -> RowPlan:
     """A one-chunk row whose chunk WAV is where prepare_row would have cut it."""
-    row = Row(index=0, id="row-1", audio="a.wav")
-    chunk = Chunk(row_id=row.id, index=0, start_s=0.0, end_s=2.0, num_segments=1)
-    audio = AudioInfo("a.wav", "0" * 64, 2.0, 16_000, 1, "pcm_s16le", "a.wav")
-    plan = RowPlan(row, audio, (chunk,), 7, chunk.video_s, 0.0, input_hash=HASH)
-    wav = chunk_wav_path(config, plan, 0)
-    wav.parent.mkdir(parents=True, exist_ok=True)
-    write_narration(wav, 2.0)
+    plan = plan_of(input_hash=HASH)
+    write_narration(WorkDir(config.work_path).chunk_wav(plan.row.id, HASH, 0), 2.0)
     return plan
 
 
 def submit_directly(fake: FakeFal) -> str:
     """Queue a request as an earlier run would have; return its id."""
-    with FalQueueClient(FalSettings.from_env(fake.env())) as client:
+    with FalQueueClient(fake.settings()) as client:
         url = client.upload(b"RIFF" + b"\0" * 64, "audio/wav")
         return client.submit(f"{APP}/audio-to-video", {"audio_url": url, "seed": 1}).request_id
 
@@ -101,7 +97,7 @@ def test_an_attempt_without_request_fails_as_ambiguous_until_forced(
     assert fake.submissions == 1
     request = ledger.request("row-1", HASH, 0)
     assert request is not None
-    assert (request["request_id"], request["attempt"]) == (video.request_id, 2)
+    assert (request.request_id, request.attempt) == (video.request_id, 2)
 
 
 def test_a_live_ambiguous_submit_is_recorded_and_never_retried(
@@ -109,9 +105,7 @@ def test_a_live_ambiguous_submit_is_recorded_and_never_retried(
 ) -> None:
     fake.reset(Faults(submit_hang=1, hang_s=2.0))
     config = make_config(fake, tmp_path)
-    config = config.model_copy(
-        update={"fal": config.fal.model_copy(update={"http_timeout_s": 0.3})}
-    )
+    config = config.model_copy(update={"fal": fake.settings(http_timeout_s=0.3)})
     plan = make_plan(config)
     with pytest.raises(AmbiguousChunkError, match="--resubmit-ambiguous"):
         render_chunk.fn(plan, 0, config)
@@ -130,14 +124,14 @@ def test_an_expired_request_is_reported_and_resubmitted_once(
     old = submit_directly(fake)
     ledger.record_request("row-1", HASH, 0, old, f"{APP}/audio-to-video")
     fake.expire(old)
-    with caplog.at_level(logging.WARNING, logger="tasks.render"):
+    with caplog.at_level(logging.WARNING, logger="tasks.backends.fal.renderer"):
         video = render_chunk.fn(plan, 0, config)
     assert old in caplog.text
     assert "expired" in caplog.text
     assert fake.submissions == 2
     request = ledger.request("row-1", HASH, 0)
     assert request is not None
-    assert (request["request_id"], request["replaced"]) == (video.request_id, [old])
+    assert (request.request_id, request.replaced) == (video.request_id, (old,))
     assert video.request_id != old
 
 
@@ -161,7 +155,7 @@ def test_failed_completions_are_resubmitted_a_bounded_number_of_times(
     assert fake.submissions == 3
     request = Ledger(config.state_url).request("row-1", HASH, 0)
     assert request is not None
-    assert request["replaced"] == fake.request_ids[:2]
+    assert request.replaced == tuple(fake.request_ids[:2])
     assert video.request_id == fake.request_ids[2]
 
     fake.reset(Faults(completed_error=2))
@@ -184,9 +178,9 @@ def test_a_rejected_input_fails_with_the_field_and_is_not_resubmitted(
 def test_a_stop_request_submits_nothing(
     fake: FakeFal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stop = threading.Event()
-    monkeypatch.setattr(render, "_STOP", stop)
-    render.request_stop()
+    event = threading.Event()
+    monkeypatch.setattr(stop, "_STOP", event)
+    stop.request_stop()
     config = make_config(fake, tmp_path)
     with pytest.raises(RenderStopped):
         render_chunk.fn(make_plan(config), 0, config)

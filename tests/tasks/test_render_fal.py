@@ -2,61 +2,70 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
-import wave
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
 import pytest
 from PIL import Image
 
-from flows.settings import BatchConfig, FalSettings
-from tasks.fal_client import (
+from tasks.backends import RenderJob
+from tasks.backends.fal.client import (
     AmbiguousSubmitError,
     FalAuthError,
     FalQueueClient,
     FalRequestError,
 )
-from tasks.records import AudioInfo, Chunk, Resolution, Row, RowPlan
-from tasks.render import RenderJob
-from tasks.render_fal import DEFAULT_PROMPT, FalRenderer, Submission
+from tasks.backends.fal.renderer import DEFAULT_PROMPT, AmbiguousChunkError, FalRenderer
+from tasks.config import BatchConfig
+from tasks.ledger import Ledger
+from tasks.records import ChunkVideo, Resolution
+from tests.factories import make_audio, make_chunks, make_plan, make_row, write_tone
 from tests.fakes.fal_server import APP, FakeFal, Faults
 
 SEED = 1234
+AT2V = f"{APP}/audio-to-video"
 
 
 FAKE_FAL_LATENCY_S = 0.3  # the conftest fixtures `fal_server` and `fake` read it
 
 
-def make_config(fake: FakeFal, max_concurrency: int = 4, **fal: object) -> BatchConfig:
-    update = {"backoff_base_s": 0.005, "backoff_max_s": 0.02, "poll_initial_s": 0.05, **fal}
-    settings = FalSettings.from_env(fake.env()).model_copy(update=update)
+def make_config(
+    fake: FakeFal, max_concurrency: int = 4, fal_failed_retries: int = 2, **fal: object
+) -> BatchConfig:
     return BatchConfig(
-        manifest="m.parquet", backend="fal", max_concurrency=max_concurrency, fal=settings
+        manifest="m.parquet",
+        backend="fal",
+        max_concurrency=max_concurrency,
+        fal_failed_retries=fal_failed_retries,
+        fal=fake.settings(**fal),
     )
 
 
 @pytest.fixture
-def renderer(fake: FakeFal) -> Iterator[FalRenderer]:
-    renderer = FalRenderer(make_config(fake))
-    yield renderer
-    renderer.client.close()
+def new_renderer(fake: FakeFal) -> Iterator[Callable[..., FalRenderer]]:
+    """Build FalRenderers (make_config's options) whose connection pools close after the test."""
+    made: list[FalRenderer] = []
+
+    def build(**options: Any) -> FalRenderer:
+        made.append(FalRenderer(make_config(fake, **options)))
+        return made[-1]
+
+    yield build
+    for renderer in made:
+        renderer.client.close()
 
 
-def write_wav(path: Path, seconds: float = 1.0, rate_hz: int = 16_000) -> Path:
-    t = np.arange(int(seconds * rate_hz)) / rate_hz
-    pcm = (np.sin(2 * np.pi * 220 * t) * 8000).astype("<i2")
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate_hz)
-        out.writeframes(pcm.tobytes())
-    return path
+@pytest.fixture
+def renderer(new_renderer: Callable[..., FalRenderer]) -> FalRenderer:
+    return new_renderer()
 
 
 def make_job(
@@ -69,20 +78,30 @@ def make_job(
     resolution: Resolution = "480p",
 ) -> RenderJob:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    wav = write_wav(tmp_path / f"chunk{index}.wav")
+    wav = str(write_tone(tmp_path / f"chunk{index}.wav"))
     image_path = str(image) if image else None
-    row = Row(index=0, id="row-1", audio=str(wav), image=image_path, resolution=resolution)
-    audio = AudioInfo(str(wav), "0" * 64, 1.0, 16_000, 1, "pcm_s16le", str(wav))
-    chunk = Chunk(row_id=row.id, index=index, start_s=0.0, end_s=1.0, num_segments=segments)
-    plan = RowPlan(row, audio, (chunk,), SEED, chunk.video_s, 0.0, input_hash="hash-1")
+    row = make_row("row-1", wav, image=image_path, resolution=resolution)
+    [chunk] = make_chunks(row.id, (0.0, 1.0), segments=segments)
+    chunk = dataclasses.replace(chunk, index=index)
+    plan = make_plan(row, make_audio(1.0, source=wav, pcm_path=wav), (chunk,), seed=SEED)
+    plan = dataclasses.replace(plan, input_hash="hash-1")
     return RenderJob(
         plan=plan,
         chunks=(chunk,),
-        chunk_audio_paths=(str(wav),),
+        chunk_audio_paths=(wav,),
         out_dir=str(tmp_path / "out"),
         image_path=image_path,
         identity_video_path=identity,
     )
+
+
+def ledger_for(job: RenderJob) -> Ledger:
+    """The run ledger beside a job's out dir (one per job folder)."""
+    return Ledger(str(Path(job.out_dir).parent / "state"))
+
+
+def render(renderer: FalRenderer, job: RenderJob) -> list[ChunkVideo]:
+    return renderer.render(job, ledger_for(job))
 
 
 def decode(path: str) -> tuple[int, tuple[int, int], np.ndarray, bool]:
@@ -99,7 +118,7 @@ def decode(path: str) -> tuple[int, tuple[int, int], np.ndarray, bool]:
 def test_at2v_chunk_has_exact_frames_price_and_seed(
     fake: FakeFal, renderer: FalRenderer, tmp_path: Path
 ) -> None:
-    [video] = renderer.render(make_job(tmp_path, segments=2))
+    [video] = render(renderer, make_job(tmp_path, segments=2))
     path = Path(video.path)
     assert path.name == "row-1.chunk0.mp4"
     assert video.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -108,8 +127,11 @@ def test_at2v_chunk_has_exact_frames_price_and_seed(
     assert video.billable_units == pytest.approx(173 / 16)  # from x-fal-billable-units
     assert video.cost_usd == pytest.approx(173 / 16 * 0.15)
     assert (video.seed, video.backend) == (SEED, "fal")
-    assert set(video.timings_s) == {"upload_s", "queue_s", "run_s", "download_s"}
-    assert video.timings_s["run_s"] == pytest.approx(0.3, abs=0.05)
+    timings = video.timings  # fal's phases; nothing rendered or encoded here
+    assert min(timings.upload_s, timings.download_s) > 0.0
+    assert timings.queue_s >= 0.0
+    assert (timings.render_s, timings.encode_s) == (0.0, 0.0)
+    assert timings.run_s == pytest.approx(0.3, abs=0.05)
     assert fake.counts["audio-to-video"] == 1
     [payload] = fake.payloads
     assert payload["num_segments"] == 2
@@ -122,7 +144,7 @@ def test_ai2v_uses_row_image_and_default_prompt(
 ) -> None:
     portrait = tmp_path / "face.png"
     Image.new("RGB", (300, 400), (200, 150, 120)).save(portrait)
-    [video] = renderer.render(make_job(tmp_path, image=portrait))
+    [video] = render(renderer, make_job(tmp_path, image=portrait))
     assert decode(video.path)[1] == (480, 832)  # the portrait bucket
     [payload] = fake.payloads
     assert payload["prompt"] == DEFAULT_PROMPT
@@ -133,8 +155,8 @@ def test_ai2v_uses_row_image_and_default_prompt(
 def test_later_chunk_takes_identity_from_last_frame_of_chunk0(
     fake: FakeFal, renderer: FalRenderer, tmp_path: Path
 ) -> None:
-    [first] = renderer.render(make_job(tmp_path))
-    [second] = renderer.render(make_job(tmp_path, index=1, identity=first.path))
+    [first] = render(renderer, make_job(tmp_path))
+    [second] = render(renderer, make_job(tmp_path, index=1, identity=first.path))
     assert Path(second.path).name == "row-1.chunk1.mp4"
     identity_png = fake.file_bytes(fake.payloads[1]["image_url"])
     assert identity_png is not None
@@ -145,38 +167,57 @@ def test_later_chunk_takes_identity_from_last_frame_of_chunk0(
 
 def test_later_chunk_without_any_identity_is_refused(renderer: FalRenderer, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="identity frame"):
-        renderer.render(make_job(tmp_path, index=1))
+        render(renderer, make_job(tmp_path, index=1))
 
 
-def test_on_submitted_runs_before_the_wait_completes(
+def test_attempt_and_request_id_are_recorded_around_the_submit_before_the_wait(
     fake: FakeFal, renderer: FalRenderer, tmp_path: Path
 ) -> None:
-    seen: list[tuple[Submission, str]] = []
+    seen: list[tuple[str, object]] = []
 
-    def hook(submission: Submission) -> None:
-        seen.append((submission, fake.state(submission.request_id)))
+    class Watched(Ledger):
+        def record_attempt(self, *args: object) -> int:
+            seen.append(("attempt", (args, fake.counts["submit"])))
+            return super().record_attempt(*args)
 
-    [video] = renderer.render(make_job(tmp_path), on_submitted=hook)
-    [(submission, state_then)] = seen
-    assert state_then != "COMPLETED"
-    assert submission == Submission("row-1", "hash-1", 0, video.request_id, f"{APP}/audio-to-video")
+        def record_request(self, *args: object) -> None:
+            request_id = args[3]
+            assert isinstance(request_id, str)
+            seen.append(("request", (args, fake.state(request_id))))
+            super().record_request(*args)
+
+    job = make_job(tmp_path)
+    ledger = Watched(ledger_for(job).url)
+    [video] = renderer.render(job, ledger)
+    [(first, (attempt, submits_then)), (second, (request, state_then))] = seen
+    assert (first, second) == ("attempt", "request")
+    assert (attempt, submits_then) == (("row-1", "hash-1", 0, AT2V), 0)  # before the POST
+    assert request == ("row-1", "hash-1", 0, video.request_id, AT2V)
+    assert state_then != "COMPLETED"  # recorded before the wait, not after it
+    recorded = ledger.request("row-1", "hash-1", 0)
+    assert recorded is not None
+    assert (recorded.request_id, recorded.attempt, recorded.endpoint) == (video.request_id, 1, AT2V)
 
 
-def test_ambiguous_submit_propagates_without_a_hook_call_or_resubmit(
-    fake: FakeFal, tmp_path: Path
+def test_ambiguous_submit_is_left_unanswered_in_the_ledger_and_not_resubmitted(
+    fake: FakeFal, new_renderer: Callable[..., FalRenderer], tmp_path: Path
 ) -> None:
     fake.reset(Faults(submit_hang=1, hang_s=2.0))
-    seen: list[Submission] = []
-    renderer = FalRenderer(make_config(fake, http_timeout_s=0.3), on_submitted=seen.append)
-    with pytest.raises(AmbiguousSubmitError):
-        renderer.render(make_job(tmp_path))
-    assert seen == []
+    renderer = new_renderer(http_timeout_s=0.3)
+    job = make_job(tmp_path)
+    with pytest.raises(AmbiguousChunkError) as refused:
+        render(renderer, job)
+    assert isinstance(refused.value.__cause__, AmbiguousSubmitError)
+    record = ledger_for(job).chunk("row-1", "hash-1", 0)
+    assert (record.ambiguous, record.request) == (True, None)
     assert (fake.counts["submit"], fake.submissions) == (1, 1)
 
 
-def test_units_are_estimated_when_fal_omits_the_header(fake: FakeFal, tmp_path: Path) -> None:
+def test_units_are_estimated_when_fal_omits_the_header(
+    fake: FakeFal, new_renderer: Callable[..., FalRenderer], tmp_path: Path
+) -> None:
     fake.reset(Faults(omit_billable_units=True))
-    [video] = FalRenderer(make_config(fake)).render(make_job(tmp_path, resolution="720p"))
+    [video] = render(new_renderer(), make_job(tmp_path, resolution="720p"))
     assert video.billable_units == pytest.approx(93 / 16 * 4)
     assert video.cost_usd == pytest.approx(93 / 16 * 0.30)
 
@@ -185,31 +226,37 @@ def test_resume_fetches_a_known_request_without_resubmitting(
     fake: FakeFal, renderer: FalRenderer, tmp_path: Path
 ) -> None:
     client = renderer.client
-    audio_url = client.upload(write_wav(tmp_path / "a.wav"), "audio/wav")
-    handle = client.submit(f"{APP}/audio-to-video", {"audio_url": audio_url, "seed": SEED})
-    [video] = renderer.resume(handle.request_id, make_job(tmp_path))
+    audio_url = client.upload(write_tone(tmp_path / "a.wav"), "audio/wav")
+    handle = client.submit(AT2V, {"audio_url": audio_url, "seed": SEED})
+    job = make_job(tmp_path)
+    ledger_for(job).record_request("row-1", "hash-1", 0, handle.request_id, AT2V)
+    [video] = render(renderer, job)
     assert video.request_id == handle.request_id
     assert decode(video.path)[0] == 93
     assert fake.submissions == 1
 
 
-def test_in_flight_requests_are_bounded_by_max_concurrency(fake: FakeFal, tmp_path: Path) -> None:
-    renderer = FalRenderer(make_config(fake, max_concurrency=2))
+def test_in_flight_requests_are_bounded_by_max_concurrency(
+    fake: FakeFal, new_renderer: Callable[..., FalRenderer], tmp_path: Path
+) -> None:
+    renderer = new_renderer(max_concurrency=2)
     jobs = [make_job(tmp_path / str(i)) for i in range(5)]
     with ThreadPoolExecutor(5) as pool:
-        videos = [v for vs in pool.map(renderer.render, jobs) for v in vs]
+        videos = [v for vs in pool.map(lambda job: render(renderer, job), jobs) for v in vs]
     assert len({v.request_id for v in videos}) == 5
     assert fake.max_in_progress == 2
 
 
-def test_random_faults_are_absorbed_without_double_submits(fake: FakeFal, tmp_path: Path) -> None:
+def test_random_faults_are_absorbed_without_double_submits(
+    fake: FakeFal, new_renderer: Callable[..., FalRenderer], tmp_path: Path
+) -> None:
     # per-attempt submit failure 0.3: all 6 attempts of one request fail with p = 0.07 %
     rates = {"submit_429": 0.2, "submit_5xx": 0.1, "status_5xx": 0.2, "result_504": 0.3}
     fake.reset(Faults(rates={**rates, "download_cut": 0.3}, seed=7))
-    renderer = FalRenderer(make_config(fake))
+    renderer = new_renderer()
     jobs = [make_job(tmp_path / str(i)) for i in range(4)]
     with ThreadPoolExecutor(4) as pool:
-        videos = [v for vs in pool.map(renderer.render, jobs) for v in vs]
+        videos = [v for vs in pool.map(lambda job: render(renderer, job), jobs) for v in vs]
     assert all(decode(v.path)[0] == 93 for v in videos)
     assert fake.submissions == 4
     assert sum(n for name, n in fake.counts.items() if name.startswith("fault:")) >= 3
@@ -224,21 +271,30 @@ def test_shared_renderer_is_one_per_config(fake: FakeFal) -> None:
 def test_multi_chunk_jobs_are_refused(renderer: FalRenderer, tmp_path: Path) -> None:
     job = make_job(tmp_path)
     with pytest.raises(ValueError, match="one chunk per job"):
-        renderer.render(RenderJob(job.plan, job.chunks * 2, job.chunk_audio_paths * 2, job.out_dir))
+        render(
+            renderer,
+            dataclasses.replace(
+                job, chunks=job.chunks * 2, chunk_audio_paths=job.chunk_audio_paths * 2
+            ),
+        )
 
 
 def test_failures_keep_secrets_out_of_errors_and_logs(
-    fake: FakeFal, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    fake: FakeFal,
+    new_renderer: Callable[..., FalRenderer],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     fake.reset(Faults(submit_429=1, completed_error=1))
+    renderer = new_renderer(fal_failed_retries=0)  # the 503 surfaces instead of a resubmit
     with pytest.raises(FalRequestError) as failed:
-        FalRenderer(make_config(fake)).render(make_job(tmp_path))
-    bad_key = make_config(fake).model_copy(
-        update={"fal": FalSettings.from_env({**fake.env(), "FAL_KEY": "bad-key-93be"})}
-    )
-    with pytest.raises(FalAuthError) as refused:
-        FalRenderer(bad_key, client=FalQueueClient(bad_key.fal)).render(make_job(tmp_path))
+        render(renderer, make_job(tmp_path / "failed"))
+    monkeypatch.setenv("FAL_KEY", "bad-key-93be")
+    bad_key = make_config(fake)
+    with pytest.raises(FalAuthError) as refused, FalQueueClient(bad_key.fal) as client:
+        render(FalRenderer(bad_key, client=client), make_job(tmp_path / "refused"))
     for text in (str(failed.value), str(refused.value), repr(bad_key), caplog.text):
         assert fake.key not in text
         assert "bad-key-93be" not in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import wave
 from pathlib import Path
 
@@ -9,10 +10,13 @@ import av
 import numpy as np
 import pytest
 
-from flows.settings import BatchConfig
-from tasks.records import AudioInfo, Chunk, Row, RowPlan
-from tasks.render import RenderJob
-from tasks.render_local import TINY_DIR, LocalRenderer, read_wav
+from tasks.backends import RenderJob
+from tasks.backends import local as local_backend
+from tasks.backends.local import LocalRenderer, read_wav
+from tasks.config import BatchConfig, LocalSettings
+from tasks.records import Chunk
+from tasks.workdir import WorkDir
+from tests.factories import make_audio, make_plan, make_row
 
 RATE = 16_000
 
@@ -21,9 +25,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory: pytest.TempPathFactory) -> BatchConfig:
+def config(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> BatchConfig:
     work = tmp_path_factory.mktemp("work")
-    return BatchConfig(manifest=str(work / "manifest.parquet"), work_dir=str(work))
+    local = LocalSettings(model_dir=str(tiny_checkpoint))  # the session's copy of the tiny one
+    return BatchConfig(manifest=str(work / "manifest.parquet"), work_dir=str(work), local=local)
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +50,9 @@ def _write_wav(path: Path, seconds: float, freq: float) -> str:
 def _job(tmp_path: Path, out: str = "out") -> RenderJob:
     chunks = (Chunk("row1", 0, 0.0, 1.0, 1), Chunk("row1", 1, 1.0, 2.25, 1))
     wavs = (_write_wav(tmp_path / "c0.wav", 1.0, 220), _write_wav(tmp_path / "c1.wav", 1.25, 330))
-    info = AudioInfo(wavs[0], "0" * 64, 2.25, RATE, 1, "pcm_s16le", wavs[0])
-    row = Row(index=0, id="row1", audio=wavs[0], prompt="a person talks")
-    plan = RowPlan(
-        row, info, chunks, seed=5, billable_units=0.0, estimated_cost_usd=0.0, input_hash="h"
-    )
+    info = make_audio(2.25, source=wavs[0], pcm_path=wavs[0])
+    row = make_row("row1", wavs[0], prompt="a person talks")
+    plan = make_plan(row, info, chunks, seed=5, billable_units=0.0, input_hash="h")
     return RenderJob(plan, chunks, wavs, out_dir=str(tmp_path / out))
 
 
@@ -62,11 +65,45 @@ class _Interrupted(Exception):
     pass
 
 
-def test_shared_loads_the_tiny_checkpoint_once(config, renderer) -> None:
+def test_shared_loads_the_checkpoint_once(config, renderer) -> None:
     assert LocalRenderer.shared(config) is renderer
-    assert (config.work_path / TINY_DIR / "avatarflow.json").exists()
+    assert LocalRenderer.shared(config.model_copy()) is renderer
     assert renderer.name == "local"
     assert renderer.continuous
+
+
+def test_tiny_by_name_is_written_into_the_work_dir_once(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written: list[Path] = []
+
+    def write_tiny(directory: Path) -> Path:  # a copy of the session's: same files, no rebuild
+        written.append(directory)
+        return Path(shutil.copytree(tiny_checkpoint, directory))
+
+    monkeypatch.setattr(local_backend, "write_tiny_checkpoint", write_tiny)
+    config = BatchConfig(
+        manifest="m.parquet", work_dir=str(tmp_path), local=LocalSettings(model_dir="tiny")
+    )
+    assert LocalRenderer.check_config(config) is None
+    renderer = LocalRenderer.shared(config)
+    assert LocalRenderer.shared(config) is renderer
+    assert written == [WorkDir(tmp_path).tiny_checkpoint]
+    assert (WorkDir(tmp_path).tiny_checkpoint / "avatarflow.json").exists()
+    assert LocalRenderer.expected_area(config, "480p") is None  # renders at its own size
+    assert "tiny" in LocalRenderer.model_name(config)
+
+
+def test_a_local_run_needs_a_checkpoint_folder(tmp_path: Path) -> None:
+    none = BatchConfig(manifest="m.parquet", work_dir=str(tmp_path))
+    problem = LocalRenderer.check_config(none)
+    assert problem is not None
+    assert "needs a checkpoint folder" in problem
+    assert "--model-dir tiny" in problem
+    missing = none.model_copy(update={"local": LocalSettings(model_dir=str(tmp_path / "nope"))})
+    assert LocalRenderer.check_config(missing) == f"model folder {tmp_path / 'nope'} does not exist"
+    with pytest.raises(ValueError, match="needs a checkpoint folder"):
+        LocalRenderer.shared(none)
 
 
 def test_two_chunk_row_renders_one_mp4_per_chunk_span(renderer, tmp_path) -> None:

@@ -7,31 +7,33 @@ from pathlib import Path
 import av
 import pytest
 
+from tasks.backends import NOMINAL_AREA
 from tasks.concat import concat_row, encode_master_audio
 from tasks.verify import verify_chunk, verify_final
 from tests.tasks.test_media import make_video, make_wav
 
 SIZE_480P = (832, 480)
+AREA = NOMINAL_AREA  # the planned pixel area per resolution
 
 
 def test_chunk_with_the_promised_stream_passes(tmp_path: Path) -> None:
     path = make_video(tmp_path / "c.mp4", 12, size=SIZE_480P)
-    verdict = verify_chunk(path, expected_frames=12, resolution="480p")
+    verdict = verify_chunk(path, expected_frames=12, expected_area=AREA["480p"])
     assert verdict.passed, verdict.reasons
     assert verdict.measured["frames"] == 12
 
 
 def test_chunk_may_be_an_equal_area_bucket(tmp_path: Path) -> None:
     path = make_video(tmp_path / "c.mp4", 4, size=(640, 640))
-    assert verify_chunk(path, expected_frames=4, resolution="480p").passed
+    assert verify_chunk(path, expected_frames=4, expected_area=AREA["480p"]).passed
 
 
 @pytest.mark.parametrize(
     ("kwargs", "expected_frames", "resolution", "reason"),
     [
         ({"codec": "mpeg4"}, 4, "480p", "video codec mpeg4"),
-        ({"size": (64, 64)}, 4, "480p", "does not match 480p"),
-        ({}, 4, "720p", "does not match 720p"),
+        ({"size": (64, 64)}, 4, "480p", f"does not have the planned area {AREA['480p']}"),
+        ({}, 4, "720p", f"does not have the planned area {AREA['720p']}"),
         ({"fps": 25}, 4, "480p", "frame rate 25"),
         ({}, 6, "480p", "4 frames, expected at least 6"),
     ],
@@ -40,24 +42,34 @@ def test_chunk_gate_names_what_is_wrong(
     tmp_path: Path, kwargs: dict, expected_frames: int, resolution: str, reason: str
 ) -> None:
     path = make_video(tmp_path / "c.mp4", 4, **{"size": SIZE_480P, **kwargs})
-    verdict = verify_chunk(path, expected_frames, resolution)
+    verdict = verify_chunk(path, expected_frames, AREA[resolution])
     assert not verdict.passed
     assert any(reason in r for r in verdict.reasons), verdict.reasons
 
 
 def test_720p_chunk_passes_at_1280x720(tmp_path: Path) -> None:
     path = make_video(tmp_path / "c.mp4", 3, size=(1280, 720))
-    assert verify_chunk(path, 3, "720p").passed
+    assert verify_chunk(path, 3, AREA["720p"]).passed
+
+
+def test_no_expected_area_skips_only_the_size_check(tmp_path: Path) -> None:
+    small = make_video(tmp_path / "c.mp4", 4, size=(32, 32))
+    assert verify_chunk(small, 4, None).passed
+    assert not verify_chunk(small, 5, None).passed
+    assert not verify_chunk(
+        make_video(tmp_path / "d.mp4", 4, size=(32, 32), fps=25), 4, None
+    ).passed
+    assert verify_chunk(tmp_path / "d.mp4", 4, None, fps=25).passed
 
 
 def test_garbage_and_truncated_files_fail_without_raising(tmp_path: Path) -> None:
     garbage = tmp_path / "g.mp4"
     garbage.write_bytes(b"\0\0\0\x18ftypmp42" + b"x" * 500)
-    assert not verify_chunk(garbage, 1, "480p").passed
+    assert not verify_chunk(garbage, 1, AREA["480p"]).passed
     whole = make_video(tmp_path / "v.mp4", 40, size=SIZE_480P, faststart=True).read_bytes()
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(whole[: len(whole) // 2])  # index intact, second half of the media missing
-    verdict = verify_chunk(cut, 40, "480p")
+    verdict = verify_chunk(cut, 40, AREA["480p"])
     assert not verdict.passed
     assert verdict.reasons
 

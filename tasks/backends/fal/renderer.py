@@ -8,15 +8,21 @@ again; see FalRenderer.render for the resubmit policy.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mimetypes
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import av
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
 
 from tasks.backends.base import Renderer, RenderJob
 from tasks.backends.fal.client import (
@@ -102,8 +108,21 @@ def extract_last_frame(video_path: str | Path, png_path: str | Path) -> Path:
             last = frame
     if last is None:
         raise ValueError(f"{video_path} has no video frames")
-    last.to_image().save(png_path, format="PNG")
+    last.to_image().save(png_path, format="PNG")  # type: ignore[no-untyped-call]
     return Path(png_path)
+
+
+def _existing_limit(name: str | None) -> str | None:
+    """name, when a Prefect API is configured and holds a global concurrency limit of that name."""
+    if not name or not PREFECT_API_URL.value():
+        return None
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        return None
+    log.info("fal requests in flight share the Prefect global concurrency limit %r", name)
+    return name
 
 
 def _single_chunk(job: RenderJob) -> Chunk:
@@ -124,6 +143,19 @@ class FalRenderer(Renderer):
         # Polls and backoffs sleep on the stop event, so Ctrl-C ends a wait at once.
         self.client = client or FalQueueClient(config.fal, sleep=wait_unless_stopped)
         self._slots = _slots(config.fal.queue_url, config.max_concurrency)
+        self._shared_limit = _existing_limit(config.fal.concurrency_limit)
+
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        """Hold a slot for one request in flight: this process's bound (max_concurrency), and a
+        slot of the Prefect global concurrency limit config.fal.concurrency_limit when it exists,
+        so that runs and shards on other workers share the fal account's concurrency."""
+        with self._slots:
+            if self._shared_limit is None:
+                yield
+                return
+            with concurrency(self._shared_limit, occupy=1, strict=True):
+                yield
 
     # --- what the stages ask --------------------------------------------------------------------
 
@@ -231,7 +263,7 @@ class FalRenderer(Renderer):
         endpoint = self.endpoint_for(job)
         payload = self.payload(job, chunk, endpoint)
         upload_s = time.monotonic() - started
-        with self._slots:
+        with self._in_flight():
             if stop_requested():  # Ctrl-C while this chunk waited for a slot: submit nothing
                 raise RenderStopped(f"row {row_id} chunk {chunk.index}: not submitted")
             ledger.record_attempt(row_id, input_hash, chunk.index, endpoint)
@@ -248,7 +280,7 @@ class FalRenderer(Renderer):
         """Finish a request submitted by an earlier run: poll and fetch it, never resubmit."""
         handle = self.client.handle(request_id)
         Path(job.out_dir).mkdir(parents=True, exist_ok=True)
-        with self._slots:
+        with self._in_flight():
             queue_s, run_s = self._wait(handle)
         return self._collect(job, chunk, handle, Timings(queue_s=queue_s, run_s=run_s))
 
