@@ -59,7 +59,7 @@ def talking_head(
     seed: int = 0,
     face: bool = True,
 ) -> Render:
-    """A render of `size` (w, h): the portrait (or, with face=False, a faceless photo) lip-syncing."""
+    """A render of size (w, h): the portrait (or with face=False a faceless photo) lip-syncing."""
     audio = narration(duration_s, sample_rate, seed)
     width, height = size
     photo = data.astronaut()[_HEAD_CROP] if face else data.coffee()[:, 100:500]
@@ -89,7 +89,9 @@ def talking_head(
 def _openness(audio: np.ndarray, sample_rate: int, fps: int, count: int) -> np.ndarray:
     """Mouth opening 0..1 per frame: the frame's RMS loudness against the loud frames'."""
     edges = np.round(np.arange(count + 1) * sample_rate / fps).astype(int)
-    rms = np.array([np.sqrt(np.mean(audio[a:b] ** 2)) for a, b in zip(edges[:-1], edges[1:])])
+    rms = np.array(
+        [np.sqrt(np.mean(audio[a:b] ** 2)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    )
     return np.clip(rms / (np.percentile(rms, 95) + 1e-9), 0.0, 1.0)
 
 
