@@ -125,21 +125,28 @@ def with_colour_jump(render: Render, frame: int, rgb_shift: tuple[int, int, int]
     return dataclasses.replace(render, frames=frames)
 
 
-def write_render(path: Path | str, render: Render, preset: str = "ultrafast") -> Path:
-    """Mux the render to an H.264 (yuv420p) + AAC (mono) MP4 at its fps."""
+def write_render(
+    path: Path | str, render: Render, preset: str = "ultrafast", with_audio: bool = True
+) -> Path:
+    """Mux the render to an H.264 (yuv420p) + AAC (mono) MP4 at its fps (AAC only with_audio)."""
     path = Path(path)
     height, width = render.frames.shape[1:3]
     with av.open(str(path), "w") as container:
         video = container.add_stream("libx264", rate=render.fps, options={"preset": preset})
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        audio = container.add_stream(
-            "aac", rate=render.sample_rate, layout="mono", options={"aac_coder": "fast"}
-        )
+        # every stream is added before the first packet is muxed
+        audio = None
+        if with_audio:
+            audio = container.add_stream(
+                "aac", rate=render.sample_rate, layout="mono", options={"aac_coder": "fast"}
+            )
         for index, image in enumerate(render.frames):
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts = index
             container.mux(video.encode(frame))
         container.mux(video.encode(None))
+        if audio is None:
+            return path
         pcm = (np.clip(render.audio, -1, 1) * 32767).astype(np.int16).reshape(1, -1)
         sound = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
         sound.sample_rate, sound.pts = render.sample_rate, 0
