@@ -68,7 +68,7 @@ class QCSettings(BaseModel):
     face_min_ratio: float = Field(0.8, ge=0, le=1)  # share of sampled frames that need a face
     lipsync_search_frames: int = Field(8, ge=1)  # offsets tried: -N..+N frames
     lipsync_max_offset_frames: int = Field(2, ge=0)  # |best offset| allowed
-    lipsync_min_corr: float = Field(0.3, ge=-1, le=1)  # correlation needed at the best offset
+    lipsync_min_corr: float = Field(0.2, ge=-1, le=1)  # correlation needed at the best offset
     seam_window_frames: int = Field(2, ge=1)  # frames averaged on each side of a join
     seam_max_distance: float = Field(0.25, ge=0, le=1)  # Hellinger distance allowed at a join
     jump_max_distance: float = Field(0.4, ge=0, le=1)  # ... between any two consecutive frames
@@ -453,7 +453,7 @@ def _duration_gate(
         expected = round(narration.duration_s * video.fps)
         source = f"{narration.duration_s:.3f} s of audio"
     else:
-        source = "the plan"
+        expected, source = int(expected), "the plan"
     off = video.frames - expected
     return GateResult(
         "duration",
@@ -617,7 +617,7 @@ def _seams_gate(video: _Scan, joins: Sequence[int], settings: QCSettings) -> Gat
     jump_at = int(np.argmax(steps)) + 1 if len(steps) else 0
     jump = float(steps.max()) if len(steps) else 0.0
     window = settings.seam_window_frames
-    distances = {j: _join_distance(video, j, window) for j in joins if 0 < j < video.frames}
+    distances = {int(j): _join_distance(video, j, window) for j in joins if 0 < j < video.frames}
     distances = {j: d for j, d in distances.items() if d is not None}
     worst = max(distances, key=lambda j: distances[j]) if distances else None
     value = round(distances[worst], 4) if worst is not None else None

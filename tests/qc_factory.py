@@ -126,13 +126,18 @@ def with_colour_jump(render: Render, frame: int, rgb_shift: tuple[int, int, int]
 
 
 def write_render(
-    path: Path | str, render: Render, preset: str = "ultrafast", with_audio: bool = True
+    path: Path | str,
+    render: Render,
+    preset: str = "ultrafast",
+    with_audio: bool = True,
+    crf: int = 23,
 ) -> Path:
     """Mux the render to an H.264 (yuv420p) + AAC (mono) MP4 at its fps (AAC only with_audio)."""
     path = Path(path)
     height, width = render.frames.shape[1:3]
     with av.open(str(path), "w") as container:
-        video = container.add_stream("libx264", rate=render.fps, options={"preset": preset})
+        options = {"preset": preset, "crf": str(crf)}
+        video = container.add_stream("libx264", rate=render.fps, options=options)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         # every stream is added before the first packet is muxed
         audio = None

@@ -136,7 +136,9 @@ def test_seams_checks_the_joins_the_caller_names(videos: dict[str, Path]) -> Non
     enough to pass, the same step at a planned join fails."""
     path = videos["seam_colour"]
     assert run_gates(path, joins=[50, 150]).gate("seams").status == "passed"
-    at_join = run_gates(path, joins=[50, SEAM]).gate("seams")
+    report = run_gates(path, joins=np.array([50, SEAM]))
+    json.dumps(report.to_json())  # numpy indices come out as plain JSON numbers
+    at_join = report.gate("seams")
     assert at_join.status == "failed"
     assert at_join.measured["worst_join_frame"] == SEAM
 
