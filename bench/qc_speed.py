@@ -91,8 +91,9 @@ def main() -> None:
     machine = f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, Python "
     machine += platform.python_version()
     print(
-        "| date | machine | video | QC CPU-s per video-min | QC wall s | ffmpeg black+freeze "
-        "CPU-s | fal s per video-min (assumed) | ratio | target |"
+        "| date | machine | video | QC CPU-s per video-min | QC wall s per video-min "
+        "| ffmpeg black+freeze CPU-s per video-min | fal s per video-min (assumed) | ratio "
+        "| target |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     print(
