@@ -303,6 +303,43 @@ def init_tiny(
     out.print(f"wrote tiny LongCat-Video-Avatar {version} checkpoint to {path}")
 
 
+@app.command()
+def qc(
+    video: Annotated[str, typer.Argument(help="MP4 to check.")],
+    audio: Annotated[
+        str | None, typer.Option(help="Narration to check against (default: the MP4's own audio).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    qc_skip: Annotated[
+        str, typer.Option(help="Gates to skip, comma-separated, e.g. face,lipsync.")
+    ] = "",
+) -> None:
+    """Run the QC gates on any MP4: exit 0 all passed, 1 a gate failed, 2 unreadable/bad option."""
+    import json
+
+    from tasks.qc import QCInputError, run_gates
+
+    skip = {name.strip() for name in qc_skip.split(",") if name.strip()}
+    try:
+        report = run_gates(video, audio, skip=skip)
+    except QCInputError as exc:
+        console.print(f"[red]qc error[/red]: {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        table = Table(title=f"qc {escape(video)}")
+        for col in ("gate", "status", "value", "threshold", "detail"):
+            table.add_column(col, justify="right" if col in ("value", "threshold") else "left")
+        for gate in report.gates:
+            colour = {"passed": "green", "failed": "red"}.get(gate.status, "yellow")
+            value, threshold = ("" if v is None else f"{v:g}" for v in (gate.value, gate.threshold))
+            status = f"[{colour}]{gate.status}[/{colour}]"
+            table.add_row(gate.name, status, value, threshold, escape(gate.detail))
+        out.print(table)
+    raise typer.Exit(EXIT_OK if report.passed else EXIT_ROWS_FAILED)
+
+
 def main() -> None:
     """The `avatarflow` console script: Prefect defaults first (before Prefect is imported)."""
     for key, value in PREFECT_DEFAULTS.items():
