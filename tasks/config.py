@@ -82,6 +82,29 @@ class LocalSettings(BaseSettings):
         return self.model_dir == TINY_MODEL
 
 
+class QCSettings(BaseModel):
+    """Thresholds and sampling of the QC gates (tasks/qc.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    analysis_width: int = Field(256, ge=64)  # frames are scaled to this width for every gate
+    duration_max_frames_off: int = Field(1, ge=0)  # |frames - planned frames| allowed
+    sync_max_drift_s: float = Field(0.1, ge=0)  # |audio s - video s|; AAC pads up to 1024 samples
+    black_pixel_max: float = Field(0.10, ge=0, le=1)  # luma (0-1 of the range) of a black pixel
+    black_frame_ratio: float = Field(0.98, gt=0, le=1)  # share of black pixels in a black frame
+    black_max_s: float = Field(0.1, ge=0)  # longest black stretch allowed (a lone frame passes)
+    freeze_max_diff: float = Field(0.004, ge=0)  # two frames are equal below it: see _block_diff
+    freeze_max_s: float = Field(1.0, ge=0)  # longest frozen stretch allowed
+    face_every_s: float = Field(1.0, gt=0)  # face detection sampling interval
+    face_min_ratio: float = Field(0.8, ge=0, le=1)  # share of sampled frames that need a face
+    lipsync_search_frames: int = Field(8, ge=1)  # offsets tried: -N..+N frames
+    lipsync_max_offset_frames: int = Field(2, ge=0)  # |best offset| allowed
+    lipsync_min_corr: float = Field(0.2, ge=-1, le=1)  # correlation needed at the best offset
+    seam_window_frames: int = Field(2, ge=1)  # frames averaged on each side of a join
+    seam_max_distance: float = Field(0.25, ge=0, le=1)  # Hellinger distance allowed at a join
+    jump_max_distance: float = Field(0.4, ge=0, le=1)  # ... between any two consecutive frames
+
+
 class BatchConfig(BaseModel):
     """All options of one batch run."""
 

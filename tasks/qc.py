@@ -37,9 +37,9 @@ from typing import Any, Literal
 import av
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.records import CONTINUATION_FRAMES, FIRST_SEGMENT_FRAMES
+from tasks.config import QCSettings
+from tasks.records import V1_GRID
 
 GATES = ("duration", "sync", "black", "freeze", "face", "lipsync", "seams")
 GateStatus = Literal["passed", "failed", "skipped"]
@@ -49,31 +49,6 @@ _EXTRA_COLUMNS = {"lipsync": ("corr", "min_corr"), "seams": ("jump", "jump_max")
 _HIST_BINS = 32
 _FACE_BOXES_KEPT = 3  # the mouth is placed from the median of the last few face boxes
 _MIN_LIPSYNC_FRAMES = 32  # fewer usable frames than this (2 s at 16 fps) cannot be correlated
-
-
-class QCSettings(BaseModel):
-    """Thresholds and sampling of the QC gates."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    analysis_width: int = Field(256, ge=64)  # frames are scaled to this width for every gate
-    duration_max_frames_off: int = Field(1, ge=0)  # |frames - planned frames| allowed
-    sync_max_drift_s: float = Field(0.1, ge=0)  # |audio s - video s|; AAC pads up to 1024 samples
-    black_pixel_max: float = Field(0.10, ge=0, le=1)  # luma (0-1 of the range) of a black pixel
-    black_frame_ratio: float = Field(0.98, gt=0, le=1)  # share of black pixels in a black frame
-    black_max_s: float = Field(0.1, ge=0)  # longest black stretch allowed (a lone frame passes)
-    freeze_max_diff: float = Field(0.004, ge=0)  # two frames are equal below it: see _block_diff
-    freeze_max_s: float = Field(1.0, ge=0)  # longest frozen stretch allowed
-    face_every_s: float = Field(1.0, gt=0)  # face detection sampling interval
-    face_min_ratio: float = Field(0.8, ge=0, le=1)  # share of sampled frames that need a face
-    lipsync_search_frames: int = Field(8, ge=1)  # offsets tried: -N..+N frames
-    lipsync_max_offset_frames: int = Field(2, ge=0)  # |best offset| allowed
-    lipsync_min_corr: float = Field(0.2, ge=-1, le=1)  # correlation needed at the best offset
-    seam_window_frames: int = Field(2, ge=1)  # frames averaged on each side of a join
-    seam_max_distance: float = Field(0.25, ge=0, le=1)  # Hellinger distance allowed at a join
-    jump_max_distance: float = Field(0.4, ge=0, le=1)  # ... between any two consecutive frames
-    first_segment_frames: int = Field(FIRST_SEGMENT_FRAMES, ge=1)  # the model's frame grid, for
-    continuation_frames: int = Field(CONTINUATION_FRAMES, ge=1)  # joins of a standalone MP4
 
 
 class QCInputError(ValueError):
@@ -185,7 +160,7 @@ def run_gates(
         track = _read_audio(Path(video_path), required=False)
         narration = _read_audio(Path(audio_path), required=True) if audio_path else track
     if joins is None:
-        joins = range(settings.first_segment_frames, video.frames, settings.continuation_frames)
+        joins = V1_GRID.segment_joins(video.frames)  # the model's grid: 93, then every 80
     gates = {
         "duration": lambda: _duration_gate(video, narration, expected_frames, settings),
         "sync": lambda: _sync_gate(video, track or narration, settings),

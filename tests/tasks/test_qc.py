@@ -12,7 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.qc import GATES, QCInputError, QCSettings, run_gates
+from tasks.config import QCSettings
+from tasks.qc import GATES, QCInputError, run_gates
 from tests.media_factory import write_audio
 from tests.qc_factory import (
     Render,
