@@ -33,7 +33,10 @@ class FalSettings(BaseSettings):
     never be serialised into flow-run parameters, deployments, logs or results.
     """
 
-    model_config = SettingsConfigDict(env_prefix="FAL_", frozen=True, extra="ignore")
+    # env_ignore_empty: a deployment that pins FAL_QUEUE_URL="" means "the default host".
+    model_config = SettingsConfigDict(
+        env_prefix="FAL_", frozen=True, extra="ignore", env_ignore_empty=True
+    )
 
     queue_url: str = "https://queue.fal.run"
     rest_url: str = "https://rest.fal.ai"
@@ -65,7 +68,11 @@ class LocalSettings(BaseSettings):
     """The local LongCat-Video-Avatar backend (AVATARFLOW_LOCAL_MODEL_DIR, _DEVICE, _DTYPE ...)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="AVATARFLOW_LOCAL_", frozen=True, extra="ignore", protected_namespaces=()
+        env_prefix="AVATARFLOW_LOCAL_",
+        frozen=True,
+        extra="ignore",
+        env_ignore_empty=True,
+        protected_namespaces=(),
     )
 
     # A checkpoint folder, or "tiny" for the random-weight demo checkpoint (written on first use).
