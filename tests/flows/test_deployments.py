@@ -1,0 +1,262 @@
+"""deploy/prefect.yaml as users run it: a real Prefect server on loopback, `prefect deploy` from a
+clone of this repository, a process worker, and the fal deployment against the loopback fal."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import UUID
+
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.fakes.fal_server import FakeFal
+from tests.media_factory import write_narration
+
+REPO = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+POOL, DEPLOYMENT = "avatarflow-cpu", "produce-batch/nightly-fal"
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Stack:
+    """A Prefect server, the deployments of deploy/prefect.yaml and one process worker."""
+
+    def __init__(self, home: Path, fal: FakeFal) -> None:
+        self.home, self.fal = home, fal
+        self.api_url = f"http://127.0.0.1:{_free_port()}/api"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FAL_"))},
+            "PREFECT_HOME": str(home / "prefect"),
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",  # pick runs up at once
+            "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
+            "AVATARFLOW_REPO": str(home / "repo.git"),
+            **{k: v for k, v in fal.env().items() if k != "FAL_KEY"},  # pinned at deploy time
+        }
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str, log: str, env: dict[str, str] | None = None) -> None:
+        with (self.home / log).open("wb") as out:
+            process = subprocess.Popen(
+                args, env=env or self.env, stdout=out, stderr=subprocess.STDOUT, cwd=self.home
+            )
+        self.processes.append(process)
+
+    def prefect(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PREFECT, "--no-prompt", *args],
+            env=self.env,
+            cwd=cwd or self.home,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError((self.home / "server.log").read_text()[-3000:])
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _publish_repo(home: Path) -> Path:
+    """A bare clone whose main is this checkout's HEAD, and a working clone to deploy from."""
+    bare, work = home / "repo.git", home / "src"
+    subprocess.run(["git", "clone", "-q", "--bare", str(REPO), str(bare)], check=True)
+    head = subprocess.check_output(["git", "-C", str(REPO), "rev-parse", "HEAD"], text=True)
+    subprocess.run(
+        ["git", "-C", str(bare), "update-ref", "refs/heads/main", head.strip()], check=True
+    )
+    subprocess.run(["git", "clone", "-q", str(bare), str(work)], check=True)
+    return work
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("deployments")
+    with FakeFal(latency_s=0.3) as fal:
+        stack = Stack(home, fal)
+        try:
+            stack.start(
+                PREFECT,
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                stack.api_url.split(":")[-1].removesuffix("/api"),
+                log="server.log",
+            )
+            work = _publish_repo(home)
+            stack.wait_healthy()
+            assert stack.prefect("work-pool", "create", POOL, "--type", "process").returncode == 0
+            deployed = stack.prefect(
+                "deploy", "--prefect-file", "deploy/prefect.yaml", "--name", "nightly-fal", cwd=work
+            )
+            assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+            worker_env = {**stack.env, "FAL_KEY": fal.key}  # the key lives on the worker only
+            stack.start(
+                PREFECT, "worker", "start", "--pool", POOL, log="worker.log", env=worker_env
+            )
+            yield stack
+        finally:
+            stack.stop()
+
+
+def _manifest(folder: Path, rows: list[dict[str, str]]) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        if not (folder / row["audio"]).exists() and "broken" not in row["id"]:
+            write_narration(folder / row["audio"], 3.0, "wav", seed=len(row["id"]))
+    for row in rows:
+        if "broken" in row["id"]:
+            (folder / row["audio"]).write_bytes(b"not audio at all")
+    pq.write_table(pa.Table.from_pylist(rows), folder / "manifest.parquet")
+    return str(folder / "manifest.parquet")
+
+
+def _run(stack: Stack, parameters: dict[str, object], timeout: float = 120) -> object:
+    from prefect.deployments import run_deployment
+
+    with _api(stack):
+        return run_deployment(DEPLOYMENT, parameters=parameters, timeout=timeout)
+
+
+class _api:
+    """Point this test process's Prefect client at the stack's server."""
+
+    def __init__(self, stack: Stack) -> None:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        self._settings = temporary_settings({PREFECT_API_URL: stack.api_url})
+
+    def __enter__(self) -> None:
+        self._settings.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._settings.__exit__(*exc)
+
+
+def _artifact_keys(stack: Stack, flow_run_id: UUID) -> set[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with _api(stack), get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {artifact.type + ":" + (artifact.key or "").split("-")[1] for artifact in artifacts}
+
+
+def test_the_fal_deployment_runs_on_a_worker_as_users_run_it(stack: Stack, tmp_path: Path) -> None:
+    fal = stack.fal
+    good = _manifest(
+        tmp_path / "good", [{"id": f"row-{i}", "audio": f"a{i}.wav"} for i in range(3)]
+    )
+    target = tmp_path / "out"
+
+    # 1. Override only manifest and target: backend, budget and the rest stay the deployment's.
+    run = _run(stack, {"manifest": good, "target": str(target)})
+    assert run.state.is_completed(), run.state.message
+    assert "3 rows published" in run.state.message
+    assert sorted(p.name for p in target.glob("*.mp4")) == ["row-0.mp4", "row-1.mp4", "row-2.mp4"]
+    keys = _artifact_keys(stack, run.id)
+    assert {"table:rows", "markdown:summary", "markdown:results", "markdown:report"} <= keys
+    assert "progress:progress" in keys
+    assert fal.submissions == 3
+
+    # 2. One bad row: the run is Failed with the count, the good rows are published.
+    mixed = [{"id": "ok", "audio": "ok.wav"}, {"id": "broken", "audio": "broken.wav"}]
+    run = _run(stack, {"manifest": _manifest(tmp_path / "mixed", mixed), "target": str(target)})
+    assert run.state.is_failed()
+    assert run.state.message.startswith("1 of 2 rows failed")
+    assert (target / "ok.mp4").exists() and not (target / "broken.mp4").exists()
+    assert any("row broken failed" in line for line in _logs(stack, run.id))
+
+    # 3. A fal key given as a parameter is refused: no run is created by Prefect's own CLI.
+    given = stack.prefect("deployment", "run", DEPLOYMENT, "--param", f"fal_key={fal.key}")
+    assert given.returncode != 0 and "fal_key" in given.stdout + given.stderr
+
+    # 4. Cancelling mid-flight cancels the run's fal requests; the rerun pays for nothing twice.
+    fal.reset()
+    fal.latency_s = 60.0
+    slow = _manifest(tmp_path / "slow", [{"id": f"s{i}", "audio": f"s{i}.wav"} for i in range(3)])
+    slow_target = tmp_path / "slow-out"
+    run = _run(stack, {"manifest": slow, "target": str(slow_target)}, timeout=0)
+    _wait(lambda: fal.submissions == 3, "3 fal requests in flight")
+    _cancel(stack, run.id)
+    _wait(lambda: fal.counts["cancelled"] == 3, "the in-flight requests cancelled at fal")
+    assert _state(stack, run.id).is_cancelled()
+    billed_before = fal.billed_units
+    fal.latency_s = 0.3
+    rerun = _run(stack, {"manifest": slow, "target": str(slow_target)})
+    assert rerun.state.is_completed(), rerun.state.message
+    assert billed_before == 0.0  # cancelled requests produced nothing and were not billed
+    assert fal.billed_units == pytest.approx(3 * 93 / 16)  # each row paid once
+    results = pq.read_table(slow_target / "results.parquet").to_pylist()
+    assert [r["status"] for r in results] == ["published"] * 3
+
+
+def _logs(stack: Stack, flow_run_id: UUID) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    time.sleep(1.0)  # logs ship in batches
+    with _api(stack), get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
+
+
+def _wait(condition: object, what: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _cancel(stack: Stack, flow_run_id: UUID) -> None:
+    result = stack.prefect("flow-run", "cancel", str(flow_run_id))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _state(stack: Stack, flow_run_id: UUID) -> object:
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + 60
+    with _api(stack), get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(flow_run_id).state
+            if state.is_final() or time.monotonic() > deadline:
+                return state
+            time.sleep(0.5)
