@@ -7,6 +7,7 @@ Exit status: 0 every row published; 1 some rows failed (results.parquet says whi
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -40,6 +41,8 @@ PREFECT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "PREFECT_SERVER_UI_ENABLED": "false",
+    # The ephemeral server writes to this terminal; its shutdown noise is not the user's business.
+    "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
 }
 
 # After Ctrl-C, polls stop at once; an HTTP call already in flight gets this long to return
@@ -72,7 +75,8 @@ def _config(manifest: str, **options: Any) -> BatchConfig:
 
 
 def _checked_rows(config: BatchConfig) -> ManifestCheck:
-    """Read and validate the manifest; exit 2 when it is unusable or has no valid row."""
+    """Read and validate the manifest; exit 2 when it is unusable or has rows but no valid one
+    (a manifest without rows is a clean no-op)."""
     from tasks.manifest import ManifestError, read_manifest, validate_manifest
 
     try:
@@ -83,9 +87,11 @@ def _checked_rows(config: BatchConfig) -> ManifestCheck:
         raise typer.Exit(EXIT_INVALID) from None
     for err in check.errors:
         console.print(f"[yellow]invalid[/yellow] {escape(str(err))}")
-    if not check.rows:
+    if not check.rows and check.errors:
         console.print("[red]no valid rows: nothing to do[/red]")
         raise typer.Exit(EXIT_INVALID)
+    if not check.rows:
+        console.print("the manifest has no rows: nothing to do")
     return check
 
 
@@ -157,6 +163,22 @@ def run(
             help="Resubmit chunks whose earlier submit may have reached fal (may pay twice).",
         ),
     ] = False,
+    qc_skip: Annotated[
+        str, typer.Option(help="QC gates to skip, comma-separated, e.g. face,lipsync.")
+    ] = "",
+    rerender_on_qc_fail: Annotated[
+        bool,
+        typer.Option(
+            "--rerender-on-qc-fail",
+            help="Render a row that fails QC once more with a new seed (counts against --budget).",
+        ),
+    ] = False,
+    notify: Annotated[
+        str | None, typer.Option(help="POST a batch summary to this URL when the run ends.")
+    ] = None,
+    notify_format: Annotated[
+        str, typer.Option(help='json (the summary) | slack (a {"text": ...} message)')
+    ] = "json",
 ) -> None:
     """Render, verify and publish every row; live progress; exit 0/1/2/130 as documented."""
     from tasks.backends import renderer_class
@@ -174,6 +196,10 @@ def run(
         local=local,
         chunk_target_s=chunk_target_s,
         resubmit_ambiguous=resubmit_ambiguous,
+        qc_skip=frozenset(name.strip() for name in qc_skip.split(",") if name.strip()),
+        rerender_on_qc_fail=rerender_on_qc_fail,
+        notify_url=notify,
+        notify_format=notify_format,
     )
     _checked_rows(config)
     problem = renderer_class(config.backend).check_config(config)
@@ -194,6 +220,7 @@ def _run_locked(config: BatchConfig) -> BatchOutcome:
         f"interrupted: in-flight fal request ids are kept in {config.state_url}; run the same "
         f"command again to resume them without paying twice, or `avatarflow cancel {config.target}`"
     )
+    log_path = _log_to_file(config)
     try:
         with interrupt.installed():
             return run_with_progress(config, console)  # the flow holds the ledger's lock
@@ -203,6 +230,39 @@ def _run_locked(config: BatchConfig) -> BatchOutcome:
     except KeyboardInterrupt:
         interrupt.say()
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        console.print(f"log:     {log_path}")
+
+
+def _log_to_file(config: BatchConfig) -> Path:
+    """Send Prefect's console logging (full tracebacks included) to this run's log file.
+
+    The terminal keeps the live progress and one line per failed row; whoever needs the detail
+    has the file (and, against a Prefect server, the flow run's logs).
+    """
+    from datetime import datetime
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    folder = config.work_path / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"run-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    for logger in (logging.getLogger(), *_named_loggers()):
+        consoles = [h for h in logger.handlers if isinstance(h, PrefectConsoleHandler)]
+        for console_handler in consoles:
+            logger.removeHandler(console_handler)
+        if consoles or logger is logging.getLogger():
+            logger.addHandler(handler)
+    for name in ("prefect", "tasks", "flows"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    return path
+
+
+def _named_loggers() -> list[logging.Logger]:
+    return [v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)]
 
 
 class _Interrupt:
@@ -276,13 +336,14 @@ def cancel(
 
 def _print_results(outcome: BatchOutcome) -> None:
     table = Table(title="results")
-    for col in ("id", "status", "video", "cost USD", "error"):
+    for col in ("id", "status", "this run", "video", "paid USD", "error"):
         table.add_column(col)
     for r in outcome.results:
         colour = {"published": "green", "failed": "red"}.get(r.status, "yellow")
         table.add_row(
             escape(r.id),
             f"[{colour}]{r.status}[/{colour}]",
+            r.run_action,
             escape(r.video_url or ""),
             f"{r.cost_usd:.2f}",
             escape(r.error or ""),

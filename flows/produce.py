@@ -24,14 +24,15 @@ from flows.terminal import survive_lost_terminal
 from tasks import progress
 from tasks.backends import renderer_class
 from tasks.concat import concat_chunks, prepare_master_audio
-from tasks.config import BatchConfig, FalSettings, LocalSettings
+from tasks.config import BatchConfig, FalSettings, LocalSettings, QCSettings
 from tasks.ledger import Ledger
 from tasks.manifest import load_rows
 from tasks.plan import budget_gate, prepare_row
-from tasks.publish import publish_results, publish_row
-from tasks.records import BatchOutcome, ChunkVideo, RowFinished, RowPlan, RowResult
+from tasks.publish import publish_results, publish_row, settle_results
+from tasks.records import BatchOutcome, ChunkVideo, RowFinished, RowPlan, RowResult, RunAction
 from tasks.render import render_chunk, render_row
 from tasks.report import ProgressArtifact, publish_artifacts, save_thumbnail, write_report
+from tasks.rerender import rerender_row
 from tasks.stop import request_stop
 from tasks.verify import verify_chunks, verify_video
 
@@ -61,12 +62,23 @@ def _first_error(futures: list[PrefectFuture[Any]]) -> str:
 def finish_row(
     plan: RowPlan, videos: list[ChunkVideo], master: str, config: BatchConfig
 ) -> RowResult:
-    """verify chunks → concat + mux → verify video → publish, as nested stage tasks of one row."""
+    """verify chunks → concat + mux → verify video + QC → publish (or keep as rejected), as nested
+    stage tasks of one row; with rerender_on_qc_fail, a QC failure is rendered once more first."""
     verdicts = verify_chunks(plan, videos, config)
     video = concat_chunks(plan, videos, master, config)
     final = verify_video(plan, video, config)
-    save_thumbnail(plan, video, config)
-    return publish_row(plan, video, videos, verdicts, final, config)
+    rendered, rerender, reused = plan, None, all(v.reused for v in videos)
+    if config.rerender_on_qc_fail and final.gates.failed:
+        second = rerender_row(plan, videos, final, master, config)
+        if isinstance(second, str):  # why not: the first render is kept as the rejected video
+            final = final.with_reason(second)
+        else:
+            rendered, videos, verdicts = second.plan, second.videos, second.verdicts
+            video, final, rerender = second.video, second.final, second.record
+            reused = reused and all(v.reused for v in videos)
+    save_thumbnail(plan, video, config)  # under the manifest's plan: the report looks there
+    action: RunAction = "reused" if reused else "rendered"
+    return publish_row(rendered, video, videos, verdicts, final, config, action, rerender)
 
 
 class _RowRenders:
@@ -169,6 +181,9 @@ def produce_batch(
     work_dir: str | None = None,
     chunk_target_s: float = 60.0,
     resubmit_ambiguous: bool = False,
+    qc: QCSettings | None = None,
+    qc_skip: list[str] | None = None,
+    rerender_on_qc_fail: bool = False,
     fal_key_secret: str | None = None,
     results_name: str = "results.parquet",
     report_name: str = "report.html",
@@ -199,6 +214,9 @@ def produce_batch(
         work_dir=work_dir,
         chunk_target_s=chunk_target_s,
         resubmit_ambiguous=resubmit_ambiguous,
+        qc=qc,
+        qc_skip=qc_skip,
+        rerender_on_qc_fail=rerender_on_qc_fail,
         results_name=results_name,
         report_name=report_name,
         fal=fal,
@@ -234,14 +252,22 @@ def flow_parameters(config: BatchConfig) -> dict[str, Any]:
     return {name: getattr(config, name) for name in names}
 
 
+class RowsFailed(Exception):
+    """Rows of the batch were not published: the Failed flow run's result, with the outcome."""
+
+    def __init__(self, outcome: BatchOutcome) -> None:
+        rows, failed = len(outcome.results), len(outcome.failed)
+        super().__init__(f"{failed} of {rows} rows failed; see {outcome.results_url}")
+        self.outcome = outcome
+
+
 def _final_state(outcome: BatchOutcome) -> State[BatchOutcome]:
     """Completed when every row is published (now or before), else Failed with the count."""
-    failed = outcome.failed
     rows = len(outcome.results)
-    if failed:
-        message = f"{len(failed)} of {rows} rows failed; see {outcome.results_url}"
-        get_run_logger().error(message)
-        return Failed(message=message, data=outcome)
+    if outcome.failed:
+        error = RowsFailed(outcome)
+        get_run_logger().error(str(error))
+        return Failed(message=str(error), data=error)
     return Completed(
         message=f"{rows} rows published; results at {outcome.results_url}", data=outcome
     )
@@ -296,11 +322,12 @@ def _produce(config: BatchConfig) -> BatchOutcome:
             results[plan.row.index] = _failed(plan.row.id, _first_error(futures), plan.row.extra)
             progress.emit(RowFinished(plan.row.id, "failed"))
 
-    ordered = [results[index] for index in sorted(results)]
+    # What the ledger remembers across runs: cost paid per row, first publish time.
+    ordered = settle_results([results[index] for index in sorted(results)], config)
     logger = get_run_logger()
     for result in ordered:
-        if result.status == "failed":
-            logger.warning("row %s failed: %s", result.id, result.error)
+        if result.status != "published":
+            logger.warning("row %s %s: %s", result.id, result.status, result.error)
     results_url = publish_results(ordered, check.passthrough_schema, config)
     report_url = write_report(ordered, plans, config)
     estimated = sum(p.estimated_cost_usd for p in dispatch)
@@ -313,6 +340,8 @@ def run_batch(config: BatchConfig) -> BatchOutcome:
     flow_run = produce_batch.with_options(task_runner=runner)
     state = flow_run(**flow_parameters(config), return_state=True)
     outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, RowsFailed):
+        return outcome.outcome
     if isinstance(outcome, BaseException):
         raise outcome
     if not isinstance(outcome, BatchOutcome):  # refused before any row ran

@@ -215,7 +215,7 @@ def test_the_fal_deployment_runs_on_a_worker_as_users_run_it(stack: Stack, tmp_p
     run = _run(stack, {"manifest": slow, "target": str(slow_target)}, timeout=0)
     _wait(lambda: fal.submissions == 3, "3 fal requests in flight")
     _cancel(stack, run.id)
-    _wait(lambda: fal.counts["cancelled"] == 3, "the in-flight requests cancelled at fal")
+    _wait(lambda: fal.counts["cancel"] == 3, "the in-flight requests cancelled at fal")
     assert _state(stack, run.id).is_cancelled()
     billed_before = fal.billed_units
     fal.latency_s = 0.3
