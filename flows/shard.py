@@ -79,9 +79,16 @@ def merge_results(config: BatchConfig, shard_count: int) -> pa.Table:
 def run_shard(config: BatchConfig, shard_url: str, n: int, deployment: str) -> str:
     """Run one shard as a child flow run of `deployment` and wait for it; return its state."""
     child = child_config(config, shard_url, n)
+    parameters = {
+        "manifest": child.manifest,
+        "target": child.target,
+        "state": child.state,
+        "results_name": child.results_name,
+        "report_name": child.report_name,
+    }  # the rest (backend, model folder ...) are the child deployment's own
     run = run_deployment(
         deployment,
-        parameters={"config": child.model_dump(mode="json")},
+        parameters=parameters,
         idempotency_key=f"{shard_url}#{n}",  # a retried parent does not start a shard twice
         timeout=None,
     )
@@ -90,17 +97,22 @@ def run_shard(config: BatchConfig, shard_url: str, n: int, deployment: str) -> s
 
 @flow(name="produce-sharded")
 def produce_sharded(
-    config: BatchConfig, deployment: str = "produce-batch/on-demand-local-gpu", rows: int = 200
+    manifest: str,
+    target: str = "./out",
+    deployment: str = "produce-batch/on-demand-local-gpu",
+    rows: int = 200,
+    state: str | None = None,
 ) -> dict[str, int]:
     """Split the manifest into shards of `rows`, run each as `deployment`, merge the results."""
+    config = BatchConfig(manifest=manifest, target=target, state=state)
     shards = write_shards(config, rows)
     states = run_shard.map(unmapped(config), shards, range(len(shards)), unmapped(deployment))
     states.wait()
     table = merge_results(config, len(shards))
     publish_bytes(parquet_bytes(table), config.target, config.results_name)
     columns = ["id", "status", "video_url", "error"]
-    rows = table.select(columns).to_pylist() if table.num_rows else []
-    results = [RowResult(**row) for row in rows]
+    found = table.select(columns).to_pylist() if table.num_rows else []
+    results = [RowResult(**row) for row in found]
     html = render_report(results, {"shards": len(shards)}, {}, f"avatarflow — {config.manifest}")
     publish_bytes(html.encode(), config.target, config.report_name)
     statuses = pc.value_counts(table.column("status")).to_pylist() if table.num_rows else []

@@ -1,37 +1,59 @@
-"""deploy/prefect.yaml loads: every entrypoint imports to a flow and its parameters validate."""
+"""deploy/prefect.yaml loads as Prefect reads it: entrypoints are flows, parameters bind to their
+signatures, the pull step's references resolve, and no key is ever a parameter."""
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from flows.settings import BatchConfig
 from prefect import Flow
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "prefect.yaml"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+PREFECT_YAML = yaml.safe_load((DEPLOY / "prefect.yaml").read_text())
 
 
-def _deployments() -> list[dict]:
-    return yaml.safe_load(DEPLOY.read_text())["deployments"]
-
-
-def test_prefect_yaml_has_scheduled_and_gpu_deployments() -> None:
-    deployments = _deployments()
-    names = {d["name"] for d in deployments}
-    assert {"nightly-fal", "on-demand-local-gpu", "sharded-local-gpu"} <= names
-    nightly = next(d for d in deployments if d["name"] == "nightly-fal")
-    assert nightly["schedules"][0]["cron"] == "0 2 * * *"
-    pools = {d["work_pool"]["name"] for d in deployments}  # the sharded parent runs on CPU
-    assert pools == {"avatarflow-cpu", "avatarflow-gpu"}
-
-
-@pytest.mark.parametrize("deployment", _deployments(), ids=lambda d: d["name"])
-def test_entrypoint_is_a_flow_and_parameters_validate(deployment: dict) -> None:
-    module_path, func = deployment["entrypoint"].split(":")
+def _flow(entrypoint: str) -> Flow[..., Any]:
+    module_path, name = entrypoint.split(":")
     module = importlib.import_module(module_path.removesuffix(".py").replace("/", "."))
-    assert isinstance(getattr(module, func), Flow)
-    config = BatchConfig(**deployment["parameters"]["config"])
-    assert config.backend in ("fal", "local")
-    assert "key" not in deployment["parameters"]["config"].get("fal", {})
+    flow = getattr(module, name)
+    assert isinstance(flow, Flow)
+    return flow
+
+
+def test_the_pull_step_sets_the_directory_the_clone_step_made() -> None:
+    clone, cwd = PREFECT_YAML["pull"]
+    step_id = clone["prefect.deployments.steps.git_clone"]["id"]
+    directory = cwd["prefect.deployments.steps.set_working_directory"]["directory"]
+    assert directory == "{{ " + step_id + ".directory }}"
+
+
+def test_scheduled_fal_and_gpu_deployments_share_their_pools() -> None:
+    deployments = {d["name"]: d for d in PREFECT_YAML["deployments"]}
+    assert {"nightly-fal", "on-demand-local-gpu", "sharded-local-gpu"} <= set(deployments)
+    assert deployments["nightly-fal"]["schedules"][0]["cron"] == "0 2 * * *"
+    pools = {d["work_pool"]["name"] for d in deployments.values()}
+    assert pools == {"avatarflow-cpu", "avatarflow-gpu"}
+    for deployment in deployments.values():  # a second run waits instead of overlapping
+        assert deployment["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+        env = deployment["work_pool"]["job_variables"]["env"]
+        assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+        assert "FAL_KEY" not in env
+
+
+@pytest.mark.parametrize("deployment", PREFECT_YAML["deployments"], ids=lambda d: d["name"])
+def test_parameters_bind_to_the_flow_and_carry_no_secret(deployment: dict[str, Any]) -> None:
+    flow = _flow(deployment["entrypoint"])
+    flow.validate_parameters(deployment["parameters"])  # raises on an unknown or mistyped one
+    assert not {"fal_key", "key", "api_key"} & set(flow.parameters.properties)
+    assert all(not isinstance(value, dict) for value in deployment["parameters"].values())
+
+
+def test_the_crash_automation_changes_silent_runs_to_crashed() -> None:
+    [automation] = yaml.safe_load((DEPLOY / "automations.yaml").read_text())["automations"]
+    assert automation["trigger"]["after"] == ["prefect.flow-run.heartbeat"]
+    [action] = automation["actions"]
+    assert (action["type"], action["state"]) == ("change-flow-run-state", "CRASHED")
+    assert automation["trigger"]["within"] == 3 * 30  # three missed 30 s heartbeats
