@@ -1,7 +1,7 @@
 """PyAV helpers shared by the media stages (verify, concat): exact probing and decode counts.
 
 Container headers are not trusted: frame counts come from demuxed packets and audio lengths from
-decoding, since a concatenated file's header can be off by seconds (see the peers_media notes).
+decoding, since a concatenated file's header can be off by seconds (docs/media.md).
 """
 
 from __future__ import annotations
