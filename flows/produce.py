@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.blocks.system import Secret
@@ -27,6 +27,7 @@ from tasks.concat import concat_chunks, prepare_master_audio
 from tasks.config import BatchConfig, FalSettings, LocalSettings, QCSettings
 from tasks.ledger import Ledger
 from tasks.manifest import load_rows
+from tasks.notify import notify_batch
 from tasks.plan import budget_gate, prepare_row
 from tasks.publish import publish_results, publish_row, settle_results
 from tasks.records import BatchOutcome, ChunkVideo, RowFinished, RowPlan, RowResult, RunAction
@@ -39,6 +40,7 @@ from tasks.verify import verify_chunks, verify_video
 # Our modules log through these; the flow copies Prefect's API handler onto them so their lines
 # (resubmits, ambiguous submits, storage retries) show in the flow run's logs on the server.
 PROJECT_LOGGERS = ("tasks", "flows")
+LOCAL_SHORTCUTS = ("model_dir", "dask_address")  # flat flow parameters for LocalSettings fields
 
 
 def _failed(row_id: str, error: str, extra: dict[str, Any] | None = None) -> RowResult:
@@ -185,6 +187,9 @@ def produce_batch(
     qc_skip: list[str] | None = None,
     rerender_on_qc_fail: bool = False,
     fal_key_secret: str | None = None,
+    dask_address: str | None = None,
+    notify_url: str | None = None,
+    notify_format: Literal["json", "slack"] = "json",
     results_name: str = "results.parquet",
     report_name: str = "report.html",
     fal: FalSettings | None = None,
@@ -196,32 +201,16 @@ def produce_batch(
     key is never a parameter: it comes from the worker's FAL_KEY, or from the Prefect Secret block
     named by `fal_key_secret`, read here at run time. `fal` and `local` default to the worker's
     environment (FAL_*, AVATARFLOW_LOCAL_*); `model_dir` is the local checkpoint folder ("tiny"
-    for the random-weight demo checkpoint).
+    for the random-weight demo checkpoint) and `dask_address` the Dask scheduler whose GPU workers
+    keep it loaded ("local": a LocalCluster with one worker per GPU).
     """
+    parameters = dict(locals())  # the flow's parameters as given, before other names are bound
     survive_lost_terminal()
     _ship_project_logs()
     if fal_key_secret:
         os.environ["FAL_KEY"] = Secret.load(fal_key_secret).get()
     started = time.monotonic()
-    config = batch_config(
-        manifest=manifest,
-        target=target,
-        backend=backend,
-        model_dir=model_dir,
-        budget_usd=budget_usd,
-        max_concurrency=max_concurrency,
-        state=state,
-        work_dir=work_dir,
-        chunk_target_s=chunk_target_s,
-        resubmit_ambiguous=resubmit_ambiguous,
-        qc=qc,
-        qc_skip=qc_skip,
-        rerender_on_qc_fail=rerender_on_qc_fail,
-        results_name=results_name,
-        report_name=report_name,
-        fal=fal,
-        local=local,
-    )
+    config = batch_config(**parameters)
     problem = renderer_class(config.backend).check_config(config)
     if problem is not None:
         return Failed(message=f"cannot run: {problem}")
@@ -231,24 +220,27 @@ def produce_batch(
         with ProgressArtifact.tracking(config):
             outcome = _produce(config)
     publish_artifacts(outcome, config, time.monotonic() - started)
+    notify_batch(outcome, config)
     return _final_state(outcome)
 
 
 def batch_config(**parameters: Any) -> BatchConfig:
     """The run's BatchConfig from the flow's parameters (unset ones: defaults and environment)."""
-    model_dir = parameters.pop("model_dir", None)
     parameters.pop("fal_key_secret", None)
+    # Flat conveniences for the two local settings a deployment sets most.
+    shortcuts = {name: parameters.pop(name, None) for name in LOCAL_SHORTCUTS}
+    local_update = {name: value for name, value in shortcuts.items() if value is not None}
     given = {name: value for name, value in parameters.items() if value is not None}
-    if model_dir is not None:
+    if local_update:
         local = given.get("local") or LocalSettings()
         local = LocalSettings.model_validate(local) if isinstance(local, dict) else local
-        given["local"] = local.model_copy(update={"model_dir": model_dir})
+        given["local"] = local.model_copy(update=local_update)
     return BatchConfig(**given)
 
 
 def flow_parameters(config: BatchConfig) -> dict[str, Any]:
     """produce_batch's parameters for a BatchConfig (the CLI's and Python callers' way in)."""
-    names = set(produce_batch.parameters.properties) - {"model_dir", "fal_key_secret"}
+    names = set(produce_batch.parameters.properties) - {*LOCAL_SHORTCUTS, "fal_key_secret"}
     return {name: getattr(config, name) for name in names}
 
 

@@ -317,10 +317,15 @@ def prepare_master_audio(plan: RowPlan, config: BatchConfig) -> str:
     return encode_master_audio(source if Path(source).exists() else plan.audio.pcm_path, dest)
 
 
+def chunk_frames(plan: RowPlan) -> list[int]:
+    """Frames of each chunk's span that the joined video keeps, in chunk order."""
+    spans = [c.frame_span(plan.is_last(c)) for c in plan.chunks]
+    return [last - first for first, last in spans]
+
+
 @task(name="concat-chunks")
 def concat_chunks(plan: RowPlan, videos: list[ChunkVideo], master: str, config: BatchConfig) -> str:
     """Join each chunk's span of frames (chunks in order) and mux the master narration."""
-    spans = [c.frame_span(plan.is_last(c)) for c in plan.chunks]
-    frames = [last - first for first, last in spans]
+    frames = chunk_frames(plan)
     out = WorkDir(config.work_path).row(plan.row.id, plan.input_hash) / f"{plan.row.id}.mp4"
     return concat_row([v.path for v in videos], frames, master, out, plan.chunks[0].fps)

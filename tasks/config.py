@@ -17,6 +17,8 @@ DEFAULT_PRICE_PER_VIDEO_S = {"480p": 0.15, "720p": 0.30}  # fal's public price p
 # fal bills in "units": 1 per video-second at 480p, 4 at 720p (the model's API page). Converting
 # units back to seconds keeps actual cost consistent with the per-second price above.
 DEFAULT_UNITS_PER_VIDEO_S = {"480p": 1.0, "720p": 4.0}
+# The QC gates of tasks/qc.py in report order; stable names (JSON keys, results columns, --qc-skip).
+QC_GATES = ("duration", "sync", "black", "freeze", "face", "lipsync", "seams")
 # The random-weight checkpoint `avatarflow model init-tiny` writes; used only when named.
 TINY_MODEL = "tiny"
 
@@ -82,6 +84,9 @@ class LocalSettings(BaseSettings):
     num_inference_steps: int | None = None  # None → the checkpoint's default
     cpu_offload: bool = False
     vae_tiling: bool = False
+    # A Dask scheduler whose workers (each with a GPU=1 resource) render and keep the model loaded
+    # across rows and runs: "tcp://host:8786", or "local" for a LocalCluster with one worker per GPU.
+    dask_address: str | None = None
 
     @property
     def is_tiny(self) -> bool:
@@ -138,10 +143,27 @@ class BatchConfig(BaseModel):
     units_per_video_s: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_UNITS_PER_VIDEO_S)
     )
+    qc: QCSettings = Field(default_factory=QCSettings)  # thresholds of the final video's gates
+    qc_skip: frozenset[str] = frozenset()  # gate names (tasks/qc.py GATES) not run: "skipped"
+    # A row whose final video fails a QC gate is rendered once more with a derived seed (paid
+    # backends: only when its estimate fits what the budget has left).
+    rerender_on_qc_fail: bool = False
+    notify_url: str | None = None  # POST a batch summary here when the run ends
+    notify_format: Literal["json", "slack"] = "json"
     results_name: str = "results.parquet"  # shard children write results-shard-N.parquet
     report_name: str = "report.html"
     fal: FalSettings = Field(default_factory=FalSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
+
+    @field_validator("qc_skip")
+    @classmethod
+    def _known_gates(cls, names: frozenset[str]) -> frozenset[str]:
+        unknown = sorted(names - set(QC_GATES))
+        if unknown:
+            raise ValueError(
+                f"unknown QC gate(s) {', '.join(unknown)}; gates: {', '.join(QC_GATES)}"
+            )
+        return names
 
     @property
     def state_url(self) -> str:

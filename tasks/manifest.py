@@ -190,9 +190,10 @@ def _parse_jsonl(data: bytes) -> pa.Table:
                     raise ValueError(f"line {number}: {exc}") from exc
     if not all(isinstance(r, dict) for r in records):
         raise ValueError("every JSON line must be an object")
+    if not records:  # an empty file is an empty manifest, not one without columns
+        return pa.table({name: pa.array([], pa.string()) for name in REQUIRED_COLUMNS})
     names = list(dict.fromkeys(k for r in records for k in r))
-    columns = {n: _json_column([r.get(n) for r in records]) for n in names}
-    return pa.table(columns) if columns else pa.table({})
+    return pa.table({n: _json_column([r.get(n) for r in records]) for n in names})
 
 
 def _json_column(values: list[Any]) -> pa.Array:
@@ -223,8 +224,6 @@ def _check_columns(table: pa.Table, url: str) -> None:
         expected = _COLUMN_KINDS.get(field.name)
         if expected and not _coercible(field.type, expected):
             problems.append(f"column '{field.name}' has type {field.type}, expected {expected}")
-    if not problems and table.num_rows == 0:
-        problems.append("manifest has no rows")
     if problems:
         raise ManifestError(f"{url}: " + "; ".join(problems))
 
@@ -244,8 +243,9 @@ def validate_manifest(
 ) -> ManifestCheck:
     """Check every row against the manifest contract; report all problems at once.
 
-    With check_files, local audio/image files must exist and be non-empty regular files (a cheap
-    stat per row; remote URLs are not fetched here, probing does that).
+    A manifest without rows is valid (nothing to do). With check_files, local audio/image files
+    must exist and be non-empty regular files (a cheap stat per row; remote URLs are not fetched
+    here, probing does that).
     """
     _check_columns(table, manifest_url)
     known = [n for n in table.schema.names if n in ManifestRow.model_fields]
@@ -254,12 +254,13 @@ def validate_manifest(
     passthrough = {n: table.column(n).to_pylist() for n in extras}
     rows: list[Row] = []
     errors: list[RowError] = []
-    first_index: dict[str, tuple[int, str]] = {}
+    ids = [v if isinstance(v, str) else None for v in values["id"]]
+    duplicates = _duplicates(ids)
     for i in range(table.num_rows):
         record = {n: values[n][i] for n in known}
-        row_id = record["id"] if isinstance(record["id"], str) else None
+        row_id = ids[i]
         valid, row_errors = _validate_record(i, row_id, record)
-        row_errors += _duplicate(i, row_id, first_index) if row_id else []
+        row_errors += [duplicates[i]] if i in duplicates else []
         if valid is not None and not row_errors:
             row = _make_row(i, valid, {n: passthrough[n][i] for n in extras}, manifest_url)
             row_errors = _file_errors(row) if check_files else []
@@ -270,14 +271,25 @@ def validate_manifest(
     return ManifestCheck(rows, errors, schema, per_row)
 
 
-def _duplicate(index: int, row_id: str, first_index: dict[str, tuple[int, str]]) -> list[RowError]:
-    """Ids must differ beyond case: Intro.mp4 and intro.mp4 collide on macOS and Windows disks."""
-    first = first_index.setdefault(row_id.casefold(), (index, row_id))
-    if first[0] == index:
-        return []
-    same = "" if first[1] == row_id else f" as '{first[1]}' (ids differ only in case)"
-    reason = f"duplicate id '{row_id}' (first used in row {first[0]}{same})"
-    return [RowError(index, row_id, "id", reason, "duplicate_id")]
+def _duplicates(ids: list[str | None]) -> dict[int, RowError]:
+    """An error for every row whose id another row also uses: none of them is rendered, since
+    which one was meant cannot be known. Ids must differ beyond case: Intro.mp4 and intro.mp4
+    collide on macOS and Windows disks."""
+    uses: dict[str, list[int]] = {}
+    for index, row_id in enumerate(ids):
+        if row_id is not None:
+            uses.setdefault(row_id.casefold(), []).append(index)
+    errors = {}
+    for rows in uses.values():
+        if len(rows) < 2:
+            continue
+        spellings = list(dict.fromkeys(ids[i] for i in rows))
+        case = " (ids compare case-insensitively)" if len(spellings) > 1 else ""
+        listed = ", ".join(str(i) for i in rows)
+        for index in rows:
+            reason = f"duplicate id '{ids[index]}': used by rows {listed}{case}; none is rendered"
+            errors[index] = RowError(index, ids[index], "id", reason, "duplicate_id")
+    return errors
 
 
 def _file_errors(row: Row) -> list[RowError]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image, UnidentifiedImageError
 from prefect import task
@@ -207,24 +208,84 @@ def plan_manifest_rows(
 def budget_gate(
     plans: Sequence[RowPlan], config: BatchConfig
 ) -> tuple[list[RowPlan], dict[int, RowResult]]:
-    """Skip rows already published with the same inputs, then apply the budget; nothing is paid."""
+    """Skip rows already published with the same inputs, then apply the budget; nothing is paid.
+
+    A published row keeps its earlier result (URL, QC values, first publish time); a row the
+    budget holds back is failed with the reason. Both are `skipped` by this run. What the budget
+    has left after the dispatched rows' estimates is what re-renders may draw on (RunBudget).
+    """
     ledger = Ledger.for_run(config)
     skipped: dict[int, RowResult] = {}
     pending: list[RowPlan] = []
     for plan in plans:
         done = ledger.published(plan.row.id)
         url = done.result.video_url if done else None
-        if done and done.input_hash == plan.input_hash and url and ledger.exists(url):
+        if (
+            done
+            and done.result.status == "published"
+            and done.input_hash == plan.input_hash
+            and url
+            and ledger.exists(url)
+        ):
             skipped[plan.row.index] = dataclasses.replace(
-                done.result, status="skipped", cost_usd=0.0, extra=plan.row.extra
+                done.result, run_action="skipped", error=None, extra=plan.row.extra
             )
         else:
             pending.append(plan)
     dispatch, over_budget = apply_budget(pending, config.budget_usd)
     for plan, reason in over_budget:
         skipped[plan.row.index] = RowResult(
-            id=plan.row.id, status="skipped", error=reason, extra=plan.row.extra
+            id=plan.row.id,
+            status="failed",
+            duration_s=plan.audio.duration_s,
+            error=reason,
+            extra=plan.row.extra,
+            run_action="skipped",
         )
+    estimated = sum(p.estimated_cost_usd for p in dispatch)
+    RunBudget.open(config, estimated)
     chunks = sum(len(p.chunks) for p in dispatch)
-    progress.emit(RowsPlanned(len(plans), chunks, sum(p.estimated_cost_usd for p in dispatch)))
+    progress.emit(RowsPlanned(len(plans), chunks, estimated))
     return dispatch, skipped
+
+
+class RunBudget:
+    """What a run's budget has left beyond its dispatched rows' estimates, for re-renders.
+
+    One per run, by ledger URL (one run per target holds the ledger), in the flow's process:
+    re-renders are decided in its task threads. Where none was opened (another process), a run
+    with a budget re-renders nothing that costs.
+    """
+
+    _runs: ClassVar[dict[str, RunBudget]] = {}
+
+    def __init__(self, remaining_usd: float | None) -> None:
+        self.remaining_usd = remaining_usd  # None: no budget
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, config: BatchConfig, committed_usd: float) -> RunBudget:
+        """Start the run's budget: the configured one less what the dispatched rows may cost."""
+        budget = config.budget_usd
+        cls._runs[config.state_url] = run = cls(
+            None if budget is None else max(0.0, budget - committed_usd)
+        )
+        return run
+
+    @classmethod
+    def of(cls, config: BatchConfig) -> RunBudget:
+        """The run's budget (an empty one for a budgeted run opened elsewhere)."""
+        run = cls._runs.get(config.state_url)
+        if run is None:
+            return cls(None if config.budget_usd is None else 0.0)
+        return run
+
+    def take(self, usd: float) -> bool:
+        """Reserve usd if it fits what is left; False (nothing reserved) when it does not."""
+        with self._lock:
+            if self.remaining_usd is None:
+                return True
+            if usd > self.remaining_usd + 1e-9:
+                return False
+            self.remaining_usd -= usd
+            return True

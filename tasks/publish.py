@@ -7,9 +7,14 @@ or from an explicit storage_options dict. Names are checked so nothing lands out
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +28,28 @@ from tasks import progress
 from tasks.backends import renderer_class
 from tasks.config import BatchConfig
 from tasks.ledger import Ledger
+from tasks.manifest import ID_PATTERN
+from tasks.qc import GATES, GateResult, QCReport
 from tasks.records import (
     ChunkVideo,
     RowFinished,
     RowPlan,
     RowResult,
+    RunAction,
     Sidecar,
     SidecarAudio,
     SidecarChunk,
     SidecarInputs,
     SidecarQC,
+    SidecarRerender,
     Timings,
     Verdict,
+    from_json,
     json_bytes,
 )
 from tasks.redact import option_secrets, public_url, redact
 from tasks.storage import write_url
+from tasks.verify import FinalCheck
 
 # Errors that retrying cannot fix: the bucket/path is missing or access is denied.
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -48,18 +59,42 @@ TRANSIENT_ERRORS = (
     botocore.exceptions.HTTPClientError,
 )
 
+# A paid video that failed QC is kept here, under the target, for a person to judge.
+REJECTED_DIR = "_rejected"
+
+
+def _qc_fields() -> list[pa.Field]:
+    """The QC columns of every row, whatever was skipped: those of a report with every gate."""
+    every_gate = QCReport("", tuple(GateResult(name, "skipped") for name in GATES), 0, 0.0, 0.0)
+    fields = []
+    for name in every_gate.to_columns():
+        if name.endswith("_passed"):
+            fields.append(pa.field(name, pa.bool_()))
+        elif name.endswith("_status"):
+            fields.append(pa.field(name, pa.string()))
+        else:  # a measured value, threshold or extra measure
+            fields.append(pa.field(name, pa.float64()))
+    return fields
+
+
+QC_FIELDS = _qc_fields()
 RESULTS_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
-        ("status", pa.string()),
+        ("status", pa.string()),  # published | failed | rejected: the row's state after this run
         ("video_url", pa.string()),
         ("sidecar_url", pa.string()),
         ("duration_s", pa.float64()),
         ("segments", pa.int64()),
-        ("cost_usd", pa.float64()),
+        ("cost_usd", pa.float64()),  # paid for the row across every run
         ("error", pa.string()),
+        ("run_action", pa.string()),  # rendered | reused | skipped | failed: what this run did
+        ("billable_units", pa.float64()),  # received for the row across every run
+        ("first_published_at", pa.timestamp("us", tz="UTC")),
+        *QC_FIELDS,
     ]
 )
+_QC_NAMES = frozenset(f.name for f in QC_FIELDS)
 
 
 class PublishError(RuntimeError):
@@ -85,6 +120,11 @@ def safe_join(target_url: str, name: str) -> str:
     if bad or any(ord(c) < 32 for c in name) or name.startswith("~"):
         raise ValueError(f"refusing output name {name!r}: it must be a plain file name")
     return target_url.rstrip("/") + "/" + name
+
+
+def rejected_target(target_url: str) -> str:
+    """The fixed folder for rejected videos under the target; names in it go through safe_join."""
+    return safe_join(target_url, REJECTED_DIR)
 
 
 def publish_file(
@@ -121,7 +161,11 @@ def results_table(results: Sequence[RowResult], passthrough_schema: pa.Schema | 
     """Build the results table: fixed columns, then the manifest's passthrough columns as typed."""
     fields, arrays = list(RESULTS_SCHEMA), []
     for field in RESULTS_SCHEMA:
-        arrays.append(pa.array([getattr(r, field.name) for r in results], type=field.type))
+        if field.name in _QC_NAMES:  # rows without a QC verdict (failed) leave them null
+            values = [r.qc.get(field.name) for r in results]
+        else:
+            values = [getattr(r, field.name) for r in results]
+        arrays.append(pa.array(values, type=field.type))
     for field in passthrough_schema or []:
         # A passthrough column named like one of ours keeps its data under a prefixed name.
         name = f"input_{field.name}" if field.name in RESULTS_SCHEMA.names else field.name
@@ -157,6 +201,7 @@ def build_sidecar(
     qc: SidecarQC,
     backend: str,
     model: str,
+    rerender: SidecarRerender | None = None,
 ) -> Sidecar:
     """Describe how a video was made: inputs and hashes, model, requests, cost, timings, QC."""
     row, audio = plan.row, plan.audio
@@ -189,6 +234,7 @@ def build_sidecar(
         cost_usd=round(sum(c.cost_usd for c in chunks), 6),
         estimated_cost_usd=plan.estimated_cost_usd,
         qc=qc,
+        rerender=rerender,
     )
 
 
@@ -207,6 +253,8 @@ def _chunk_entry(plan: RowPlan, video: ChunkVideo) -> SidecarChunk:
         billable_units=video.billable_units,
         cost_usd=video.cost_usd,
         timings=video.timings,
+        worker=video.worker,
+        model_load=video.model_load,
     )
 
 
@@ -262,28 +310,93 @@ def publish_row(
     video_path: str,
     videos: list[ChunkVideo],
     verdicts: list[Verdict],
-    final: Verdict,
+    final: FinalCheck,
     config: BatchConfig,
+    run_action: RunAction = "rendered",
+    rerender: SidecarRerender | None = None,
 ) -> RowResult:
-    """Publish a checked video and its sidecar, then record it in the ledger."""
+    """Publish a checked video and its sidecar: at <id>.mp4 (recorded in the ledger) when it
+    passed, else under _rejected/ for a person to judge.
+
+    plan is the render the video came from; for a re-render the ledger records the row under its
+    first input hash (the manifest's), so a rerun of the same manifest finds it published.
+    """
     row = plan.row
     model = renderer_class(config.backend).model_name(config)
-    qc = SidecarQC(chunks=tuple(verdicts), final=final)
-    sidecar = build_sidecar(plan, videos, qc, config.backend, model)
-    video_url, sidecar_url = _publish_outputs(row.id, video_path, sidecar, config.target)
+    qc = SidecarQC(chunks=tuple(verdicts), final=final.verdict, gates=final.gates)
+    sidecar = build_sidecar(plan, videos, qc, config.backend, model, rerender)
+    target = config.target if final.passed else rejected_target(config.target)
+    video_url, sidecar_url = _publish_outputs(row.id, video_path, sidecar, target)
+    ledger = Ledger.for_run(config)
     result = RowResult(
         id=row.id,
-        status="published",
+        status="published" if final.passed else "rejected",
         video_url=video_url,
         sidecar_url=sidecar_url,
         duration_s=plan.audio.duration_s,
         segments=plan.num_segments,
         cost_usd=sidecar.cost_usd,
+        error=None if final.passed else "QC: " + "; ".join(final.verdict.reasons),
         extra=row.extra,
+        run_action=run_action,
+        billable_units=sidecar.billable_units,
+        qc=final.columns,
     )
-    Ledger.for_run(config).record_published(result, plan.input_hash)
-    progress.emit(RowFinished(row.id, "published"))
+    if final.passed:
+        prior = ledger.published(row.id)
+        first = prior.result.first_published_at if prior else None
+        result = dataclasses.replace(result, first_published_at=first or datetime.now(UTC))
+        ledger.record_published(result, rerender.first_input_hash if rerender else plan.input_hash)
+    progress.emit(RowFinished(row.id, result.status))
     return result
+
+
+def paid_per_row(ledger: Ledger) -> dict[str, tuple[float, float]]:
+    """(billable units, USD) of every chunk the ledger holds, per row id, over all input hashes."""
+    paths = ledger.fs.glob(f"{ledger.root}/rows/*/*/chunk-*.done.json")
+    totals: dict[str, tuple[float, float]] = {}
+    if not paths:
+        return totals
+    # One listing, then the documents in one batch (concurrent reads on object stores).
+    for path, data in ledger.fs.cat(paths, on_error="omit").items():
+        try:
+            chunk = from_json(ChunkVideo, json.loads(data))
+        except ValueError:  # a torn write: not a finished chunk
+            continue
+        row_id = path.split("/")[-3]
+        units, usd = totals.get(row_id, (0.0, 0.0))
+        totals[row_id] = (units + chunk.billable_units, usd + chunk.cost_usd)
+    return totals
+
+
+def settle_results(results: Sequence[RowResult], config: BatchConfig) -> list[RowResult]:
+    """Fill in what the ledger remembers across runs: what was paid for each row (failed and
+    rejected rows too) and when it was first published.
+
+    Only rows whose id is valid and unique in the manifest are looked up: a refused duplicate or
+    an invalid id names no row of the ledger for sure.
+    """
+    ledger = Ledger.for_run(config)
+    uses = Counter(r.id.casefold() for r in results)
+    paid = paid_per_row(ledger)
+    settled = []
+    for result in results:
+        if uses[result.id.casefold()] > 1 or not re.fullmatch(ID_PATTERN, result.id):
+            settled.append(result)
+            continue
+        units, usd = paid.get(result.id, (0.0, 0.0))
+        first = result.first_published_at
+        if first is None and (prior := ledger.published(result.id)) is not None:
+            first = prior.result.first_published_at
+        settled.append(
+            dataclasses.replace(
+                result,
+                cost_usd=round(usd, 6),
+                billable_units=round(units, 6),
+                first_published_at=first,
+            )
+        )
+    return settled
 
 
 def publish_results(

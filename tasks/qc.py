@@ -32,17 +32,16 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import av
 import cv2
 import numpy as np
 
-from tasks.config import QCSettings
-from tasks.records import V1_GRID
+from tasks.config import QC_GATES, QCSettings
+from tasks.records import V1_GRID, GateStatus
 
-GATES = ("duration", "sync", "black", "freeze", "face", "lipsync", "seams")
-GateStatus = Literal["passed", "failed", "skipped"]
+GATES = QC_GATES
 
 # Secondary measures that get their own results column next to the gate's value and threshold.
 _EXTRA_COLUMNS = {"lipsync": ("corr", "min_corr"), "seams": ("jump", "jump_max")}

@@ -12,12 +12,18 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 Resolution = Literal["480p", "720p"]
-RowStatus = Literal["published", "failed", "skipped"]
+# A row's final state: its video is at <id>.mp4, it has none, or it failed QC (_rejected/<id>.mp4).
+RowStatus = Literal["published", "failed", "rejected"]
+# What this run did for a row: rendered (paid or computed) something, reused only the ledger's
+# chunks, skipped it (already published, or held back by the budget), or failed before a verdict.
+RunAction = Literal["rendered", "reused", "skipped", "failed"]
+GateStatus = Literal["passed", "failed", "skipped"]
 T = TypeVar("T")
 
 MAX_INFERENCE_STEPS = 200
@@ -309,6 +315,9 @@ class ChunkVideo:
     billable_units: float = 0.0
     cost_usd: float = 0.0
     timings: Timings = field(default_factory=Timings)
+    worker: str | None = None  # the process that rendered it (a Dask worker's name, or host:pid)
+    model_load: Literal["loaded", "reused"] | None = None  # local model: loaded for it, or resident
+    reused: bool = False  # taken from the ledger by this run, not rendered by it
 
 
 # --- QC and results -------------------------------------------------------------------------------
@@ -324,8 +333,36 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class GateRecord:
+    """One QC gate's outcome as the sidecar keeps it (tasks/qc.py GateResult)."""
+
+    name: str
+    status: GateStatus
+    value: float | None = None
+    threshold: float | None = None
+    detail: str = ""
+    measured: dict[str, float | int | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class QCRecord:
+    """Every QC gate's value, threshold and status for one final video."""
+
+    passed: bool
+    frames: int
+    fps: float
+    elapsed_s: float
+    gates: tuple[GateRecord, ...]
+
+    @property
+    def failed(self) -> tuple[str, ...]:
+        """Names of the failed gates, in report order."""
+        return tuple(g.name for g in self.gates if g.status == "failed")
+
+
+@dataclass(frozen=True)
 class RowResult:
-    """One line of results.parquet."""
+    """One line of results.parquet: the row's final state, kept across runs, and this run's part."""
 
     id: str
     status: RowStatus
@@ -333,9 +370,13 @@ class RowResult:
     sidecar_url: str | None = None
     duration_s: float | None = None
     segments: int | None = None
-    cost_usd: float = 0.0
+    cost_usd: float = 0.0  # paid for the row across all runs (every input hash), from the ledger
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    run_action: RunAction = "failed"
+    billable_units: float = 0.0  # received for the row across all runs
+    first_published_at: datetime | None = None  # UTC, the first time a video reached <id>.mp4
+    qc: dict[str, Any] = field(default_factory=dict)  # QCReport.to_columns() of the final video
 
 
 @dataclass(frozen=True)
@@ -349,9 +390,8 @@ class BatchOutcome:
 
     @property
     def failed(self) -> list[RowResult]:
-        """Rows that are not published: failed, or skipped for a reason (e.g. the budget)."""
-        done = ("published", "skipped")
-        return [r for r in self.results if r.status not in done or r.error is not None]
+        """Rows that are not published: failed (budget-held rows too) or rejected by QC."""
+        return [r for r in self.results if r.status != "published"]
 
     @property
     def exit_code(self) -> int:
@@ -428,12 +468,25 @@ class SidecarChunk:
     billable_units: float
     cost_usd: float
     timings: Timings
+    worker: str | None = None
+    model_load: Literal["loaded", "reused"] | None = None
 
 
 @dataclass(frozen=True)
 class SidecarQC:
     chunks: tuple[Verdict, ...]  # per chunk, in chunk order
-    final: Verdict
+    final: Verdict  # structural checks and QC gates together: the row's verdict
+    gates: QCRecord | None = None  # each gate's value and threshold (None: the gates did not run)
+
+
+@dataclass(frozen=True)
+class SidecarRerender:
+    """Why and how this video is a second render: the first one failed QC."""
+
+    first_seed: int
+    first_input_hash: str
+    first_failed: tuple[str, ...]  # the QC gates the first render failed
+    first_cost_usd: float  # what the first render's chunks cost (kept in the ledger)
 
 
 @dataclass(frozen=True)
@@ -455,6 +508,7 @@ class Sidecar:
     cost_usd: float
     estimated_cost_usd: float
     qc: SidecarQC
+    rerender: SidecarRerender | None = None
 
 
 # --- progress events (tasks/progress.py) ----------------------------------------------------------

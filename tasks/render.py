@@ -7,12 +7,13 @@ then record what came back so no later run renders it again.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from prefect import task
 
 from tasks import progress
-from tasks.backends import RenderJob, get_renderer
+from tasks.backends import RenderJob, get_renderer, renderer_class
 from tasks.config import BatchConfig
 from tasks.ledger import Ledger
 from tasks.records import Chunk, ChunkRendered, ChunkVideo, RowPlan
@@ -50,7 +51,7 @@ def render_chunk(
     job = render_job(plan, (plan.chunks[chunk_index],), config, identity.path if identity else None)
     reused = ledger.rendered_chunk(plan.row.id, plan.input_hash, chunk_index, Path(job.out_dir))
     if reused is not None:
-        return reused
+        return dataclasses.replace(reused, reused=True)
     if stop_requested():
         raise RenderStopped(f"row {plan.row.id} chunk {chunk_index}: not started (stopping)")
     [video] = get_renderer(config).render(job, ledger)
@@ -67,8 +68,19 @@ def render_row(plan: RowPlan, config: BatchConfig) -> list[ChunkVideo]:
         ledger.rendered_chunk(plan.row.id, plan.input_hash, c.index, out_dir) for c in plan.chunks
     ]
     if all(v is not None for v in reused):
-        return [v for v in reused if v is not None]
+        return [dataclasses.replace(v, reused=True) for v in reused if v is not None]
     if stop_requested():
         raise RenderStopped(f"row {plan.row.id}: not started (stopping)")
     videos = get_renderer(config).render(job, ledger)
     return [_rendered(video, plan, ledger) for video in videos]
+
+
+def render_plan(plan: RowPlan, config: BatchConfig) -> list[ChunkVideo]:
+    """Render all of a row's chunks in order from inside another task (a re-render): the same
+    tasks as the flow's, run one after another, chunk 0 first for the backends that need it."""
+    if renderer_class(config.backend).continuous:
+        return render_row(plan, config)
+    first = render_chunk(plan, 0, config)
+    identity = first if renderer_class(config.backend).needs_identity(plan) else None
+    later = [render_chunk(plan, k, config, identity=identity) for k in range(1, len(plan.chunks))]
+    return [first, *later]

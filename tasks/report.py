@@ -1,7 +1,9 @@
-"""Report stage: one self-contained report.html for a batch (summary, cost, players, failures).
+"""Report stage: one self-contained report.html for a batch (summary, cost, rows, failures).
 
 The last stage of the flow, after publishing: every user-supplied string is escaped, thumbnails are
-inlined as data URIs, and each published video plays from its relative `<id>.mp4` beside the page.
+inlined as data URIs, each published video plays from its relative `<id>.mp4` beside the page and
+each rejected one from `_rejected/<id>.mp4`. One card per row shows its QC values against their
+thresholds; a status filter (inline script, nothing fetched) narrows the cards.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from prefect.artifacts import (
 from tasks import progress
 from tasks.backends import renderer_class
 from tasks.config import BatchConfig
-from tasks.publish import publish_bytes
+from tasks.publish import REJECTED_DIR, publish_bytes
+from tasks.qc import GATES
 from tasks.records import (
     BatchOutcome,
     PlanSummary,
@@ -51,13 +54,33 @@ h1{font-size:1.5rem;margin:0 0 1rem}h2{font-size:1.15rem;margin:2rem 0 .6rem}
 table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px #0002}
 th,td{padding:.35rem .7rem;border-bottom:1px solid #e4e7eb;text-align:left;vertical-align:top}
 th{background:#f0f2f5;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.published{color:#137333}.failed{color:#b3261e}.skipped{color:#8a6d00}
+.published,.passed{color:#137333}.failed{color:#b3261e}.rejected{color:#b35c00}
+.skipped{color:#6b7280}
 video,img.thumb{max-width:240px;border-radius:4px;background:#000}
 .error{white-space:pre-wrap;font-family:ui-monospace,monospace;color:#b3261e}
 .warning{background:#fff4ce;border-left:4px solid #b38600;padding:.6rem 1rem}
 .cards{display:flex;gap:1rem;flex-wrap:wrap}.card{background:#fff;padding:.7rem 1rem;
 border-radius:6px;box-shadow:0 1px 2px #0002}.card b{display:block;font-size:1.3rem}
+.rows{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:1rem}
+.row{background:#fff;border-radius:6px;box-shadow:0 1px 2px #0002;padding:.8rem 1rem;
+border-top:4px solid #9aa0a6}.row.published{border-top-color:#137333}
+.row.rejected{border-top-color:#e37400}.row.failed{border-top-color:#b3261e}
+.row h3{margin:.2rem 0 .4rem;font-size:1rem;color:#1d232a;word-break:break-all}
+.row table{box-shadow:none;width:100%;font-size:12px}.row td,.row th{padding:.15rem .4rem}
+.filter{margin:0 0 1rem}.filter select{font:inherit;padding:.2rem .4rem}
 """
+# The status filter: show only the cards of the chosen status (and say how many); the page's
+# #fragment picks it on load (report.html#rejected), so a filtered view can be shared as a link.
+_SCRIPT = """
+(function(){var s=document.getElementById('status-filter'),n=document.getElementById('shown');
+function apply(){var c=0;document.querySelectorAll('.row').forEach(function(r){
+var on=!s.value||r.dataset.status===s.value;r.hidden=!on;if(on)c++;});n.textContent=c;}
+var h=decodeURIComponent(location.hash.slice(1));
+if([].some.call(s.options,function(o){return o.value===h;}))s.value=h;
+s.addEventListener('change',function(){history.replaceState(null,'','#'+s.value);apply();});
+apply();})();
+"""
+STATUSES = ("published", "rejected", "failed")
 
 
 def _e(value: Any) -> str:
@@ -91,25 +114,29 @@ def render_report(
         _summary_section(results, summary),
         _rows_section(results, thumbnails),
         _failures_section(results),
+        f"<script>{_SCRIPT}</script>",
         "</body></html>",
     ]
     return "\n".join(parts)
 
 
 def _summary_section(results: Sequence[RowResult], summary: Mapping[str, Any]) -> str:
-    """Cards for counts per status and costs, then every summary figure the flow passed in."""
-    counts = Counter(r.status for r in results)
-    actual = sum(r.cost_usd for r in results)
+    """Cards for counts per status and run action and costs, then every summary figure."""
+    counts: Counter[str] = Counter(r.status for r in results)
+    actions: Counter[str] = Counter(r.run_action for r in results)
+    paid = sum(r.cost_usd for r in results)
     video_s = sum(r.duration_s or 0.0 for r in results if r.status == "published")
     cards = [
         ("rows", len(results)),
-        *((status, counts.get(status, 0)) for status in ("published", "failed", "skipped")),
+        *((status, counts[status]) for status in STATUSES),
+        *((f"{action} this run", actions[action]) for action in ("rendered", "reused", "skipped")),
         ("estimated cost", _usd(summary.get("estimated_cost_usd"))),
-        ("actual cost", _usd(actual)),
+        ("paid (all runs)", _usd(paid)),
         ("published video", _seconds(video_s)),
     ]
     card_html = "".join(
-        f'<div class="card"><b>{_e(value)}</b>{_e(label)}</div>' for label, value in cards
+        f'<div class="card" data-card="{_e(label)}"><b>{_e(value)}</b>{_e(label)}</div>'
+        for label, value in cards
     )
     details = "".join(
         f"<tr><th>{_e(key)}</th><td>{_e(value)}</td></tr>" for key, value in summary.items()
@@ -121,36 +148,67 @@ def _summary_section(results: Sequence[RowResult], summary: Mapping[str, Any]) -
 
 
 def _rows_section(results: Sequence[RowResult], thumbnails: Mapping[str, bytes]) -> str:
-    """One table row per manifest row: preview, status, numbers and passthrough columns."""
-    extra_names = list(dict.fromkeys(k for r in results for k in r.extra))
-    head = ["preview", "id", "status", "duration", "segments", "cost", "video", *extra_names]
-    lines = ["<h2>Rows</h2><table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
-    for r in results:
-        link = f'<a href="{_e(r.video_url)}">{_e(r.video_url)}</a>' if r.video_url else "–"
-        cells = [
-            _td(_preview(r, thumbnails.get(r.id))),
-            _td(_e(r.id)),
-            _td(f'<span class="{_e(r.status)}">{_e(r.status)}</span>'),
-            _td(_seconds(r.duration_s), "num"),
-            _td(_e(r.segments if r.segments is not None else "–"), "num"),
-            _td(_usd(r.cost_usd), "num"),
-            _td(link),
-            *(_td(_e(r.extra.get(name))) for name in extra_names),
-        ]
-        lines.append("<tr>" + "".join(cells) + "</tr>")
-    return "\n".join([*lines, "</table>"])
+    """One card per manifest row (preview, status, numbers, QC gates, passthrough columns), with
+    a filter by status."""
+    options = "".join(f'<option value="{s}">{s}</option>' for s in STATUSES)
+    filter_html = (
+        '<p class="filter"><label>status <select id="status-filter"><option value="">all</option>'
+        f'{options}</select></label> <span id="shown">{len(results)}</span> shown</p>'
+    )
+    cards = [_row_card(n, r, thumbnails.get(r.id)) for n, r in enumerate(results)]
+    return "\n".join(["<h2>Rows</h2>", filter_html, '<div class="rows">', *cards, "</div>"])
 
 
-def _td(content: str, css_class: str = "") -> str:
-    return f'<td class="{css_class}">{content}</td>' if css_class else f"<td>{content}</td>"
+def _row_card(n: int, r: RowResult, thumbnail: bytes | None) -> str:
+    """A row's card: preview, status and what this run did, numbers, link, QC table, error."""
+    link = f'<a href="{_e(r.video_url)}">{_e(r.video_url)}</a>' if r.video_url else "–"
+    facts = [
+        ("status", f'<span class="{_e(r.status)}">{_e(r.status)}</span>'),
+        ("this run", _e(r.run_action)),
+        ("duration", _seconds(r.duration_s)),
+        ("segments", _e(r.segments if r.segments is not None else "–")),
+        ("paid", _usd(r.cost_usd)),
+        ("first published", _e(r.first_published_at or "–")),
+        ("video", link),
+        *((_e(name), _e(value)) for name, value in r.extra.items()),
+    ]
+    rows = "".join(f"<tr><th>{label}</th><td>{value}</td></tr>" for label, value in facts)
+    error = f'<p class="error">{_e(r.error)}</p>' if r.error else ""
+    return (
+        f'<article class="row {_e(r.status)}" id="row-{n}" data-status="{_e(r.status)}" '
+        f'data-id="{_e(r.id)}"><h3>{_e(r.id)}</h3>{_preview(r, thumbnail)}'
+        f"<table>{rows}</table>{_qc_table(r)}{error}</article>"
+    )
+
+
+def _qc_table(r: RowResult) -> str:
+    """The row's QC gates: value against threshold and the outcome (nothing when none ran)."""
+    if not r.qc:
+        return ""
+    lines = []
+    for gate in GATES:
+        status = r.qc.get(f"qc_{gate}_status") or "–"
+        value, threshold = (r.qc.get(f"qc_{gate}_{k}") for k in ("value", "threshold"))
+        lines.append(
+            f'<tr class="gate"><td>{gate}</td><td class="num">{_number(value)}</td>'
+            f'<td class="num">{_number(threshold)}</td>'
+            f'<td class="{_e(status)}">{_e(status)}</td></tr>'
+        )
+    head = "<tr><th>QC gate</th><th>value</th><th>threshold</th><th></th></tr>"
+    return f'<table class="qc">{head}{"".join(lines)}</table>'
+
+
+def _number(value: Any) -> str:
+    return "–" if value is None else _e(f"{value:g}")
 
 
 def _preview(result: RowResult, thumbnail: bytes | None) -> str:
-    """A player for published rows (poster = thumbnail), else the thumbnail alone, if any."""
+    """A player for published and rejected rows (poster = thumbnail), else the thumbnail alone."""
     poster = "data:image/jpeg;base64," + base64.b64encode(thumbnail).decode() if thumbnail else None
-    if result.status == "published":
+    if result.status in ("published", "rejected"):
         poster_attr = f' poster="{poster}"' if poster else ""
-        src = _e(quote(f"{result.id}.mp4"))
+        folder = f"{REJECTED_DIR}/" if result.status == "rejected" else ""
+        src = _e(folder + quote(f"{result.id}.mp4"))
         return f'<video controls preload="none" src="{src}"{poster_attr}></video>'
     if poster:
         return f'<img class="thumb" alt="{_e(result.id)}" src="{poster}">'
@@ -158,7 +216,7 @@ def _preview(result: RowResult, thumbnail: bytes | None) -> str:
 
 
 def _failures_section(results: Sequence[RowResult]) -> str:
-    """Every failed or skipped row with its full error text."""
+    """Every failed or rejected row with its full error text."""
     bad = [r for r in results if r.status != "published"]
     if not bad:
         return "<h2>Failures</h2><p>None: every row was published.</p>"
@@ -233,6 +291,7 @@ def publish_artifacts(outcome: BatchOutcome, config: BatchConfig, wall_s: float)
         {
             "id": r.id,
             "status": r.status,
+            "run_action": r.run_action,
             "duration_s": round(r.duration_s, 3) if r.duration_s is not None else None,
             "cost_usd": round(r.cost_usd, 4),
             "video": r.video_url,
@@ -253,17 +312,19 @@ def publish_artifacts(outcome: BatchOutcome, config: BatchConfig, wall_s: float)
 
 def _summary_markdown(outcome: BatchOutcome, config: BatchConfig, wall_s: float) -> str:
     counts = Counter(r.status for r in outcome.results)
+    skipped = sum(r.run_action == "skipped" for r in outcome.results)
     published_s = sum(r.duration_s or 0.0 for r in outcome.results if r.status == "published")
     paid = sum(r.cost_usd for r in outcome.results)
     warning = renderer_class(config.backend).warning(config)
     lines = [
         f"# avatarflow: {config.manifest} → {config.target}",
         *([f"> **{warning}**", ""] if warning else []),
-        "| rows | published | skipped | failed | video min | estimated USD | paid USD | wall |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        f"| {len(outcome.results)} | {counts['published']} | {counts['skipped']} "
-        f"| {len(outcome.failed)} | {published_s / 60:.2f} | {outcome.estimated_usd:.2f} "
-        f"| {paid:.2f} | {wall_s:.0f} s |",
+        "| rows | published | rejected | failed | skipped this run | video min | estimated USD "
+        "| paid USD (all runs) | wall |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| {len(outcome.results)} | {counts['published']} | {counts['rejected']} "
+        f"| {counts['failed']} | {skipped} | {published_s / 60:.2f} "
+        f"| {outcome.estimated_usd:.2f} | {paid:.2f} | {wall_s:.0f} s |",
     ]
     return "\n".join(lines)
 

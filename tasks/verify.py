@@ -1,25 +1,33 @@
-"""QC gates: check each rendered chunk before it is joined, and the final MP4 before publishing.
+"""Verify stage: check each rendered chunk before it is joined, and the final MP4 before publishing.
 
-Each gate returns a Verdict with one reason per failed check and what it measured, never raises on a
-bad file: a broken file is a failed verdict that the flow records against the row.
+Chunks get structural checks (codec, size, frames); a chunk that fails them fails the row. The final
+video gets the structural checks (codec, length, AAC, faststart) plus the QC gates of tasks/qc.py;
+a final video that fails any of them is *rejected*, not failed: it was paid for, so it is published
+under _rejected/ for a person to judge. Only a final file that cannot be read at all fails the row.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import av
 from prefect import task
 
 from tasks.backends import renderer_class
-from tasks.config import BatchConfig
+from tasks.concat import chunk_frames
+from tasks.config import BatchConfig, QCSettings
 from tasks.media import VideoProbe, count_audio_samples, decode_first_and_last_frame, probe_video
-from tasks.records import V1_GRID, ChunkVideo, RowPlan, Verdict
+from tasks.qc import QCInputError, QCReport, run_gates
+from tasks.records import V1_GRID, ChunkVideo, GateRecord, QCRecord, RowPlan, Verdict
 
 # Image-audio buckets keep the nominal area of their resolution within this ratio.
 AREA_TOLERANCE = (0.8, 1.25)
 AAC_FRAME_SAMPLES = 1024
 AAC_MAX_PRIMING_SAMPLES = 2112  # the largest encoder delay in common use (Apple's encoder)
+UNREADABLE = "unreadable video"
 
 
 def verify_chunk(
@@ -33,7 +41,7 @@ def verify_chunk(
         probe = probe_video(path)
         first_ok, last_ok = decode_first_and_last_frame(path)
     except (OSError, ValueError, av.FFmpegError) as exc:
-        return Verdict(False, (f"unreadable video: {exc}",), {})
+        return Verdict(False, (f"{UNREADABLE}: {exc}",), {})
     reasons = _check_video_stream(probe, fps)
     if expected_area is not None:
         reasons += _check_size(probe, expected_area)
@@ -56,7 +64,7 @@ def verify_final(
         samples, sample_rate = count_audio_samples(path) if probe.audio_codec else (0, 0)
         moov_first = _moov_before_mdat(Path(path))
     except (OSError, ValueError, av.FFmpegError) as exc:
-        return Verdict(False, (f"unreadable video: {exc}",), {})
+        return Verdict(False, (f"{UNREADABLE}: {exc}",), {})
     reasons = _check_video_stream(probe, fps)
     frame_s = 1 / fps
     if abs(probe.frames - audio_duration_s * fps) > 1:
@@ -160,10 +168,87 @@ def verify_chunks(plan: RowPlan, videos: list[ChunkVideo], config: BatchConfig) 
     return verdicts
 
 
-@task(name="verify-video")
-def verify_video(plan: RowPlan, video_path: str, config: BatchConfig) -> Verdict:
-    """Check the joined, muxed video against the narration before it is published."""
+@dataclass(frozen=True)
+class FinalCheck:
+    """The final video's verdict (structural checks and QC gates together) and its gates."""
+
+    verdict: Verdict
+    gates: QCRecord
+    columns: dict[str, Any]  # QCReport.to_columns(): the results table's QC columns
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict.passed
+
+    def with_reason(self, reason: str) -> FinalCheck:
+        """The same check with one more reason (e.g. why no re-render followed)."""
+        verdict = dataclasses.replace(self.verdict, reasons=(*self.verdict.reasons, reason))
+        return dataclasses.replace(self, verdict=verdict)
+
+
+def qc_joins(plan: RowPlan, continuous: bool) -> list[int]:
+    """Frame indices of the joined video where a chunk or a model segment begins.
+
+    The concat stage keeps each chunk's first frame_span frames back to back. A per-chunk render
+    starts its own segment grid (93, then every 80 frames) at its chunk's first frame; a continuous
+    render is one sequence cut into chunks, so its grid runs over the whole row.
+    """
+    joins: set[int] = set()
+    offset = 0
+    for chunk, frames in zip(plan.chunks, chunk_frames(plan), strict=True):
+        if offset:
+            joins.add(offset)
+        if not continuous:
+            joins.update(
+                offset + j for j in chunk.grid.segment_joins(chunk.num_frames) if j < frames
+            )
+        offset += frames
+    if continuous:
+        joins.update(plan.chunks[0].grid.segment_joins(offset))
+    return sorted(joins)
+
+
+def check_final(
+    path: str | Path,
+    plan: RowPlan,
+    settings: QCSettings,
+    skip: frozenset[str],
+    continuous: bool,
+) -> FinalCheck:
+    """Structural checks and QC gates of a joined video; QCError only when it cannot be read."""
     fps = plan.chunks[0].fps
-    verdict = verify_final(video_path, plan.audio.duration_s, plan.audio.sample_rate_hz, fps)
-    _raise_if_failed({"final": verdict})
-    return verdict
+    structural = verify_final(path, plan.audio.duration_s, plan.audio.sample_rate_hz, fps)
+    if structural.reasons[:1] and structural.reasons[0].startswith(UNREADABLE):
+        raise QCError(f"final: {structural.reasons[0]}")
+    try:
+        report = run_gates(
+            path,
+            plan.audio.pcm_path,  # the row's master narration, as decoded once
+            settings,
+            skip,
+            expected_frames=sum(chunk_frames(plan)),
+            joins=qc_joins(plan, continuous),
+        )
+    except QCInputError as exc:
+        raise QCError(f"final: {UNREADABLE}: {exc}") from None
+    reasons = structural.reasons + tuple(
+        f"qc {g.name}: {g.detail}" for g in report.gates if g.status == "failed"
+    )
+    verdict = Verdict(not reasons, reasons, structural.measured)
+    return FinalCheck(verdict, qc_record(report), report.to_columns())
+
+
+def qc_record(report: QCReport) -> QCRecord:
+    """A QC report as the sidecar keeps it (the local video path left out)."""
+    gates = tuple(
+        GateRecord(g.name, g.status, g.value, g.threshold, g.detail, dict(g.measured))
+        for g in report.gates
+    )
+    return QCRecord(report.passed, report.frames, report.fps, round(report.elapsed_s, 3), gates)
+
+
+@task(name="verify-video")
+def verify_video(plan: RowPlan, video_path: str, config: BatchConfig) -> FinalCheck:
+    """Check the joined, muxed video against the narration and the QC gates before publishing."""
+    continuous = renderer_class(config.backend).continuous
+    return check_final(video_path, plan, config.qc, config.qc_skip, continuous)

@@ -87,6 +87,11 @@ class Renderer(ABC):
         return f"LongCat-Video-Avatar ({cls.name})"
 
     @classmethod
+    def qc_not_applicable(cls, config: BatchConfig) -> frozenset[str]:
+        """QC gates that cannot judge this backend's output (they are recorded as skipped)."""
+        return frozenset()
+
+    @classmethod
     def warning(cls, config: BatchConfig) -> str | None:
         """Something every output of this run must say (the report's banner), if anything."""
         return None

@@ -11,15 +11,19 @@ portrait's aspect bucket).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
+import os
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 import av
 import numpy as np
@@ -107,16 +111,20 @@ class LocalRenderer(Renderer):
     name: ClassVar[str] = "local"
     continuous: ClassVar[bool] = True
 
+    # With LocalSettings.dask_address, render tasks require one of these per Dask worker.
+    resources: ClassVar[dict[str, float]] = {"GPU": 1}
+
     def __init__(
         self,
-        pipe: LongCatVideoAvatarPipeline,
+        pipe: LongCatVideoAvatarPipeline | None,
         settings: LocalSettings | None = None,
         on_segment: Callable[[str, int], None] | None = None,
     ) -> None:
-        self.pipe = pipe
+        self.pipe = pipe  # None: rows render on the Dask workers at settings.dask_address
         self.settings = settings or LocalSettings()
         self.on_segment = on_segment  # called with (row id, segment index) after each save
         self._lock = threading.Lock()  # one render at a time on the one model
+        self._fresh = True  # the first render after loading reports model_load="loaded"
 
     # --- what the stages ask --------------------------------------------------------------------
 
@@ -160,6 +168,11 @@ class LocalRenderer(Renderer):
         return f"LongCat-Video-Avatar (local checkpoint {config.local.model_dir})"
 
     @classmethod
+    def qc_not_applicable(cls, config: BatchConfig) -> frozenset[str]:
+        # Random weights render noise: no face, no lips, no identity to keep across a seam.
+        return frozenset({"face", "lipsync", "seams"}) if config.local.is_tiny else frozenset()
+
+    @classmethod
     def warning(cls, config: BatchConfig) -> str | None:
         if config.local.is_tiny:
             return "Rendered with the tiny random-weight checkpoint: these videos are noise."
@@ -174,6 +187,8 @@ class LocalRenderer(Renderer):
         # A batch run shows its own progress; the libraries' load/save bars would tear through it.
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        if config.local.dask_address:
+            return cls(None, config.local)  # the model lives in the Dask workers, not here
         model_dir = checkpoint_dir(config)
         if config.local.is_tiny and not (model_dir / DEFAULTS_FILE).exists():
             write_tiny_checkpoint(model_dir)  # DEFAULTS_FILE is written last: folder complete
@@ -183,11 +198,15 @@ class LocalRenderer(Renderer):
 
     def render(self, job: RenderJob, ledger: Ledger | None = None) -> list[ChunkVideo]:
         """Render all of job's chunks as one continuous video; return one MP4 per chunk."""
+        if self.pipe is None:
+            return render_on_dask(job, self.settings)
         started = time.monotonic()
         segments_dir = Path(job.out_dir) / f"{job.plan.row.id}.segments"
         segments_dir.mkdir(parents=True, exist_ok=True)
         with self._lock:
             num_segments = self._render_segments(job, segments_dir)
+            model_load: Literal["loaded", "reused"] = "loaded" if self._fresh else "reused"
+            self._fresh = False
         rendered = time.monotonic()
         segments = [
             np.load(segments_dir / f"{k:04d}.npy", mmap_mode="r") for k in range(num_segments)
@@ -195,7 +214,8 @@ class LocalRenderer(Renderer):
         videos = self._write_chunks(job, segments, Timings(render_s=rendered - started))
         del segments  # release the memory maps before removing their files
         shutil.rmtree(segments_dir)
-        return videos
+        where = {"worker": _worker_name(), "model_load": model_load}
+        return [dataclasses.replace(video, **where) for video in videos]
 
     def _row_audio(self, job: RenderJob) -> np.ndarray:
         """Place each chunk's WAV at its start in one 16 kHz buffer covering the row."""
@@ -211,6 +231,7 @@ class LocalRenderer(Renderer):
     def _render_segments(self, job: RenderJob, segments_dir: Path) -> int:
         """Render the row's missing segments, saving frames + state after each; return the total."""
         row, pipe = job.plan.row, self.pipe
+        assert pipe is not None
         audio = self._row_audio(job)
         # The chunks' own segment counts, or more when their sum falls short of the whole row.
         needed = int(pipe.num_segments_for(audio.size / MODEL_SAMPLE_RATE_HZ))
@@ -257,6 +278,7 @@ class LocalRenderer(Renderer):
         self, job: RenderJob, segments: list[np.ndarray], timings: Timings
     ) -> list[ChunkVideo]:
         """Cut the row's frames at the chunk boundaries and encode one MP4 per chunk."""
+        assert self.pipe is not None
         fps, videos = self.pipe.fps, []
         for chunk in job.chunks:
             first, last = chunk.frame_span(job.plan.is_last(chunk))
@@ -295,3 +317,55 @@ def _frame_span(segments: list[np.ndarray], first: int, last: int) -> np.ndarray
             parts.append(frames[lo:hi])
         offset += len(frames)
     return np.ascontiguousarray(np.concatenate(parts))
+
+
+def render_on_dask(job: RenderJob, settings: LocalSettings) -> list[ChunkVideo]:
+    """Render a row on a Dask worker holding a GPU resource, and wait for it.
+
+    Each worker process keeps its own LocalRenderer, so the model is loaded once per worker and
+    reused by every row and every flow run sent to that scheduler. Workers read the job's inputs
+    and write its MP4s under the work dir: same machine, or a work dir on shared storage.
+    """
+    client = _dask_client(settings.dask_address or "")
+    worker_settings = settings.model_copy(update={"dask_address": None})
+    future = client.submit(
+        _render_here, job, worker_settings, resources=LocalRenderer.resources, pure=False
+    )
+    videos: list[ChunkVideo] = future.result()
+    return videos
+
+
+def _render_here(job: RenderJob, settings: LocalSettings) -> list[ChunkVideo]:
+    """On a Dask worker: render with this process's resident model (loaded on first use)."""
+    config = BatchConfig(manifest="-", backend=LocalRenderer.name, local=settings)
+    return LocalRenderer.shared(config).render(job)
+
+
+@functools.cache
+def _dask_client(address: str) -> Any:
+    """One Dask client per scheduler address in this process ("local": a LocalCluster here with
+    one single-threaded worker per visible GPU, each advertising GPU=1)."""
+    from distributed import Client, LocalCluster
+
+    if address == "local":
+        if torch.cuda.device_count() > 1:
+            # dask-cuda pins one GPU per worker (CUDA_VISIBLE_DEVICES); `pip install dask-cuda`.
+            from dask_cuda import LocalCUDACluster
+
+            cluster = LocalCUDACluster(threads_per_worker=1, resources=LocalRenderer.resources)
+        else:
+            cluster = LocalCluster(
+                n_workers=1, threads_per_worker=1, resources=LocalRenderer.resources
+            )
+        return Client(cluster, set_as_default=False)
+    return Client(address, set_as_default=False)
+
+
+def _worker_name() -> str:
+    """This process's name for sidecars: the Dask worker's address, else host:pid."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return f"{socket.gethostname()}:{os.getpid()}"
