@@ -250,5 +250,6 @@ def qc_record(report: QCReport) -> QCRecord:
 @task(name="verify-video")
 def verify_video(plan: RowPlan, video_path: str, config: BatchConfig) -> FinalCheck:
     """Check the joined, muxed video against the narration and the QC gates before publishing."""
-    continuous = renderer_class(config.backend).continuous
-    return check_final(video_path, plan, config.qc, config.qc_skip, continuous)
+    backend = renderer_class(config.backend)
+    skip = config.qc_skip | backend.qc_not_applicable(config)  # e.g. no face in random weights
+    return check_final(video_path, plan, config.qc, skip, backend.continuous)

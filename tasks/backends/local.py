@@ -154,27 +154,22 @@ class LocalRenderer(Renderer):
 
     @classmethod
     def expected_area(cls, config: BatchConfig, resolution: str) -> int | None:
-        if config.local.is_tiny:
-            return None  # renders at its own small size
-        defaults = Path(config.local.model_dir or "") / DEFAULTS_FILE
-        if defaults.exists() and "sample_size" in json.loads(defaults.read_text()):
-            return None
-        return NOMINAL_AREA.get(resolution)
+        return None if _random_weights(config) else NOMINAL_AREA.get(resolution)
 
     @classmethod
     def model_name(cls, config: BatchConfig) -> str:
-        if config.local.is_tiny:
+        if _random_weights(config):
             return TINY_MODEL_NAME
         return f"LongCat-Video-Avatar (local checkpoint {config.local.model_dir})"
 
     @classmethod
     def qc_not_applicable(cls, config: BatchConfig) -> frozenset[str]:
         # Random weights render noise: no face, no lips, no identity to keep across a seam.
-        return frozenset({"face", "lipsync", "seams"}) if config.local.is_tiny else frozenset()
+        return frozenset({"face", "lipsync", "seams"}) if _random_weights(config) else frozenset()
 
     @classmethod
     def warning(cls, config: BatchConfig) -> str | None:
-        if config.local.is_tiny:
+        if _random_weights(config):
             return "Rendered with the tiny random-weight checkpoint: these videos are noise."
         return None
 
@@ -317,6 +312,15 @@ def _frame_span(segments: list[np.ndarray], first: int, last: int) -> np.ndarray
             parts.append(frames[lo:hi])
         offset += len(frames)
     return np.ascontiguousarray(np.concatenate(parts))
+
+
+def _random_weights(config: BatchConfig) -> bool:
+    """The tiny random-weight checkpoint: "tiny", or a folder whose avatarflow.json declares its
+    own small render size, as only `avatarflow model init-tiny` writes."""
+    if config.local.is_tiny:
+        return True
+    defaults = Path(config.local.model_dir or "") / DEFAULTS_FILE
+    return defaults.is_file() and "sample_size" in json.loads(defaults.read_text())
 
 
 def render_on_dask(job: RenderJob, settings: LocalSettings) -> list[ChunkVideo]:
