@@ -190,6 +190,7 @@ def produce_batch(
     dask_address: str | None = None,
     notify_url: str | None = None,
     notify_format: Literal["json", "slack"] = "json",
+    shard: str | None = None,
     results_name: str = "results.parquet",
     report_name: str = "report.html",
     fal: FalSettings | None = None,
@@ -215,7 +216,8 @@ def produce_batch(
     if problem is not None:
         return Failed(message=f"cannot run: {problem}")
     ledger = Ledger.for_run(config)
-    with ledger.run_slot(), ledger.lock():  # one run per target: two could pay for one chunk
+    # One run per target (or per shard of a sharded run): two could pay for one chunk.
+    with ledger.run_slot(config.shard), ledger.lock(config.shard):
         ledger.sweep_temp_files(config.target)  # what a killed run left; nothing else writes now
         with ProgressArtifact.tracking(config):
             outcome = _produce(config)

@@ -1,98 +1,204 @@
-"""Large batches: split the manifest into shards, run each as a child deployment, merge results.
+"""Large batches: shard the manifest, run each shard as a child deployment run, merge the results.
 
-Each child is an ordinary produce_batch run (on whatever work pool its deployment targets, e.g. one
-GPU per pod) with its own ledger under <state>/shards/<n>, so shards resume independently; the
-parent writes the merged results.parquet and report.html. Prefect schedules; we only split.
+The parent validates the whole manifest (so ids are unique across shards), applies the budget to
+the whole run in manifest order, and writes content-addressed shard files. Each child is an
+ordinary produce_batch run on the target's one ledger, so sharded and plain runs never pay twice
+between them; children lock only their own shard and run side by side. A child's idempotency key
+is its shard's content (inputs included) and parameters: a rerun of the parent reuses Completed
+children and reruns the others. The parent ends Failed when any row is not published, and its
+results.parquet and report list every manifest row. Prefect schedules; we only split.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 import fsspec
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from prefect import flow, task, unmapped
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
+from prefect.futures import wait
+from prefect.states import Completed, Failed, State
 
+from flows.produce import _failed, _first_error
 from tasks.config import BatchConfig
-from tasks.manifest import read_manifest, resolve_location
-from tasks.publish import parquet_bytes, publish_bytes
-from tasks.records import RowResult
+from tasks.ledger import Ledger
+from tasks.manifest import ManifestCheck, load_rows, read_manifest, resolve_location
+from tasks.plan import budget_gate, prepare_row
+from tasks.publish import parquet_bytes, publish_bytes, results_table
+from tasks.records import Row, RowResult
 from tasks.report import render_report
 
 LOCATION_COLUMNS = ("audio", "image")
+CHILD_ATTEMPTS = 5  # a rerun of the parent starts at most this many runs of one unchanged shard
 
 
-def _absolute(table: pa.Table, manifest_url: str) -> pa.Table:
-    """Resolve relative audio/image paths, so a shard written elsewhere still finds its files."""
-    for name in LOCATION_COLUMNS:
+@dataclass(frozen=True)
+class Shard:
+    """One child run's part of the manifest."""
+
+    id: str  # content digest: the shard's rows, their inputs' fingerprints and the parameters
+    url: str  # its manifest file
+    row_ids: tuple[str, ...]
+
+
+def _fingerprint(location: str) -> str:
+    """What identifies an input's content without reading it: size and mtime / ETag."""
+    try:
+        fs, path = fsspec.core.url_to_fs(location)
+        info = fs.info(path)
+    except (OSError, ValueError):
+        return "unreadable"
+    stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info.get('size')}:{stamp}"
+
+
+def write_shards(
+    config: BatchConfig, rows: Sequence[Row], per_shard: int, child_parameters: dict[str, Any]
+) -> list[Shard]:
+    """Write the rows (manifest columns, locations made absolute) as shard files under the state
+    URL, named by content; remove shard files of earlier splittings."""
+    table = read_manifest(config.manifest)
+    table = table.take([row.index for row in rows])
+    for name in LOCATION_COLUMNS:  # a shard file lives elsewhere: make its paths absolute
         if name in table.column_names:
             values = [
-                resolve_location(v, manifest_url) if isinstance(v, str) and v else v
+                resolve_location(v, config.manifest) if isinstance(v, str) and v else v
                 for v in table.column(name).to_pylist()
             ]
-            index = table.column_names.index(name)
-            table = table.set_column(index, name, pa.array(values, pa.string()))
-    return table
-
-
-def write_shards(config: BatchConfig, rows_per_shard: int) -> list[str]:
-    """Split the manifest into Parquet shards under the state URL; the same manifest gives the
-    same shards, so a rerun resumes every shard's own ledger."""
-    table = _absolute(read_manifest(config.manifest), config.manifest)
-    digest = hashlib.sha256(parquet_bytes(table)).hexdigest()[:12]
-    folder = f"{config.state_url}/shards/{digest}"
-    urls = []
-    for n, start in enumerate(range(0, table.num_rows, rows_per_shard)):
-        shard = table.slice(start, rows_per_shard)
-        urls.append(publish_bytes(parquet_bytes(shard), folder, f"shard-{n:05d}.parquet"))
-    return urls
-
-
-def child_config(config: BatchConfig, shard_url: str, n: int) -> BatchConfig:
-    """The child run's options: same target and backend, its own manifest, ledger and tables."""
-    return config.model_copy(
-        update={
-            "manifest": shard_url,
-            "state": f"{config.state_url}/shards/run-{n:05d}",
-            "results_name": f"results-shard-{n:05d}.parquet",
-            "report_name": f"report-shard-{n:05d}.html",
-        }
+            table = table.set_column(
+                table.column_names.index(name), name, pa.array(values, pa.string())
+            )
+    folder = f"{config.state_url}/shards"
+    shards = []
+    for start in range(0, table.num_rows, per_shard):
+        part = table.slice(start, per_shard)
+        data = parquet_bytes(part)
+        inputs = [
+            _fingerprint(r.audio) + _fingerprint(r.image or "") for r in rows[start:][:per_shard]
+        ]
+        key = json.dumps([hashlib.sha256(data).hexdigest(), inputs, child_parameters], default=str)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        url = publish_bytes(data, folder, f"shard-{digest}.parquet")
+        ids = tuple(r.id for r in rows[start:][:per_shard])
+        shards.append(Shard(digest, url, ids))
+    _remove_stale(folder, {f"shard-{s.id}.parquet" for s in shards})
+    _remove_stale(
+        config.target, {f"results-shard-{s.id}.parquet" for s in shards}, "results-shard-"
     )
+    return shards
 
 
-def merge_results(config: BatchConfig, shard_count: int) -> pa.Table:
-    """Concatenate the children's results tables in shard order (missing shards are skipped)."""
-    tables = []
-    for n in range(shard_count):
-        url = f"{config.target.rstrip('/')}/results-shard-{n:05d}.parquet"
-        fs, path = fsspec.core.url_to_fs(url)
-        if fs.exists(path):
-            with fs.open(path, "rb") as fh:
-                tables.append(pq.read_table(fh))
-    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+def _remove_stale(folder: str, keep: set[str], prefix: str = "shard-") -> None:
+    fs, path = fsspec.core.url_to_fs(folder)
+    if not fs.exists(path):
+        return
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith(prefix) and name.endswith(".parquet") and name not in keep:
+            fs.rm(entry)
 
 
 @task(name="run-shard")
-def run_shard(config: BatchConfig, shard_url: str, n: int, deployment: str) -> str:
-    """Run one shard as a child flow run of `deployment` and wait for it; return its state."""
-    child = child_config(config, shard_url, n)
-    parameters = {
-        "manifest": child.manifest,
-        "target": child.target,
-        "state": child.state,
-        "results_name": child.results_name,
-        "report_name": child.report_name,
-    }  # the rest (backend, model folder ...) are the child deployment's own
-    run = run_deployment(
-        deployment,
-        parameters=parameters,
-        idempotency_key=f"{shard_url}#{n}",  # a retried parent does not start a shard twice
-        timeout=None,
-    )
-    return run.state.name if run.state else "UNKNOWN"
+def run_shard(
+    shard: Shard, deployment: str, config: BatchConfig, parent_started: datetime
+) -> FlowRun:
+    """Run one shard as a child flow run of `deployment` and wait for it.
+
+    The key is the shard's content: a child that already Completed is reused; one that ended
+    otherwise before this parent run started is run again under the next attempt's key.
+    """
+    parameters = _child_parameters(config, shard)
+    for attempt in range(1, CHILD_ATTEMPTS + 1):
+        run = run_deployment(
+            deployment,
+            parameters=parameters,
+            idempotency_key=f"avatarflow-shard-{shard.id}-{attempt}",
+            timeout=None,
+        )
+        earlier = run.created is not None and run.created < parent_started
+        if run.state is None or run.state.is_completed() or not earlier:
+            return run
+    return run
+
+
+def _child_parameters(config: BatchConfig, shard: Shard) -> dict[str, Any]:
+    """The child's own parameters; the rest (backend, model folder ...) are its deployment's."""
+    return {
+        "manifest": shard.url,
+        "target": config.target,
+        "state": config.state,  # the target's one ledger, shared with plain runs
+        "shard": shard.id,
+        "results_name": f"results-shard-{shard.id}.parquet",
+        "report_name": f"report-shard-{shard.id}.html",
+    }
+
+
+def _within_budget(check: ManifestCheck, config: BatchConfig) -> tuple[list[Row], list[RowResult]]:
+    """The rows to shard: all valid ones, or (with a budget) the manifest-order prefix whose
+    estimates fit the budget for the whole parent run, rows already published included."""
+    if config.budget_usd is None:
+        return list(check.rows), []
+    prepared = prepare_row.map(check.rows, unmapped(config))
+    wait(prepared)
+    plans, failures = [], []
+    for row, future in zip(check.rows, prepared, strict=True):
+        if future.state.is_completed():
+            plans.append(future.result())
+        else:
+            failures.append(_failed(row.id, _first_error([future]), row.extra))
+    dispatch, skipped = budget_gate(plans, config)
+    chosen = {p.row.id for p in dispatch} | {r.id for r in skipped.values() if r.error is None}
+    over = [r for r in skipped.values() if r.error is not None]
+    return [row for row in check.rows if row.id in chosen], failures + over
+
+
+def merge_results(
+    config: BatchConfig,
+    check: ManifestCheck,
+    shards: Sequence[Shard],
+    runs: Sequence[FlowRun],
+    parent_rows: Sequence[RowResult],
+) -> pa.Table:
+    """Every manifest row in manifest order: the children's rows, plus the parent's own (invalid,
+    over budget) and a failed row for each row an unfinished child did not report."""
+    tables, missing = [], list(parent_rows)
+    extras = {row.id: row.extra for row in check.rows}
+    for shard, run in zip(shards, runs, strict=True):
+        table = _read_table(f"{config.target.rstrip('/')}/results-shard-{shard.id}.parquet")
+        found = set(table.column("id").to_pylist()) if table is not None else set()
+        if table is not None:
+            tables.append(table)
+        state = run.state.name if run.state else "unknown"
+        reason = f"shard {shard.id} did not finish: child flow run {run.name} ended {state}"
+        missing += [_failed(i, reason, extras.get(i)) for i in shard.row_ids if i not in found]
+    for error in check.errors:
+        if error.row is not None:
+            missing.append(
+                _failed(error.id or f"row-{error.row}", str(error), check.extras(error.row))
+            )
+    tables.append(results_table(missing, check.passthrough_schema))
+    merged = pa.concat_tables(tables, promote_options="permissive")
+    order = {row.id: row.index for row in check.rows}
+    order.update({e.id or f"row-{e.row}": e.row for e in check.errors if e.row is not None})
+    ids = merged.column("id").to_pylist()
+    positions = sorted(range(len(ids)), key=lambda k: (order.get(ids[k], len(ids)), k))
+    return merged.take(positions)
+
+
+def _read_table(url: str) -> pa.Table | None:
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as fh:
+        return pq.read_table(fh)
 
 
 @flow(name="produce-sharded")
@@ -102,18 +208,47 @@ def produce_sharded(
     deployment: str = "produce-batch/on-demand-local-gpu",
     rows: int = 200,
     state: str | None = None,
-) -> dict[str, int]:
+    budget_usd: float | None = None,
+) -> State[dict[str, int]]:
     """Split the manifest into shards of `rows`, run each as `deployment`, merge the results."""
-    config = BatchConfig(manifest=manifest, target=target, state=state)
-    shards = write_shards(config, rows)
-    states = run_shard.map(unmapped(config), shards, range(len(shards)), unmapped(deployment))
-    states.wait()
-    table = merge_results(config, len(shards))
-    publish_bytes(parquet_bytes(table), config.target, config.results_name)
-    columns = ["id", "status", "video_url", "error"]
-    found = table.select(columns).to_pylist() if table.num_rows else []
-    results = [RowResult(**row) for row in found]
-    html = render_report(results, {"shards": len(shards)}, {}, f"avatarflow — {config.manifest}")
+    config = BatchConfig(manifest=manifest, target=target, state=state, budget_usd=budget_usd)
+    started = datetime.now(UTC)
+    ledger = Ledger.for_run(config)
+    with ledger.run_slot(), ledger.lock():  # no plain run on this target overlaps the parent
+        check = load_rows(config)
+        chosen, parent_rows = _within_budget(check, config)
+        shards = write_shards(config, chosen, rows, {"deployment": deployment})
+        futures = run_shard.map(shards, unmapped(deployment), unmapped(config), unmapped(started))
+        runs = [future.result() for future in futures]
+        table = merge_results(config, check, shards, runs, parent_rows)
+    results_url = publish_bytes(parquet_bytes(table), config.target, config.results_name)
+    _publish_report(config, table, len(shards))
+    counts = dict(zip(*_value_counts(table.column("status").to_pylist()), strict=True))
+    unfinished = [run for run in runs if not (run.state and run.state.is_completed())]
+    failed = table.num_rows - counts.get("published", 0)
+    message = (
+        f"{failed} of {table.num_rows} rows not published, {len(unfinished)} of {len(shards)} "
+        f"shards did not complete; see {results_url}"
+    )
+    if failed or unfinished:
+        get_run_logger().error(message)
+        return Failed(message=message, data=counts)
+    return Completed(
+        message=f"{table.num_rows} rows published in {len(shards)} shards", data=counts
+    )
+
+
+def _value_counts(values: list[str]) -> tuple[list[str], list[int]]:
+    names = sorted(set(values))
+    return names, [values.count(name) for name in names]
+
+
+def _publish_report(config: BatchConfig, table: pa.Table, shard_count: int) -> None:
+    fields = {"id", "status", "video_url", "error", "cost_usd", "duration_s"}
+    results = [
+        RowResult(**{k: v for k, v in row.items() if k in fields})
+        for row in table.select([c for c in table.column_names if c in fields]).to_pylist()
+    ]
+    title = f"avatarflow — {config.manifest}"
+    html = render_report(results, {"shards": shard_count}, {}, title)
     publish_bytes(html.encode(), config.target, config.report_name)
-    statuses = pc.value_counts(table.column("status")).to_pylist() if table.num_rows else []
-    return {s["values"]: s["counts"] for s in statuses}

@@ -150,7 +150,10 @@ class BatchConfig(BaseModel):
     rerender_on_qc_fail: bool = False
     notify_url: str | None = None  # POST a batch summary here when the run ends
     notify_format: Literal["json", "slack"] = "json"
-    results_name: str = "results.parquet"  # shard children write results-shard-N.parquet
+    # Set by a sharded parent for its child runs: the shard's id. A shard's rows are its own, so
+    # children share the target's ledger and hold only their shard's run slot.
+    shard: str | None = None
+    results_name: str = "results.parquet"  # shard children write results-shard-<id>.parquet
     report_name: str = "report.html"
     fal: FalSettings = Field(default_factory=FalSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)

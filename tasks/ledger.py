@@ -129,13 +129,18 @@ class Ledger:
         write_url(self.fs.unstrip_protocol(path), _dumps(doc), self.storage_options)
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold the ledger for one run (local state; object stores have no locks to take)."""
+    def lock(self, scope: str | None = None) -> Iterator[None]:
+        """Hold the ledger for one run (local state; object stores have no locks to take).
+
+        scope: a shard of a sharded run, whose rows no other shard has: shards lock only
+        themselves and run side by side on one ledger.
+        """
         if not self.is_local:
             yield
             return
         os.makedirs(self.root, exist_ok=True)
-        with open(f"{self.root}/run.lock", "a+") as fh:
+        name = f"run-{scope}.lock" if scope else "run.lock"
+        with open(f"{self.root}/{name}", "a+") as fh:
             try:
                 # Released by the kernel when the process ends, even on SIGKILL.
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -144,18 +149,19 @@ class Ledger:
             yield
 
     @contextlib.contextmanager
-    def run_slot(self) -> Iterator[None]:
+    def run_slot(self, scope: str | None = None) -> Iterator[None]:
         """One run per target on any storage, across machines: hold the only slot of a Prefect
         global concurrency limit named after this ledger, so a second run waits for the first.
 
         Only against a Prefect server (PREFECT_API_URL); an ephemeral server lives and dies with
         its process, so lock() is what serialises runs there. The slot is a lease: a run that
-        dies frees it after RUN_SLOT_LEASE_S.
+        dies frees it after RUN_SLOT_LEASE_S. scope: as for lock().
         """
         if not PREFECT_API_URL.value():
             yield
             return
-        name = "avatarflow-target-" + hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        key = f"{self.url}#{scope}" if scope else self.url
+        name = "avatarflow-target-" + hashlib.sha256(key.encode()).hexdigest()[:16]
         with get_client(sync_client=True) as client:
             limit = GlobalConcurrencyLimitCreate(name=name, limit=1)
             with contextlib.suppress(ObjectAlreadyExists):

@@ -119,9 +119,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             )
             work = _publish_repo(home)
             stack.wait_healthy()
-            assert stack.prefect("work-pool", "create", POOL, "--type", "process").returncode == 0
+            for pool in (POOL, "avatarflow-gpu"):
+                assert (
+                    stack.prefect("work-pool", "create", pool, "--type", "process").returncode == 0
+                )
             deployed = stack.prefect(
-                "deploy", "--prefect-file", "deploy/prefect.yaml", "--name", "nightly-fal", cwd=work
+                "deploy", "--prefect-file", "deploy/prefect.yaml", "--all", cwd=work
             )
             assert deployed.returncode == 0, deployed.stdout + deployed.stderr
             worker_env = {**stack.env, "FAL_KEY": fal.key}  # the key lives on the worker only
@@ -133,11 +136,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             stack.stop()
 
 
-def _manifest(folder: Path, rows: list[dict[str, str]]) -> str:
+def _manifest(folder: Path, rows: list[dict[str, str]], seconds: float = 3.0) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     for row in rows:
         if not (folder / row["audio"]).exists() and "broken" not in row["id"]:
-            write_narration(folder / row["audio"], 3.0, "wav", seed=len(row["id"]))
+            write_narration(folder / row["audio"], seconds, "wav", seed=len(row["id"]))
     for row in rows:
         if "broken" in row["id"]:
             (folder / row["audio"]).write_bytes(b"not audio at all")
@@ -145,11 +148,13 @@ def _manifest(folder: Path, rows: list[dict[str, str]]) -> str:
     return str(folder / "manifest.parquet")
 
 
-def _run(stack: Stack, parameters: dict[str, object], timeout: float = 120) -> object:
+def _run(
+    stack: Stack, parameters: dict[str, object], timeout: float = 120, name: str = DEPLOYMENT
+) -> object:
     from prefect.deployments import run_deployment
 
     with _api(stack):
-        return run_deployment(DEPLOYMENT, parameters=parameters, timeout=timeout)
+        return run_deployment(name, parameters=parameters, timeout=timeout)
 
 
 class _api:
@@ -225,6 +230,45 @@ def test_the_fal_deployment_runs_on_a_worker_as_users_run_it(stack: Stack, tmp_p
     assert fal.billed_units == pytest.approx(3 * 93 / 16)  # each row paid once
     results = pq.read_table(slow_target / "results.parquet").to_pylist()
     assert [r["status"] for r in results] == ["published"] * 3
+
+
+def test_a_sharded_run_lists_every_row_resumes_and_never_pays_twice(
+    stack: Stack, tmp_path: Path
+) -> None:
+    fal = stack.fal
+    fal.reset()
+    fal.latency_s = 0.2
+    folder, target = tmp_path / "big", tmp_path / "sharded-out"
+    rows = [{"id": f"row-{i:02d}", "audio": f"a{i:02d}.wav"} for i in range(40)]
+    rows[13] = {"id": "broken-13", "audio": "a13.wav"}  # its child run ends Failed
+    manifest = _manifest(folder, rows, seconds=1.0)
+    parent = {"manifest": manifest, "target": str(target), "rows": 10}
+    parent["deployment"] = "produce-batch/on-demand-fal"
+
+    run = _run(stack, parent, timeout=400, name="produce-sharded/sharded-local-gpu")
+    assert run.state.is_failed()
+    assert run.state.message.startswith("1 of 40 rows not published, 1 of 4 shards")
+    results = pq.read_table(target / "results.parquet").to_pylist()
+    assert [r["id"] for r in results] == [row["id"] for row in rows]
+    broken = results[13]
+    assert broken["status"] == "failed"
+    assert "not a readable media file" in broken["error"]
+    assert fal.submissions == 39
+
+    # The input is fixed: only its shard runs again, and only the fixed row is paid for.
+    write_narration(folder / "a13.wav", 1.0, "wav", seed=13)
+    fal.reset()
+    run = _run(stack, parent, timeout=400, name="produce-sharded/sharded-local-gpu")
+    assert run.state.is_completed(), run.state.message
+    assert fal.submissions == 1
+    statuses = pq.read_table(target / "results.parquet").column("status").to_pylist()
+    assert statuses == ["published"] * 40
+
+    # A plain run of the same manifest to the same target finds everything paid for.
+    fal.reset()
+    plain = _run(stack, {"manifest": manifest, "target": str(target)})
+    assert plain.state.is_completed(), plain.state.message
+    assert fal.submissions == 0
 
 
 def _logs(stack: Stack, flow_run_id: UUID) -> list[str]:
