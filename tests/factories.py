@@ -20,6 +20,20 @@ from tasks.records import V1_GRID, AudioInfo, Chunk, FrameGrid, RenderParams, Ro
 from tests.media_factory import write_audio, write_narration
 
 HASH = "h" * 64
+# QC gates that renders without a real face cannot pass (tests/tasks/test_qc.py and
+# tests/flows/test_qc_flow.py test every gate on synthetic faces). The fake fal renders moving
+# stripes: no face to find, no lips to follow. The tiny checkpoint renders noise: no face either,
+# and every frame jumps from the one before, which the seams gate reads as a cut.
+NO_FACE = frozenset({"face", "lipsync"})
+TINY_NOISE = NO_FACE | {"seams"}
+
+
+def qc_skip_args(gates: frozenset[str]) -> tuple[str, ...]:
+    """The CLI options that skip gates (`avatarflow run --qc-skip a,b`)."""
+    return ("--qc-skip", ",".join(sorted(gates)))
+
+
+NO_FACE_ARGS = qc_skip_args(NO_FACE)
 _PARAMS = set(RenderParams.model_fields)
 
 

@@ -12,15 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from flows.settings import BatchConfig
-from typer.testing import CliRunner
 
-from flows.cli import app
+from tasks.config import BatchConfig
 from tasks.manifest import read_manifest, validate_manifest
 from tasks.plan import PlanError, prepare
+from tests.cli import flat, invoke
+from tests.factories import NO_FACE_ARGS, write_manifest
 from tests.fakes.fal_server import FakeFal
 from tests.media_factory import (
     write_corrupt_audio,
@@ -57,8 +56,10 @@ VALID = [
     {"id": "ok.3_x-Y", "audio": "media/ok.wav", "seed": 2**32 - 1, "num_segments": 2},
 ]
 CASES = {
-    "duplicate id": _v("id", "duplicate_id", id="ok-1"),
-    "duplicate id differing in case": _v("id", "duplicate_id", id="OK-1"),
+    # every row of an id used more than once is refused, the first one too
+    "duplicate id": _v("id", "duplicate_id", id="twin"),
+    "duplicate id again": _v("id", "duplicate_id", id="twin"),
+    "duplicate id differing in case": _v("id", "duplicate_id", id="TWIN"),
     "parent escape": _v("id", "invalid_id", id="../x"),
     "absolute id": _v("id", "invalid_id", id="/abs"),
     "slash": _v("id", "invalid_id", id="a/b"),
@@ -141,15 +142,11 @@ def _corpus(folder: Path) -> tuple[str, list[dict[str, Any]], dict[int, Case]]:
         VALID[2],
     ]
     expected = {i: c for i, row in enumerate(rows) for c in cases if row is c.row}
-    path = folder / "manifest.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path), rows, expected
+    return write_manifest(folder / "manifest.jsonl", rows), rows, expected
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_every_bad_row_fails_alone_with_its_column_and_kind(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_every_bad_row_fails_alone_with_its_column_and_kind(tmp_path: Path, fake: FakeFal) -> None:
     _media(tmp_path)
     manifest, rows, expected = _corpus(tmp_path)
     target, work = tmp_path / "out", tmp_path / "work"
@@ -159,14 +156,11 @@ def test_every_bad_row_fails_alone_with_its_column_and_kind(
         (i, c.column, c.kind) for i, c in expected.items() if c.stage == "validate"
     )
     errors = {e.row: str(e) for e in check.errors}
-    with FakeFal(latency_s=0.02) as fal:
-        for key, value in fal.env().items():
-            monkeypatch.setenv(key, value)
-        args = ["--backend", "fal", "--target", str(target), "--work-dir", str(work)]
-        result = CliRunner().invoke(app, ["run", manifest, *args])
-        assert result.exit_code == 1, result.output
-        assert fal.submissions == len(VALID)  # one chunk each: nothing paid for a broken row
-        config = BatchConfig(manifest=manifest, backend="fal", work_dir=str(work))
+    args = ["--backend", "fal", "--target", str(target), "--work-dir", str(work), *NO_FACE_ARGS]
+    result = invoke("run", manifest, *args)
+    assert result.exit_code == 1, result.output
+    assert fake.submissions == len(VALID)  # one chunk each: nothing paid for a broken row
+    config = BatchConfig(manifest=manifest, backend="fal", work_dir=str(work))
     table = pq.read_table(target / "results.parquet").to_pylist()
     assert len(table) == len(rows)
     for i, row in enumerate(rows):
@@ -223,39 +217,36 @@ def test_json_values_of_the_wrong_type_fail_only_their_own_row(
 ) -> None:
     write_narration(tmp_path / "a.wav", 1.0)
     rows = [{"id": f"r{i}", "audio": "a.wav", column: v} for i, v in enumerate(values)]
-    path = tmp_path / "m.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    check = validate_manifest(read_manifest(str(path)), str(path), check_files=True)
+    path = write_manifest(tmp_path / "m.jsonl", rows)
+    check = validate_manifest(read_manifest(path), path, check_files=True)
     found = {e.row: (e.column, e.kind) for e in check.errors}
     assert found == {i: (column, kind) for i, kind in enumerate(kinds) if kind}
     assert [r.index for r in check.rows] == [i for i, kind in enumerate(kinds) if not kind]
 
 
-def _parquet(path: Path, rows: list[dict[str, Any]]) -> None:
-    pq.write_table(pa.Table.from_pylist(rows), path)
-
-
 def _truncated_parquet(path: Path) -> None:
-    _parquet(path, [{"id": f"r{i}", "audio": "a.wav"} for i in range(50)])
+    write_manifest(path, [{"id": f"r{i}", "audio": "a.wav"} for i in range(50)])
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 BROKEN_MANIFESTS = {
-    "no-audio.parquet": (lambda p: _parquet(p, [{"id": "a"}]), "missing required column 'audio'"),
+    "no-audio.parquet": (
+        lambda p: write_manifest(p, [{"id": "a"}]),
+        "missing required column 'audio'",
+    ),
     "no-id.csv": (lambda p: p.write_text("audio\na.wav\n"), "missing required column 'id'"),
     "bool.parquet": (
-        lambda p: _parquet(p, [{"id": "a", "audio": "a.wav", "seed": True}]),
+        lambda p: write_manifest(p, [{"id": "a", "audio": "a.wav", "seed": True}]),
         "column 'seed' has type bool, expected integer",
     ),
     "list.parquet": (
-        lambda p: _parquet(p, [{"id": "a", "audio": ["a.wav"]}]),
+        lambda p: write_manifest(p, [{"id": "a", "audio": ["a.wav"]}]),
         "column 'audio' has type list",
     ),
     "cut.parquet": (_truncated_parquet, "not a readable parquet manifest"),
     "garbage.csv": (lambda p: p.write_bytes(b"\xff\xfe\x00junk\x00\n\x81,\x82\n"), "garbage.csv"),
     "garbage.jsonl": (lambda p: p.write_text('{"id": "a", "audio": \n'), "not a readable jsonl"),
     "scalars.jsonl": (lambda p: p.write_text("1\n2\n"), "every JSON line must be an object"),
-    "empty.csv": (lambda p: p.write_text("id,audio\n"), "manifest has no rows"),
     "sheet.xlsx": (lambda p: p.write_bytes(b"PK\x03\x04"), "unknown manifest format"),
 }
 
@@ -268,11 +259,20 @@ def test_structurally_broken_manifests_exit_2_from_validate_and_run(
     path, out = tmp_path / name, tmp_path / "out"
     make(path)
     for args in (["validate", str(path)], ["run", str(path), "--target", str(out)]):
-        result = CliRunner().invoke(app, args)
+        result = invoke(*args)
         assert result.exit_code == 2, result.output
         assert "manifest error" in result.output
-        assert message in " ".join(result.output.split())
+        assert message in flat(result.output)
     assert not out.exists()
+
+
+def test_a_manifest_without_rows_is_valid_and_a_no_op(tmp_path: Path) -> None:
+    path = tmp_path / "empty.csv"
+    path.write_text("id,audio\n")
+    result = invoke("validate", str(path))
+    assert result.exit_code == 0, result.output
+    assert "the manifest has no rows: nothing to do" in flat(result.output)
+    assert "ok: 0 row(s)" in result.output
 
 
 def test_all_invalid_manifest_exits_2_and_validate_lists_every_row(tmp_path: Path) -> None:
@@ -281,13 +281,13 @@ def test_all_invalid_manifest_exits_2_and_validate_lists_every_row(tmp_path: Pat
         {"id": "b", "audio": "ftp://h/a.wav", "seed": "x"},
         {"id": "c", "audio": "a.wav", "seed": str(2**40)},
     ]
-    _parquet(tmp_path / "bad.parquet", rows)
+    write_manifest(tmp_path / "bad.parquet", rows)
     manifest = str(tmp_path / "bad.parquet")
-    run = CliRunner().invoke(app, ["run", manifest, "--target", str(tmp_path / "out")])
+    run = invoke("run", manifest, "--target", str(tmp_path / "out"))
     assert run.exit_code == 2, run.output
     assert "no valid rows" in run.output
     assert not (tmp_path / "out").exists()
-    text = " ".join(CliRunner().invoke(app, ["validate", manifest]).output.split())
+    text = flat(invoke("validate", manifest).output)
     assert "row 0 (id=../up), column 'id'" in text
     assert "row 1 (id=b), column 'audio': unsupported URL scheme 'ftp'" in text
     assert "row 1 (id=b), column 'seed'" in text
@@ -297,7 +297,7 @@ def test_all_invalid_manifest_exits_2_and_validate_lists_every_row(tmp_path: Pat
 
 def test_manifest_text_that_looks_like_markup_is_printed_verbatim(tmp_path: Path) -> None:
     rows = [{"id": "[/red]", "audio": "a.wav"}, {"id": "ok", "audio": "a.wav"}]
-    _parquet(tmp_path / "m.parquet", rows)
-    result = CliRunner().invoke(app, ["validate", str(tmp_path / "m.parquet")])
+    write_manifest(tmp_path / "m.parquet", rows)
+    result = invoke("validate", str(tmp_path / "m.parquet"))
     assert result.exit_code == 2
     assert "'[/red]'" in result.output

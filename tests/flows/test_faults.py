@@ -16,62 +16,44 @@ from typing import IO, Any
 
 import av
 import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import s3fs
-import tasks.fal_client
 from botocore.exceptions import EndpointConnectionError
-from flows.settings import BatchConfig, FalSettings
 
+import tasks.backends.fal.client
 import tasks.concat
 from flows.produce import run_batch
 from tasks import publish
+from tasks.config import BatchConfig
 from tasks.ledger import Ledger
 from tasks.media import count_audio_samples, probe_video
 from tasks.publish import RetryPolicy
+from tests.factories import NO_FACE, narrated_manifest
 from tests.fakes.fal_server import FakeFal, Faults
 from tests.fakes.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
-from tests.media_factory import write_narration
 
 FPS = 16
-# Millisecond backoff and fast polls: the retry logic is real, only its waits are short.
-FAST_FAL = {
-    "backoff_base_s": 0.01,
-    "backoff_max_s": 0.05,
-    "poll_initial_s": 0.02,
-    "poll_max_s": 0.2,
-}
 FULL_DEVICE = "/dev/full"  # every write to it fails with ENOSPC, as on a full disk
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
 @pytest.fixture
-def fal(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeFal]:
-    with FakeFal(latency_s=0.05) as fake:
-        for key, value in fake.env().items():
-            monkeypatch.setenv(key, value)
-        yield fake
+def fal(fake: FakeFal) -> FakeFal:
+    """The module's fake fal, reset, with FAL_* pointing at it (see tests/conftest.py)."""
+    return fake
 
 
-def _manifest(folder: Path, lengths: dict[str, float]) -> str:
-    """Write one narration per row (seconds by id) and a Parquet manifest listing them."""
-    media = folder / "media"
-    media.mkdir(exist_ok=True)
-    rows = []
-    for seed, (row_id, seconds) in enumerate(lengths.items()):
-        write_narration(media / f"{row_id}.wav", seconds, seed=seed)
-        rows.append({"id": row_id, "audio": f"media/{row_id}.wav"})
-    path = folder / "manifest.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return str(path)
-
-
-def _config(manifest: str, target: str, work: Path, **update: Any) -> BatchConfig:
-    fal = FalSettings.from_env().model_copy(update=FAST_FAL)
+def _config(manifest: str, target: str, work: Path, fal: FakeFal, **update: Any) -> BatchConfig:
+    # Millisecond backoff and fast polls: the retry logic is real, only its waits are short.
     return BatchConfig(
-        manifest=manifest, target=target, backend="fal", work_dir=str(work), fal=fal, **update
+        manifest=manifest,
+        target=target,
+        backend="fal",
+        work_dir=str(work),
+        fal=fal.settings(),
+        qc_skip=NO_FACE,
+        **update,
     )
 
 
@@ -95,10 +77,10 @@ def test_batch_rides_out_fal_faults_and_pays_at_most_5_percent_more(
 ) -> None:
     """20 rows under 10 % 429 and 5 % 503 on submit, 5 % failed completions, a gateway 504 on a
     result and a cut download: all publish, and the bill matches a fault-free run's."""
-    manifest = _manifest(tmp_path, FAULT_ROWS)
+    manifest = narrated_manifest(tmp_path, FAULT_ROWS)
 
     clean = run_batch(
-        _config(manifest, str(tmp_path / "clean"), tmp_path / "w1", chunk_target_s=11)
+        _config(manifest, str(tmp_path / "clean"), tmp_path / "w1", fal, chunk_target_s=11)
     )
     assert clean.exit_code == 0, [r.error for r in clean.results if r.error]
     clean_units, clean_completed = fal.billed_units, fal.counts["completed"]
@@ -113,7 +95,7 @@ def test_batch_rides_out_fal_faults_and_pays_at_most_5_percent_more(
     )
     fal.reset(faults)
     target = tmp_path / "faulty"
-    outcome = run_batch(_config(manifest, str(target), tmp_path / "w2", chunk_target_s=11))
+    outcome = run_batch(_config(manifest, str(target), tmp_path / "w2", fal, chunk_target_s=11))
 
     errors = {r.id: r.error for r in outcome.results if r.status != "published"}
     assert errors == {}
@@ -133,7 +115,7 @@ def test_batch_rides_out_fal_faults_and_pays_at_most_5_percent_more(
 # tests only steer which file lands there, through each module's Path / av name. A tmpfs or loop
 # mount would need root (not to be assumed in CI) and would fill up for every row at once.
 class _FullDownloads(type(Path())):  # type: ignore[misc]
-    """tasks.fal_client's Path: the row's .part download files live on a full disk (/dev/full)."""
+    """The fal client's Path: the row's .part download files live on a full disk (/dev/full)."""
 
     row_id = "dlfull"
 
@@ -154,7 +136,7 @@ class _FullConcatAv:
 
     def open(self, file: Any, mode: str = "r", **kwargs: Any) -> Any:
         path = Path(str(file))
-        if mode == "w" and path.name.startswith(f".{self.row_id}.mp4."):
+        if mode == "w" and path.name.startswith(f".{self.row_id}.mp4.tmp-"):
             os.symlink(FULL_DEVICE, path)  # the temp file FFmpeg writes: ENOSPC on every write
         return av.open(file, mode, **kwargs)
 
@@ -164,10 +146,10 @@ def test_full_work_dir_fails_only_its_rows_and_a_rerun_pays_nothing(
     fal: FakeFal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     lengths = {"dlfull": 4.0, "concatfull": 5.0, "fine": 4.5}
-    manifest = _manifest(tmp_path, lengths)
+    manifest = narrated_manifest(tmp_path, lengths)
     target, work = tmp_path / "out", tmp_path / "work"
-    config = _config(manifest, str(target), work)
-    monkeypatch.setattr(tasks.fal_client, "Path", _FullDownloads)
+    config = _config(manifest, str(target), work, fal)
+    monkeypatch.setattr(tasks.backends.fal.client, "Path", _FullDownloads)
     monkeypatch.setattr(tasks.concat, "av", _FullConcatAv())
 
     first = run_batch(config)
@@ -184,16 +166,16 @@ def test_full_work_dir_fails_only_its_rows_and_a_rerun_pays_nothing(
     assert leftovers == []  # partial files are removed, not left to fill the disk further
     assert fal.submissions == 3
 
-    monkeypatch.setattr(tasks.fal_client, "Path", Path)  # space is free again
+    monkeypatch.setattr(tasks.backends.fal.client, "Path", Path)  # space is free again
     monkeypatch.setattr(tasks.concat, "av", av)
     fal.reset()
     second = run_batch(config)
 
-    assert {r.id: r.status for r in second.results} == {
-        "dlfull": "published",
-        "concatfull": "published",
-        "fine": "skipped",
-    }
+    assert {r.id: r.status for r in second.results} == dict.fromkeys(lengths, "published")
+    actions = {r.id: r.run_action for r in second.results}
+    assert actions["fine"] == "skipped"  # published by the first run: not touched again
+    assert actions["dlfull"] != "skipped"
+    assert actions["concatfull"] != "skipped"
     assert fal.submissions == 0  # the known request is fetched again, the rendered chunk reused
     for row_id in ("dlfull", "concatfull"):
         _check_video(target / f"{row_id}.mp4", lengths[row_id])
@@ -216,9 +198,9 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
 def test_s3_outage_during_publish_fails_the_row_then_a_rerun_publishes_without_paying(
     fal: FakeFal, s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    manifest = _manifest(tmp_path, {"lesson": 14.0})
+    manifest = narrated_manifest(tmp_path, {"lesson": 14.0})
     target = f"{s3.url}/videos"
-    config = _config(manifest, target, tmp_path / "work", chunk_target_s=11)
+    config = _config(manifest, target, tmp_path / "work", fal, chunk_target_s=11)
     real_publish_file = publish.publish_file
 
     def publish_during_outage(local_path: str, target_url: str, name: str, *args: Any) -> str:
@@ -260,8 +242,8 @@ def test_s3_outage_during_publish_fails_the_row_then_a_rerun_publishes_without_p
 def test_unreachable_s3_state_stops_the_batch_before_anything_is_paid(
     fal: FakeFal, s3: S3Server, tmp_path: Path
 ) -> None:
-    manifest = _manifest(tmp_path, {"lesson": 4.0})
-    config = _config(manifest, f"{s3.url}/videos", tmp_path / "work")
+    manifest = narrated_manifest(tmp_path, {"lesson": 4.0})
+    config = _config(manifest, f"{s3.url}/videos", tmp_path / "work", fal)
     s3.stop()  # the run's ledger lives beside the target: it cannot be read, so nothing may start
 
     with pytest.raises(EndpointConnectionError, match=rf"/{s3.bucket}/videos/\.avatarflow/"):
@@ -273,8 +255,8 @@ def test_unreachable_s3_state_stops_the_batch_before_anything_is_paid(
 def test_s3_outage_while_recording_a_request_id_still_pays_once(
     fal: FakeFal, s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    manifest = _manifest(tmp_path, {"lesson": 4.0})
-    config = _config(manifest, f"{s3.url}/videos", tmp_path / "work")
+    manifest = narrated_manifest(tmp_path, {"lesson": 4.0})
+    config = _config(manifest, f"{s3.url}/videos", tmp_path / "work", fal)
     real_record = Ledger.record_request
 
     def record_during_outage(self: Ledger, *args: Any) -> None:
@@ -289,5 +271,5 @@ def test_s3_outage_while_recording_a_request_id_still_pays_once(
     monkeypatch.setattr(Ledger, "record_request", real_record)
     again = run_batch(config)
 
-    assert [r.status for r in again.results] in (["published"], ["skipped"])
+    assert [r.status for r in again.results] == ["published"]
     assert fal.submissions == 1  # the one paid request was used, not abandoned or paid again

@@ -13,7 +13,7 @@ import pytest
 from flows.produce import run_batch
 from tasks.config import BatchConfig, LocalSettings
 from tasks.media import count_audio_samples, probe_video
-from tests.factories import narrated_manifest, write_manifest, write_narrations
+from tests.factories import NO_FACE, TINY_NOISE, narrated_manifest, write_manifest, write_narrations
 from tests.fakes.fal_server import FakeFal
 from tests.fakes.s3_server import S3Server
 
@@ -58,6 +58,7 @@ def test_fal_batch_publishes_every_valid_row_and_resumes_without_paying_twice(
         backend="fal",
         work_dir=str(tmp_path / "work"),
         fal=fake.settings(),
+        qc_skip=NO_FACE,
     )
 
     outcome = run_batch(config)
@@ -87,12 +88,13 @@ def test_fal_batch_publishes_every_valid_row_and_resumes_without_paying_twice(
     # A rerun skips what is published and pays for nothing.
     fal.reset()
     again = run_batch(config)
-    assert {r.id: r.status for r in again.results} == {
-        "short": "skipped",
-        "mid": "skipped",
-        "ghost": "failed",
-        "long": "skipped",
-        "lecture": "skipped",
+    # (a skipped row stays published; "skipped" is what this run did with it)
+    assert {r.id: (r.status, r.run_action) for r in again.results} == {
+        "short": ("published", "skipped"),
+        "mid": ("published", "skipped"),
+        "ghost": ("failed", "failed"),
+        "long": ("published", "skipped"),
+        "lecture": ("published", "skipped"),
     }
     assert fal.submissions == 0
 
@@ -111,6 +113,7 @@ def test_fal_batch_publishes_to_s3(
             backend="fal",
             work_dir=str(tmp_path / "w"),
             fal=fake.settings(),
+            qc_skip=NO_FACE,
         )
         outcome = run_batch(config)
         assert outcome.exit_code == 0, outcome.results
@@ -130,6 +133,7 @@ def test_local_v15_checkpoint_renders_and_publishes_at_its_25_fps(
         target=str(tmp_path / "out"),
         work_dir=str(tmp_path / "work"),
         local=LocalSettings(model_dir=str(tiny_checkpoint_v15)),
+        qc_skip=TINY_NOISE,
     )
     outcome = run_batch(config)
     assert outcome.exit_code == 0, outcome.results

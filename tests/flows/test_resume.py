@@ -22,18 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from flows.settings import FalSettings
-from tasks.fal_client import FalQueueClient
-from typer.testing import CliRunner
 
-from flows.cli import app
+from tasks.backends.fal.client import FalQueueClient
+from tasks.config import FalSettings
 from tasks.ledger import Ledger
 from tasks.media import probe_video
+from tests.cli import flat, invoke
+from tests.factories import NO_FACE_ARGS, write_manifest, write_narrations
 from tests.fakes.fal_server import APP, FakeFal, Faults
-from tests.media_factory import write_narration
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -77,13 +75,8 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory, fal: FakeFal) -> Sandbox:
 
     root = tmp_path_factory.mktemp("resume")
     media = root / "media"
-    media.mkdir()
-    rows = []
-    for i, (row_id, seconds) in enumerate(ROWS.items()):
-        write_narration(media / f"{row_id}.wav", seconds, seed=i)
-        rows.append({"id": row_id, "audio": f"{row_id}.wav", "n": i})
-    manifest = media / "manifest.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    rows = [row | {"n": i} for i, row in enumerate(write_narrations(media, ROWS, subdir=""))]
+    manifest = write_manifest(media / "manifest.parquet", rows)
     for name in ("home", "tmp", "cache", "cwd", "prefect"):
         (root / name).mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FAL_"))}
@@ -94,11 +87,12 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory, fal: FakeFal) -> Sandbox:
         "TMPDIR": str(root / "tmp"),
         "XDG_CACHE_HOME": str(root / "cache"),
     }
-    return Sandbox(root, str(manifest), env)
+    return Sandbox(root, manifest, env)
 
 
 def _start(sandbox: Sandbox, trial: Path, *extra: str) -> subprocess.Popen[bytes]:
     args = [AVATARFLOW, "run", sandbox.manifest, "--backend", "fal", "--chunk-target-s", "11"]
+    args += NO_FACE_ARGS
     args += ["--target", str(trial / "out"), "--work-dir", str(trial / "work"), *extra]
     with (trial / "log.txt").open("ab") as log:  # the test's own file, beside the trial's
         return subprocess.Popen(
@@ -182,7 +176,7 @@ def _settle_ambiguous(sandbox: Sandbox, trial: Path, unanswered: set[tuple[str, 
     table = pq.read_table(trial / "out" / "results.parquet").to_pylist()
     flagged = {r["id"] for r in table if "ambiguous submit" in (r["error"] or "")}
     assert flagged == {row for row, _ in unanswered}, table
-    assert {r["status"] for r in table if r["id"] not in flagged} <= {"published", "skipped"}
+    assert {r["status"] for r in table if r["id"] not in flagged} <= {"published"}
     assert _run(sandbox, trial, "--resubmit-ambiguous") == 0
     return len(flagged)
 
@@ -192,7 +186,7 @@ def _check_published(trial: Path, fal: FakeFal) -> None:
     out = trial / "out"
     table = pq.read_table(out / "results.parquet").to_pylist()
     assert [r["id"] for r in table] == list(ROWS)
-    assert {r["status"] for r in table} <= {"published", "skipped"}, table
+    assert {r["status"] for r in table} == {"published"}, table
     for row_id, seconds in ROWS.items():
         probe = probe_video(out / f"{row_id}.mp4")
         assert abs(probe.frames / FPS - seconds) <= 1 / FPS
@@ -210,6 +204,7 @@ def _check_published(trial: Path, fal: FakeFal) -> None:
     assert leftovers == []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigkill_at_random_moments_then_rerun_publishes_all_and_never_pays_twice(
     fal: FakeFal, sandbox: Sandbox
@@ -298,7 +293,7 @@ def test_cancel_cancels_every_in_flight_request_and_a_rerun_resubmits_them(
         monkeypatch.setenv(key, value)
     fal.latency_s = 30.0
     try:
-        with FalQueueClient(FalSettings.from_env()) as c:
+        with FalQueueClient(FalSettings()) as c:
             url = c.upload(b"RIFF" + b"\0" * 64, "audio/wav")
             ids = [c.submit(f"{APP}/audio-to-video", {"audio_url": url}).request_id for _ in "ab"]
     finally:
@@ -309,13 +304,13 @@ def test_cancel_cancels_every_in_flight_request_and_a_rerun_resubmits_them(
         ledger.record_request("row-1", "h" * 64, chunk, request_id, f"{APP}/audio-to-video")
     ledger.record_attempt("row-2", "h" * 64, 0, f"{APP}/audio-to-video")  # ambiguous: no id
 
-    result = CliRunner().invoke(app, ["cancel", str(tmp_path / "out")])
+    result = invoke("cancel", str(tmp_path / "out"))
 
     assert result.exit_code == 0, result.output
     for request_id in ids:
         assert f"{request_id}: CANCELLATION_REQUESTED" in result.output
         assert fal.state(request_id) == "COMPLETED"
-    assert "row-2 chunk 0: request id unknown" in result.output
+    assert "row-2 chunk 0: request id unknown" in flat(result.output)
     assert "cancelled 2 of 3" in result.output
     assert fal.key not in result.output
 
@@ -327,9 +322,9 @@ def test_a_second_run_on_a_busy_target_exits_2_and_dispatches_nothing(
         monkeypatch.setenv(key, value)
     fal.reset()
     target = tmp_path / "out"
-    args = ["run", sandbox.manifest, "--backend", "fal", "--target", str(target)]
+    args = ["run", sandbox.manifest, "--backend", "fal", "--target", str(target), *NO_FACE_ARGS]
     with Ledger(str(target / ".avatarflow")).lock():  # the run already going on
-        result = CliRunner().invoke(app, [*args, "--work-dir", str(tmp_path / "work")])
+        result = invoke(*args, "--work-dir", str(tmp_path / "work"))
     assert result.exit_code == 2, result.output
-    assert "another run is using the ledger" in " ".join(result.output.split())
+    assert "another run is using the ledger" in flat(result.output)
     assert sum(fal.counts.values()) == 0

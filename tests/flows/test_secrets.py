@@ -16,18 +16,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from flows.settings import BatchConfig
 from prefect.logging.handlers import APILogHandler
 from prefect.settings import get_current_settings
-from typer.testing import CliRunner
 
-from flows.cli import app
 from flows.produce import run_batch
+from tasks.config import BatchConfig
 from tasks.plan import PlanError, prepare
 from tasks.records import Row
+from tests.cli import invoke
+from tests.factories import NO_FACE, NO_FACE_ARGS, write_manifest
 from tests.fakes.fal_server import FakeFal, Faults
 from tests.media_factory import write_image, write_narration
 
@@ -69,8 +67,7 @@ def _manifest(folder: Path) -> str:
     write_narration(folder / "b.wav", 2.5, seed=1)
     write_image(folder / "face.png")
     rows = [{"id": "a", "audio": "a.wav"}, {"id": "b", "audio": "b.wav", "image": "face.png"}]
-    pq.write_table(pa.Table.from_pylist(rows), folder / "m.parquet")
-    return str(folder / "m.parquet")
+    return write_manifest(folder / "m.parquet", rows)
 
 
 def _files_holding(root: Path, needle: bytes) -> list[str]:
@@ -101,7 +98,7 @@ def test_the_fal_key_is_in_no_file_log_error_or_output(
         for name, value in fal.env().items():
             monkeypatch.setenv(name, value)
         args = ["--backend", "fal", "--target", str(tmp_path / "out-422")]
-        cli = CliRunner().invoke(app, ["run", manifest, *args, "--work-dir", str(tmp_path / "w1")])
+        cli = invoke("run", manifest, *args, *NO_FACE_ARGS, "--work-dir", str(tmp_path / "w1"))
         assert cli.exit_code == 1, cli.output  # one row published, one rejected by fal
         assert fal.submissions == 2
     with FakeFal(latency_s=0.02, key="the-right-key") as fal:
@@ -112,6 +109,7 @@ def test_the_fal_key_is_in_no_file_log_error_or_output(
             target=str(tmp_path / "out-401"),
             backend="fal",
             work_dir=str(tmp_path / "w2"),
+            qc_skip=NO_FACE,
         )
         outcome = run_batch(config)
         assert fal.submissions == 0

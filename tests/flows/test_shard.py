@@ -5,24 +5,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from flows.settings import BatchConfig
 
 from flows.produce import run_batch
 from flows.shard import child_config, merge_results, write_shards
+from tasks.config import BatchConfig
+from tests.factories import NO_FACE, write_manifest, write_narrations
 from tests.fakes.fal_server import FakeFal
-from tests.media_factory import write_narration
 
 
 def _manifest(folder: Path, count: int) -> str:
-    rows = []
-    for i in range(count):
-        write_narration(folder / f"n{i}.wav", 2.0 + i, seed=i)
-        rows.append({"id": f"row{i}", "audio": f"n{i}.wav", "course": f"c{i}"})
-    pq.write_table(pa.Table.from_pylist(rows), folder / "manifest.parquet")
-    return str(folder / "manifest.parquet")
+    """row<i> narrates n<i>.wav (2 + i seconds) beside the manifest, with a passthrough column."""
+    rows = write_narrations(folder, {f"n{i}": 2.0 + i for i in range(count)}, subdir="")
+    rows = [{"id": f"row{i}", "audio": r["audio"], "course": f"c{i}"} for i, r in enumerate(rows)]
+    return write_manifest(folder / "manifest.parquet", rows)
 
 
 def test_shards_are_deterministic_and_carry_absolute_audio_paths(tmp_path: Path) -> None:
@@ -42,20 +39,20 @@ def test_shards_are_deterministic_and_carry_absolute_audio_paths(tmp_path: Path)
 
 @pytest.mark.usefixtures("prefect_server")
 def test_children_publish_to_one_target_and_the_parent_merges_results(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fake: FakeFal
 ) -> None:
-    with FakeFal(latency_s=0.05) as fake:
-        for key, value in fake.env().items():
-            monkeypatch.setenv(key, value)
-        config = BatchConfig(
-            manifest=_manifest(tmp_path, 3),
-            target=str(tmp_path / "out"),
-            backend="fal",
-            work_dir=str(tmp_path / "work"),
-        )
-        shards = write_shards(config, rows_per_shard=2)
-        for n, url in enumerate(shards):  # what each child deployment run does
-            assert run_batch(child_config(config, url, n)).exit_code == 0
+    config = BatchConfig(
+        manifest=_manifest(tmp_path, 3),
+        target=str(tmp_path / "out"),
+        backend="fal",
+        work_dir=str(tmp_path / "work"),
+        fal=fake.settings(),
+        qc_skip=NO_FACE,
+    )
+    shards = write_shards(config, rows_per_shard=2)
+    for n, url in enumerate(shards):  # what each child deployment run does
+        assert run_batch(child_config(config, url, n)).exit_code == 0
+    assert fake.submissions == 3
     merged = merge_results(config, len(shards)).to_pylist()
     assert [r["id"] for r in merged] == ["row0", "row1", "row2"]
     assert {r["status"] for r in merged} == {"published"}

@@ -132,6 +132,7 @@ def test_all_problems_are_reported_at_once() -> None:
     check = validate_manifest(table, "/m/x.parquet")
     found = {(e.row, e.column, e.kind) for e in check.errors}
     assert found == {
+        (0, "id", "duplicate_id"),
         (1, "id", "invalid_id"),
         (1, "resolution", "invalid_choice"),
         (2, "seed", "wrong_type"),
@@ -140,17 +141,55 @@ def test_all_problems_are_reported_at_once() -> None:
         (4, "id", "missing_value"),
         (4, "seed", "out_of_range"),
     }
-    assert [r.id for r in check.rows] == ["ok"]
+    assert check.rows == []  # "ok" is used twice: neither row is rendered
     assert all(e.reason for e in check.errors)
     assert not check.ok
 
 
-def test_every_duplicate_after_the_first_is_an_error_naming_the_first_row() -> None:
+def test_every_row_of_a_duplicate_id_is_refused_naming_all_its_rows() -> None:
     table = pa.table({"id": ["a", "b", "a", "a"], "audio": ["1.wav", "2.wav", "3.wav", "4.wav"]})
     check = validate_manifest(table, "/m/x.parquet")
-    assert [(e.row, e.kind) for e in check.errors] == [(2, "duplicate_id"), (3, "duplicate_id")]
-    assert all("row 0" in e.reason for e in check.errors)
-    assert [r.index for r in check.rows] == [0, 1]
+    assert [(e.row, e.kind) for e in check.errors] == [
+        (0, "duplicate_id"),
+        (2, "duplicate_id"),
+        (3, "duplicate_id"),
+    ]
+    assert all("rows 0, 2, 3" in e.reason for e in check.errors)
+    assert [r.index for r in check.rows] == [1]
+
+
+def test_ids_that_differ_only_in_case_are_duplicates() -> None:
+    table = pa.table({"id": ["Intro", "outro", "intro"], "audio": ["1.wav", "2.wav", "3.wav"]})
+    check = validate_manifest(table, "/m/x.parquet")
+    assert [(e.row, e.id, e.kind) for e in check.errors] == [
+        (0, "Intro", "duplicate_id"),
+        (2, "intro", "duplicate_id"),
+    ]
+    assert all("rows 0, 2" in e.reason and "case" in e.reason for e in check.errors)
+    assert [r.id for r in check.rows] == ["outro"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("m.csv", b"id,audio,course\n"),
+        ("m.jsonl", b""),
+        ("m.parquet", None),
+    ],
+)
+def test_a_manifest_without_rows_is_valid_and_empty(
+    tmp_path: Path, name: str, content: bytes | None
+) -> None:
+    path = tmp_path / name
+    if content is None:
+        pq.write_table(
+            pa.table({"id": pa.array([], pa.string()), "audio": pa.array([], pa.string())}), path
+        )
+    else:
+        path.write_bytes(content)
+    check = validate_manifest(read_manifest(str(path)), str(path), check_files=True)
+    assert (check.rows, check.errors) == ([], [])
+    assert check.ok
 
 
 def test_passthrough_columns_keep_values_and_arrow_types() -> None:
@@ -272,7 +311,6 @@ def test_relative_local_manifest_resolves_to_an_absolute_path(
         ("m.csv", b"id,seed\na,1\n", "missing required column 'audio'"),
         ("m.xlsx", b"PK", "unknown manifest format"),
         ("m.jsonl", b'{"id": "a", "audio": "x"}\n{broken\n', "line 2"),
-        ("m.csv", b"id,audio\n", "no rows"),
         ("missing.parquet", b"", "not found"),
     ],
 )

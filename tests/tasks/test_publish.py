@@ -18,6 +18,8 @@ from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks import publish
+from tasks.config import BatchConfig
+from tasks.ledger import Ledger
 from tasks.publish import (
     PublishError,
     RetryPolicy,
@@ -25,16 +27,22 @@ from tasks.publish import (
     is_published,
     publish_bytes,
     publish_file,
+    rejected_target,
     safe_join,
+    settle_results,
     write_results,
 )
+from tasks.qc import GATES, GateResult, QCReport
 from tasks.records import (
     Chunk,
     ChunkVideo,
+    GateRecord,
+    QCRecord,
     RowPlan,
     RowResult,
     Sidecar,
     SidecarQC,
+    SidecarRerender,
     Timings,
     Verdict,
     from_json,
@@ -157,7 +165,7 @@ def _results() -> tuple[list[RowResult], pa.Schema]:
 
 
 def _check_results_table(table: pa.Table, schema: pa.Schema) -> None:
-    assert table.column_names[:8] == publish.RESULTS_SCHEMA.names
+    assert table.column_names[: len(publish.RESULTS_SCHEMA)] == publish.RESULTS_SCHEMA.names
     assert table.schema.field("priority").type == pa.int16()
     assert table.schema.field("tags").type == pa.list_(pa.string())
     assert table.schema.field("recorded").type == schema.field("recorded").type
@@ -178,8 +186,91 @@ def test_results_parquet_round_trips_with_passthrough_types(tmp_path: Path) -> N
 
 
 def test_results_without_passthrough_have_the_fixed_columns() -> None:
-    table = publish.results_table([RowResult("a", "skipped")], None)
+    table = publish.results_table([RowResult("a", "failed")], None)
     assert table.schema == publish.RESULTS_SCHEMA
+
+
+def _qc_columns(skip: set[str], failed: str | None = None) -> dict[str, object]:
+    gates = tuple(
+        GateResult(n, "skipped")
+        if n in skip
+        else GateResult(n, "failed" if n == failed else "passed", 0.5, 1.0)
+        for n in GATES
+    )
+    return QCReport("v.mp4", gates, 40, 16.0, 0.1).to_columns()
+
+
+def test_qc_columns_are_one_schema_whatever_was_skipped_or_failed() -> None:
+    when = datetime.datetime(2026, 3, 1, 12, 0, tzinfo=datetime.UTC)
+    results = [
+        RowResult("a", "published", run_action="rendered", qc=_qc_columns(set())),
+        RowResult("b", "rejected", run_action="reused", qc=_qc_columns({"face"}, "seams")),
+        RowResult("c", "failed", first_published_at=when, billable_units=5.8, cost_usd=0.87),
+    ]
+    table = publish.results_table(results, None)
+    assert table.schema == publish.RESULTS_SCHEMA
+    assert publish.results_table(results[2:], None).schema == table.schema
+    rows = table.to_pylist()
+    assert [r["run_action"] for r in rows] == ["rendered", "reused", "failed"]
+    assert [r["qc_passed"] for r in rows] == [True, False, None]
+    assert [r["qc_face_status"] for r in rows] == ["passed", "skipped", None]
+    assert (rows[1]["qc_face_value"], rows[1]["qc_face_passed"]) == (None, None)
+    assert (rows[1]["qc_seams_value"], rows[1]["qc_seams_threshold"]) == (0.5, 1.0)
+    assert rows[1]["qc_seams_passed"] is False
+    assert "qc_lipsync_corr" in table.column_names
+    assert rows[2]["first_published_at"] == when
+    assert (rows[2]["billable_units"], rows[2]["cost_usd"]) == (5.8, 0.87)
+
+
+def test_rejected_videos_go_to_the_fixed_folder_and_names_stay_checked(tmp_path: Path) -> None:
+    source = tmp_path / "v.mp4"
+    source.write_bytes(b"v")
+    folder = rejected_target(str(tmp_path / "out"))
+    assert folder == f"{tmp_path}/out/_rejected"
+    url = publish_file(source, folder, "intro.mp4")
+    assert Path(url.removeprefix("file://")) == tmp_path / "out" / "_rejected" / "intro.mp4"
+    with pytest.raises(ValueError, match="refusing output name"):
+        publish_file(source, folder, "../intro.mp4")
+
+
+def _done(ledger: Ledger, row_id: str, input_hash: str, chunk: int, units: float, usd: float):
+    """Record a rendered chunk in the ledger as the render stage does."""
+    path = Path(ledger.url) / "c.mp4"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"mp4")
+    video = ChunkVideo(row_id, chunk, str(path), "0" * 64, "fal", "req", 1, units, usd)
+    ledger.record_chunk(video, input_hash)
+
+
+def test_settled_results_carry_what_every_run_paid_and_the_first_publish_time(
+    tmp_path: Path,
+) -> None:
+    config = BatchConfig(manifest="m.parquet", target=str(tmp_path / "out"))
+    ledger = Ledger.for_run(config)
+    # row a: two input hashes (a first render and a re-render); row b: one chunk of a row that
+    # failed later; row dup: paid once, but two manifest rows now claim the id
+    _done(ledger, "a", "1" * 64, 0, 5.8125, 0.871875)
+    _done(ledger, "a", "1" * 64, 1, 5.0, 0.75)
+    _done(ledger, "a", "2" * 64, 0, 5.8125, 0.871875)
+    _done(ledger, "b", "3" * 64, 0, 5.8125, 0.871875)
+    _done(ledger, "dup", "4" * 64, 0, 1.0, 0.15)
+    when = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    ledger.record_published(RowResult("b", "published", first_published_at=when), "3" * 64)
+    results = [
+        RowResult("a", "rejected", cost_usd=0.871875),
+        RowResult("b", "failed", error="fal: 422"),
+        RowResult("dup", "failed"),
+        RowResult("DUP", "failed"),
+        RowResult("row-9", "failed"),
+    ]
+    settled = {r.id: r for r in settle_results(results, config)}
+    assert settled["a"].cost_usd == pytest.approx(0.871875 * 2 + 0.75)
+    assert settled["a"].billable_units == pytest.approx(16.625)
+    assert settled["a"].first_published_at is None
+    assert settled["b"].cost_usd == pytest.approx(0.871875)
+    assert settled["b"].first_published_at == when
+    assert settled["dup"].cost_usd == settled["DUP"].cost_usd == 0.0
+    assert settled["row-9"].cost_usd == 0.0
 
 
 def test_publish_to_s3_lands_only_final_names(s3: S3Server, tmp_path: Path) -> None:
@@ -261,15 +352,18 @@ def test_sidecar_records_inputs_requests_cost_and_qc_but_no_secret(
     ]
     chunk_qc = (Verdict(True, (), {"frames": 93}), Verdict(True, (), {"frames": 93}))
     final = Verdict(False, ("moov atom is not before mdat",), {"frames": 144})
+    face = GateRecord("face", "failed", 0.25, 0.8, "a face in 1 of 4", {"samples": 4, "faces": 1})
+    gates = QCRecord(False, 144, 16.0, 0.2, (face,))
+    rerender = SidecarRerender(3, "e" * 64, ("face",), 1.2)
     sidecar = build_sidecar(
-        _plan(), videos, SidecarQC(chunk_qc, final), "fal", "longcat-avatar-1.0"
+        _plan(), videos, SidecarQC(chunk_qc, final, gates), "fal", "longcat-avatar-1.0", rerender
     )
     text = json_bytes(sidecar).decode()
     doc = json.loads(text)
     assert set(doc) == {
         "id", "inputs", "parameters", "num_segments_override", "model", "backend", "seed",
         "segments", "chunks", "request_ids", "timings", "billable_units", "cost_usd",
-        "estimated_cost_usd", "qc",
+        "estimated_cost_usd", "qc", "rerender",
     }  # fmt: skip
     assert set(doc["inputs"]) == {"audio", "image", "image_sha256", "input_hash"}
     assert doc["inputs"]["audio"]["sha256"] == "f" * 64
@@ -288,6 +382,14 @@ def test_sidecar_records_inputs_requests_cost_and_qc_but_no_secret(
     assert doc["chunks"][1]["timings"] == to_json(timings)
     assert doc["timings"] == to_json(timings + timings)
     assert doc["qc"]["final"]["passed"] is False
+    assert doc["qc"]["gates"]["gates"][0] == {
+        "name": "face", "status": "failed", "value": 0.25, "threshold": 0.8,
+        "detail": "a face in 1 of 4", "measured": {"samples": 4, "faces": 1},
+    }  # fmt: skip
+    assert doc["rerender"] == {
+        "first_seed": 3, "first_input_hash": "e" * 64, "first_failed": ["face"],
+        "first_cost_usd": 1.2,
+    }  # fmt: skip
     assert [v["passed"] for v in doc["qc"]["chunks"]] == [True, True]
     assert (doc["model"], doc["backend"], doc["seed"]) == ("longcat-avatar-1.0", "fal", 7)
     assert from_json(Sidecar, doc) == sidecar

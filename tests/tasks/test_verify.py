@@ -8,8 +8,13 @@ import av
 import pytest
 
 from tasks.backends import NOMINAL_AREA
-from tasks.concat import concat_row, encode_master_audio
-from tasks.verify import verify_chunk, verify_final
+from tasks.concat import chunk_frames, concat_row, encode_master_audio
+from tasks.config import QCSettings
+from tasks.publish import RESULTS_SCHEMA
+from tasks.qc import GATES
+from tasks.records import RowPlan
+from tasks.verify import QCError, check_final, qc_joins, verify_chunk, verify_final
+from tests.factories import make_audio, make_chunks, make_plan
 from tests.tasks.test_media import make_video, make_wav
 
 SIZE_480P = (832, 480)
@@ -81,6 +86,70 @@ def final_video(tmp_path: Path) -> tuple[Path, float]:
     chunks = [make_video(tmp_path / f"c{i}.mp4", 24, chunk=i) for i in range(2)]
     out = concat_row(chunks, [20, 20], master, tmp_path / "final.mp4")
     return Path(out), 2.5
+
+
+def _two_chunk_plan(tmp_path: Path) -> RowPlan:
+    """The plan final_video was joined from: two 1.25 s chunks (20 frames each) of n.wav."""
+    audio = make_audio(2.5, pcm_path=str(tmp_path / "n.wav"))
+    return make_plan(audio=audio, chunks=make_chunks("row-1", (0.0, 1.25, 2.5)))
+
+
+def test_joins_are_chunk_starts_and_each_chunks_own_segment_grid() -> None:
+    # 12 s + 8 s at 16 fps: chunk 0 renders 3 segments (253 frames) and keeps 192; chunk 1
+    # renders 2 (173) and keeps 128, so its own grid's join at 93 lands at 192 + 93.
+    plan = make_plan(audio=make_audio(20.0), chunks=make_chunks("r", (0.0, 12.0, 20.0)))
+    assert chunk_frames(plan) == [192, 128]
+    assert qc_joins(plan, continuous=False) == [93, 173, 192, 285]
+    # one continuous render cut into chunks: the grid runs over the whole row
+    assert qc_joins(plan, continuous=True) == [93, 173, 192, 253]
+
+
+def test_final_check_records_every_gate_and_rejects_a_faceless_video(
+    final_video: tuple[Path, float], tmp_path: Path
+) -> None:
+    path, _ = final_video
+    check = check_final(path, _two_chunk_plan(tmp_path), QCSettings(), frozenset(), False)
+    assert not check.passed
+    assert check.gates.failed == ("face",)
+    assert check.verdict.reasons == ("qc face: a face in 0 of 3 sampled frames",)
+    assert [g.name for g in check.gates.gates] == list(GATES)
+    duration = check.gates.gates[0]
+    assert (duration.value, duration.threshold) == (0, 1)  # 40 frames, 40 planned
+    assert check.columns["qc_face_status"] == "failed"
+    assert check.columns["qc_face_threshold"] == 0.8
+    assert check.columns["qc_seams_value"] is not None  # the chunk join at frame 20 was measured
+    assert set(check.columns) <= set(RESULTS_SCHEMA.names)
+
+
+def test_skipped_gates_say_so_and_the_rest_decide(
+    final_video: tuple[Path, float], tmp_path: Path
+) -> None:
+    path, _ = final_video
+    skip = frozenset({"face", "lipsync"})
+    check = check_final(path, _two_chunk_plan(tmp_path), QCSettings(), skip, False)
+    assert check.passed, check.verdict.reasons
+    assert check.columns["qc_face_status"] == check.columns["qc_lipsync_status"] == "skipped"
+    assert check.columns["qc_passed"] is True
+
+
+def test_structural_failures_join_the_qc_reasons(
+    final_video: tuple[Path, float], tmp_path: Path
+) -> None:
+    path, _ = final_video
+    plan = _two_chunk_plan(tmp_path)
+    plan = make_plan(audio=make_audio(2.5, pcm_path=plan.audio.pcm_path, sample_rate_hz=22050))
+    check = check_final(path, plan, QCSettings(), frozenset({"face", "lipsync"}), False)
+    assert not check.passed
+    assert check.gates.failed == ()  # the gates passed: only the structural check failed
+    assert any("sample rate 16000" in r for r in check.verdict.reasons)
+
+
+def test_an_unreadable_final_video_fails_the_row(tmp_path: Path) -> None:
+    garbage = tmp_path / "final.mp4"
+    garbage.write_bytes(b"\0\0\0\x18ftypmp42" + b"x" * 500)
+    make_wav(tmp_path / "n.wav", 2.5)
+    with pytest.raises(QCError, match="final: unreadable video"):
+        check_final(garbage, _two_chunk_plan(tmp_path), QCSettings(), frozenset(), False)
 
 
 def test_final_video_matching_its_narration_passes(final_video: tuple[Path, float]) -> None:
