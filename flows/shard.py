@@ -138,6 +138,7 @@ def _child_parameters(config: BatchConfig, shard: Shard) -> dict[str, Any]:
         "shard": shard.id,
         "results_name": f"results-shard-{shard.id}.parquet",
         "report_name": f"report-shard-{shard.id}.html",
+        "qc_skip": sorted(config.qc_skip) or None,
     }
 
 
@@ -209,15 +210,26 @@ def produce_sharded(
     rows: int = 200,
     state: str | None = None,
     budget_usd: float | None = None,
+    qc_skip: list[str] | None = None,
 ) -> State[dict[str, int]]:
-    """Split the manifest into shards of `rows`, run each as `deployment`, merge the results."""
-    config = BatchConfig(manifest=manifest, target=target, state=state, budget_usd=budget_usd)
+    """Split the manifest into shards of `rows`, run each as `deployment`, merge the results.
+
+    `qc_skip` is passed on to every child; the children's other parameters are their deployment's.
+    """
+    config = BatchConfig(
+        manifest=manifest,
+        target=target,
+        state=state,
+        budget_usd=budget_usd,
+        qc_skip=frozenset(qc_skip or ()),
+    )
     started = datetime.now(UTC)
     ledger = Ledger.for_run(config)
     with ledger.run_slot(), ledger.lock():  # no plain run on this target overlaps the parent
         check = load_rows(config)
         chosen, parent_rows = _within_budget(check, config)
-        shards = write_shards(config, chosen, rows, {"deployment": deployment})
+        child = {"deployment": deployment, "qc_skip": sorted(config.qc_skip)}
+        shards = write_shards(config, chosen, rows, child)
         futures = run_shard.map(shards, unmapped(deployment), unmapped(config), unmapped(started))
         runs = [future.result() for future in futures]
         table = merge_results(config, check, shards, runs, parent_rows)
