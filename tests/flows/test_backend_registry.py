@@ -40,6 +40,10 @@ class SolidRenderer(Renderer):
     def model_name(cls, config: BatchConfig) -> str:
         return "solid grey (test backend)"
 
+    @classmethod
+    def qc_not_applicable(cls, config: BatchConfig) -> frozenset[str]:
+        return frozenset({"face", "lipsync", "freeze"})  # a still grey picture, by design
+
     def render(self, job: RenderJob, ledger: Ledger) -> list[ChunkVideo]:
         [chunk] = job.chunks
         path = Path(job.out_dir) / f"{chunk.row_id}-{chunk.index}.mp4"
@@ -98,7 +102,7 @@ def test_a_backend_registered_by_a_test_renders_a_manifest_through_the_flow(
     assert (probe.width, probe.codec, probe.audio_codec) == (SIZE, "h264", "aac")
 
     again = run_batch(config)  # the ledger works for any backend: nothing is rendered twice
-    assert [r.status for r in again.results] == ["skipped", "skipped"]
+    assert [(r.status, r.run_action) for r in again.results] == [("published", "skipped")] * 2
     assert len(solid.rendered) == len(chunks_of_two) + 1
 
 
