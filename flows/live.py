@@ -5,7 +5,14 @@ from __future__ import annotations
 import threading
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from flows.produce import run_batch
 from tasks import progress
@@ -27,10 +34,10 @@ class _Display:
     def __call__(self, event: ProgressEvent) -> None:
         with self.lock:
             match event:
-                case RowsPlanned():
-                    self.bars.update(self.rows, total=event.rows)
-                    self.bars.update(self.chunks, total=event.chunks)
-                    self.estimated_usd = event.estimated_usd
+                case RowsPlanned():  # totals grow as rows are planned and admitted
+                    self.bars.update(self.rows, total=self._total(self.rows) + event.rows)
+                    self.bars.update(self.chunks, total=self._total(self.chunks) + event.chunks)
+                    self.estimated_usd += event.estimated_usd
                 case ChunkRendered():
                     self.spent_usd += event.cost_usd
                     self.bars.advance(self.chunks)
@@ -40,6 +47,9 @@ class _Display:
                 self.rows,
                 description=f"rows   spent ${self.spent_usd:.2f} of est. ${self.estimated_usd:.2f}",
             )
+
+    def _total(self, task_id: TaskID) -> float:
+        return self.bars.tasks[task_id].total or 0
 
 
 def run_with_progress(config: BatchConfig, console: Console) -> BatchOutcome:

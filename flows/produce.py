@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, task
 from prefect.blocks.system import Secret
 from prefect.client.schemas.objects import Flow as FlowSchema
 from prefect.client.schemas.objects import FlowRun
-from prefect.futures import PrefectFuture, as_completed, wait
+from prefect.futures import PrefectFuture
 from prefect.states import Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -28,9 +31,18 @@ from tasks.config import BatchConfig, FalSettings, LocalSettings, QCSettings
 from tasks.ledger import Ledger
 from tasks.manifest import load_rows
 from tasks.notify import notify_batch
-from tasks.plan import budget_gate, prepare_row
+from tasks.plan import Admission, prepare_row
 from tasks.publish import publish_results, publish_row, settle_results
-from tasks.records import BatchOutcome, ChunkVideo, RowFinished, RowPlan, RowResult, RunAction
+from tasks.records import (
+    BatchOutcome,
+    ChunkVideo,
+    Row,
+    RowFinished,
+    RowPlan,
+    RowResult,
+    RowsPlanned,
+    RunAction,
+)
 from tasks.render import render_chunk, render_row
 from tasks.report import ProgressArtifact, publish_artifacts, save_thumbnail, write_report
 from tasks.rerender import rerender_row
@@ -61,14 +73,17 @@ def _first_error(futures: list[PrefectFuture[Any]]) -> str:
 
 
 @task(name="finish-row")
-def finish_row(
-    plan: RowPlan, videos: list[ChunkVideo], master: str, config: BatchConfig
-) -> RowResult:
-    """verify chunks → concat + mux → verify video + QC → publish (or keep as rejected), as nested
-    stage tasks of one row; with rerender_on_qc_fail, a QC failure is rendered once more first."""
-    verdicts = verify_chunks(plan, videos, config)
-    video = concat_chunks(plan, videos, master, config)
-    final = verify_video(plan, video, config)
+def finish_row(plan: RowPlan, videos: list[ChunkVideo], config: BatchConfig) -> RowResult:
+    """master audio → verify chunks → concat + mux → verify video + QC → publish (or keep as
+    rejected); with rerender_on_qc_fail, a QC failure is rendered once more first.
+
+    The stages run inline (their task bodies): one task run per row instead of six keeps
+    Prefect's per-task bookkeeping from being the per-row cost of a 10,000-row batch.
+    """
+    master = prepare_master_audio.fn(plan, config)
+    verdicts = verify_chunks.fn(plan, videos, config)
+    video = concat_chunks.fn(plan, videos, master, config)
+    final = verify_video.fn(plan, video, config)
     rendered, rerender, reused = plan, None, all(v.reused for v in videos)
     if config.rerender_on_qc_fail and final.gates.failed:
         second = rerender_row(plan, videos, final, master, config)
@@ -80,7 +95,7 @@ def finish_row(
             reused = reused and all(v.reused for v in videos)
     save_thumbnail(plan, video, config)  # under the manifest's plan: the report looks there
     action: RunAction = "reused" if reused else "rendered"
-    return publish_row(rendered, video, videos, verdicts, final, config, action, rerender)
+    return publish_row.fn(rendered, video, videos, verdicts, final, config, action, rerender)
 
 
 class _RowRenders:
@@ -123,30 +138,101 @@ class _RowRenders:
         )
 
 
-def _render_and_finish(plans: list[RowPlan], config: BatchConfig) -> dict[int, list[PrefectFuture]]:
-    """Render every row, and finish each row as soon as its own chunks are done.
+class _Batch:
+    """Drives every row of a run from the flow's thread, streaming: rows are planned a window at
+    a time, and each planned row is dispatched at once (with a budget: as soon as every earlier
+    row is planned, so the budget is reserved in manifest order), then rendered and finished.
 
-    Driven from the flow's thread: a task is submitted only once its inputs exist, so no worker
-    thread sits blocked on another task's future while renders wait for a fal slot.
+    Tasks are submitted only once their inputs exist, so no worker thread sits blocked on another
+    task's future; finished futures arrive through one queue, so each costs O(1) to handle.
     """
-    masters = {p.row.index: prepare_master_audio.submit(p, config) for p in plans}
-    rows = {p.row.index: _RowRenders(p, config) for p in plans}
-    owner = {f: p.row.index for p in plans for f in rows[p.row.index].futures}
-    stages: dict[int, list[PrefectFuture]] = {}
-    while owner:
-        future = next(as_completed(list(owner)))
-        future.wait()  # sets its final state locally (otherwise .state asks the API, which lags)
-        index = owner.pop(future)
-        renders = rows[index]
-        owner.update({f: index for f in renders.on_done(future)})
-        if any(owner.get(f) == index for f in renders.futures):
-            continue  # more chunks of this row are still rendering
-        stages[index] = [masters[index], *renders.futures]
-        videos = renders.videos()
-        if videos is not None:
-            master = masters[index]
-            stages[index].append(finish_row.submit(renders.plan, videos, master, config))
-    return stages
+
+    def __init__(self, rows: list[Row], config: BatchConfig) -> None:
+        self.rows, self.config = rows, config
+        self.admission = Admission(config)
+        self.in_order = config.budget_usd is not None
+        self.window = max(2, renderer_class(config.backend).task_threads(config) // 4)
+        self.results: dict[int, RowResult] = {}
+        self.dispatched: list[RowPlan] = []
+        self._planned: dict[int, RowPlan | RowResult] = {}  # waiting for their turn (budget)
+        self._next = self._frontier = self._planning = self._pending = 0
+        self._done: queue.SimpleQueue[tuple[PrefectFuture[Any], Callable[..., None]]]
+        self._done = queue.SimpleQueue()
+
+    def run(self) -> dict[int, RowResult]:
+        """Plan, render and finish every row; return each row's result by manifest index."""
+        self._plan_more()
+        while self._pending:
+            future, handle = self._done.get()
+            self._pending -= 1
+            future.wait()  # sets its final state locally (otherwise .state asks the API)
+            handle(future)
+        return self.results
+
+    def _watch(self, future: PrefectFuture[Any], handle: Callable[..., None]) -> None:
+        self._pending += 1
+        future.add_done_callback(lambda done: self._done.put((done, handle)))
+
+    def _plan_more(self) -> None:
+        while self._next < len(self.rows) and self._planning < self.window:
+            row = self.rows[self._next]
+            self._next += 1
+            self._planning += 1
+            self._watch(prepare_row.submit(row, self.config), partial(self._on_planned, row))
+
+    def _on_planned(self, row: Row, future: PrefectFuture[RowPlan]) -> None:
+        self._planning -= 1
+        if future.state.is_completed():
+            self._planned[row.index] = future.result()
+        else:
+            self._planned[row.index] = _failed(row.id, _first_error([future]), row.extra)
+        if self.in_order:
+            while self._frontier < len(self.rows):
+                index = self.rows[self._frontier].index
+                if index not in self._planned:
+                    break
+                self._admit(index, self._planned.pop(index))
+                self._frontier += 1
+        else:
+            self._admit(row.index, self._planned.pop(row.index))
+        self._plan_more()
+
+    def _admit(self, index: int, planned: RowPlan | RowResult) -> None:
+        if isinstance(planned, RowResult):  # planning failed
+            self._finish(planned.id, index, planned)
+            return
+        held = self.admission.admit(planned)
+        if held is not None:
+            self._finish(planned.row.id, planned.row.index, held)
+            return
+        self.dispatched.append(planned)
+        renders = _RowRenders(planned, self.config)
+        for future in renders.futures:
+            self._watch(future, partial(self._on_rendered, renders))
+
+    def _on_rendered(self, renders: _RowRenders, future: PrefectFuture[Any]) -> None:
+        for later in renders.on_done(future):
+            self._watch(later, partial(self._on_rendered, renders))
+        if not all(f.state.is_final() for f in renders.futures):
+            return  # more chunks of this row are still rendering
+        plan, videos = renders.plan, renders.videos()
+        if videos is None:
+            error = _first_error(renders.futures)
+            self._finish(plan.row.id, plan.row.index, _failed(plan.row.id, error, plan.row.extra))
+            return
+        finish = finish_row.submit(plan, videos, self.config)
+        self._watch(finish, partial(self._on_finished, plan))
+
+    def _on_finished(self, plan: RowPlan, future: PrefectFuture[RowResult]) -> None:
+        if future.state.is_completed():
+            self.results[plan.row.index] = future.result()  # publish_row told the listeners
+            return
+        error = _failed(plan.row.id, _first_error([future]), plan.row.extra)
+        self._finish(plan.row.id, plan.row.index, error)
+
+    def _finish(self, row_id: str, index: int, result: RowResult) -> None:
+        self.results[index] = result
+        progress.emit(RowFinished(row_id, result.status))
 
 
 def _cancel_paid_requests(flow: FlowSchema, flow_run: FlowRun, state: State) -> None:
@@ -288,33 +374,10 @@ def _produce(config: BatchConfig) -> BatchOutcome:
             text = str(e) if prior is None else f"{prior.error}; {e}"
             results[e.row] = _failed(e.id or f"row-{e.row}", text, check.extras(e.row))
 
-    # 1. Fetch + probe each row's audio and plan its chunks (no spend yet).
-    prepared = prepare_row.map(check.rows, unmapped(config))
-    wait(prepared)
-    plans: list[RowPlan] = []
-    for row, fut in zip(check.rows, prepared, strict=True):
-        if fut.state.is_completed():
-            plans.append(fut.result())
-        else:
-            results[row.index] = _failed(row.id, _first_error([fut]), row.extra)
-
-    # 2. Budget gate and resume: published rows are skipped, the rest are dispatched.
-    dispatch, skipped = budget_gate(plans, config)
-    results.update(skipped)
-
-    # 3. Render each row's chunks, then verify → concat + mux → verify → publish it.
-    stages = _render_and_finish(dispatch, config)
-
-    # 4. Collect per-row outcomes; a failed stage fails only its own row.
-    for plan in dispatch:
-        futures = stages[plan.row.index]
-        wait(futures)
-        last = futures[-1]
-        if last.state.is_completed() and isinstance(last.result(), RowResult):
-            results[plan.row.index] = last.result()
-        else:
-            results[plan.row.index] = _failed(plan.row.id, _first_error(futures), plan.row.extra)
-            progress.emit(RowFinished(plan.row.id, "failed"))
+    # Plan → admit (resume, budget) → render → verify, concat, QC → publish, row by row.
+    progress.emit(RowsPlanned(len(check.rows), 0, 0.0))  # totals grow as rows are admitted
+    batch = _Batch(list(check.rows), config)
+    results.update(batch.run())
 
     # What the ledger remembers across runs: cost paid per row, first publish time.
     ordered = settle_results([results[index] for index in sorted(results)], config)
@@ -323,8 +386,8 @@ def _produce(config: BatchConfig) -> BatchOutcome:
         if result.status != "published":
             logger.warning("row %s %s: %s", result.id, result.status, result.error)
     results_url = publish_results(ordered, check.passthrough_schema, config)
-    report_url = write_report(ordered, plans, config)
-    estimated = sum(p.estimated_cost_usd for p in dispatch)
+    report_url = write_report(ordered, batch.dispatched, config)
+    estimated = batch.admission.reserved_usd
     return BatchOutcome(tuple(ordered), results_url, report_url, estimated)
 
 

@@ -84,8 +84,8 @@ class LocalSettings(BaseSettings):
     num_inference_steps: int | None = None  # None → the checkpoint's default
     cpu_offload: bool = False
     vae_tiling: bool = False
-    # A Dask scheduler whose workers (each with a GPU=1 resource) render and keep the model loaded
-    # across rows and runs: "tcp://host:8786", or "local" for a LocalCluster with one worker per GPU.
+    # A Dask scheduler whose workers (each with a GPU=1 resource) render and keep the model
+    # loaded across rows and runs: "tcp://host:8786", or "local" (a LocalCluster, one per GPU).
     dask_address: str | None = None
 
     @property

@@ -125,32 +125,6 @@ def input_hash(
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def apply_budget(
-    plans: Sequence[RowPlan], budget_usd: float | None
-) -> tuple[list[RowPlan], list[tuple[RowPlan, str]]]:
-    """Split plans, in manifest order, into those to dispatch and those skipped (with why).
-
-    Dispatch stops at the first row whose estimate would take the total over the budget: later
-    rows are skipped too, even cheaper ones, so what runs is always a prefix of the manifest.
-    """
-    if budget_usd is None:
-        return list(plans), []
-    to_dispatch: list[RowPlan] = []
-    skipped: list[tuple[RowPlan, str]] = []
-    total = 0.0
-    for plan in plans:
-        if skipped or total + plan.estimated_cost_usd > budget_usd + 1e-9:
-            reason = (
-                f"budget: ${budget_usd:.2f} reached (${total:.2f} planned before this row, "
-                f"which is estimated at ${plan.estimated_cost_usd:.2f})"
-            )
-            skipped.append((plan, reason))
-            continue
-        total += plan.estimated_cost_usd
-        to_dispatch.append(plan)
-    return to_dispatch, skipped
-
-
 def _fetch_image(row: Row, work_dir: WorkDir) -> tuple[str, str]:
     """Fetch the row's portrait and check it is an image; return (local path, sha256)."""
     assert row.image is not None
@@ -205,36 +179,37 @@ def plan_manifest_rows(
     return plans, failures
 
 
-def budget_gate(
-    plans: Sequence[RowPlan], config: BatchConfig
-) -> tuple[list[RowPlan], dict[int, RowResult]]:
-    """Skip rows already published with the same inputs, then apply the budget; nothing is paid.
+class Admission:
+    """Decides, row by row in manifest order, what a run dispatches; nothing is paid here.
 
-    A published row keeps its earlier result (URL, QC values, first publish time); a row the
-    budget holds back is failed with the reason. Both are `skipped` by this run. What the budget
-    has left after the dispatched rows' estimates is what re-renders may draw on (RunBudget).
+    A row already published from the same inputs keeps its earlier result (URL, QC values, first
+    publish time), skipped by this run. Every other row reserves its estimate against the run's
+    budget (RunBudget, which re-renders draw on too): the first row that does not fit is held back
+    with every row after it, even cheaper ones, so what runs is always a prefix of the manifest.
     """
-    ledger = Ledger.for_run(config)
-    skipped: dict[int, RowResult] = {}
-    pending: list[RowPlan] = []
-    for plan in plans:
-        done = ledger.published(plan.row.id)
-        url = done.result.video_url if done else None
-        if (
-            done
-            and done.result.status == "published"
-            and done.input_hash == plan.input_hash
-            and url
-            and ledger.exists(url)
-        ):
-            skipped[plan.row.index] = dataclasses.replace(
-                done.result, run_action="skipped", error=None, extra=plan.row.extra
-            )
-        else:
-            pending.append(plan)
-    dispatch, over_budget = apply_budget(pending, config.budget_usd)
-    for plan, reason in over_budget:
-        skipped[plan.row.index] = RowResult(
+
+    def __init__(self, config: BatchConfig) -> None:
+        self.ledger = Ledger.for_run(config)
+        self.budget = RunBudget.open(config)
+        self.budget_usd = config.budget_usd
+        self.reserved_usd = 0.0
+        self.held = False
+
+    def admit(self, plan: RowPlan) -> RowResult | None:
+        """None: dispatch the row. Otherwise the row's result for this run (skipped or held)."""
+        published = self._published(plan)
+        if published is not None:
+            return published
+        if not self.held and self.budget.take(plan.estimated_cost_usd):
+            self.reserved_usd += plan.estimated_cost_usd
+            progress.emit(RowsPlanned(0, len(plan.chunks), plan.estimated_cost_usd))
+            return None
+        self.held = True
+        reason = (
+            f"budget: ${self.budget_usd or 0:.2f} reached (${self.reserved_usd:.2f} planned before "
+            f"this row, which is estimated at ${plan.estimated_cost_usd:.2f})"
+        )
+        return RowResult(
             id=plan.row.id,
             status="failed",
             duration_s=plan.audio.duration_s,
@@ -242,15 +217,26 @@ def budget_gate(
             extra=plan.row.extra,
             run_action="skipped",
         )
-    estimated = sum(p.estimated_cost_usd for p in dispatch)
-    RunBudget.open(config, estimated)
-    chunks = sum(len(p.chunks) for p in dispatch)
-    progress.emit(RowsPlanned(len(plans), chunks, estimated))
-    return dispatch, skipped
+
+    def _published(self, plan: RowPlan) -> RowResult | None:
+        """The row's earlier result, when its video from these same inputs is still there."""
+        done = self.ledger.published(plan.row.id)
+        url = done.result.video_url if done else None
+        if (
+            done
+            and done.result.status == "published"
+            and done.input_hash == plan.input_hash
+            and url
+            and self.ledger.exists(url)
+        ):
+            return dataclasses.replace(
+                done.result, run_action="skipped", error=None, extra=plan.row.extra
+            )
+        return None
 
 
 class RunBudget:
-    """What a run's budget has left beyond its dispatched rows' estimates, for re-renders.
+    """What a run's budget has left: admitted rows' estimates and re-renders are taken from it.
 
     One per run, by ledger URL (one run per target holds the ledger), in the flow's process:
     re-renders are decided in its task threads. Where none was opened (another process), a run
@@ -264,12 +250,9 @@ class RunBudget:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, config: BatchConfig, committed_usd: float) -> RunBudget:
-        """Start the run's budget: the configured one less what the dispatched rows may cost."""
-        budget = config.budget_usd
-        cls._runs[config.state_url] = run = cls(
-            None if budget is None else max(0.0, budget - committed_usd)
-        )
+    def open(cls, config: BatchConfig) -> RunBudget:
+        """Start the run's budget: all of it, for admitted rows and re-renders to take from."""
+        cls._runs[config.state_url] = run = cls(config.budget_usd)
         return run
 
     @classmethod

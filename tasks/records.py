@@ -516,6 +516,8 @@ class Sidecar:
 
 @dataclass(frozen=True)
 class RowsPlanned:
+    """More work is known: rows to finish, chunks to render, and their estimated cost (adds up)."""
+
     rows: int
     chunks: int
     estimated_usd: float
