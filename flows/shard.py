@@ -31,7 +31,7 @@ from flows.produce import _failed, _first_error
 from tasks.config import BatchConfig
 from tasks.ledger import Ledger
 from tasks.manifest import ManifestCheck, load_rows, read_manifest, resolve_location
-from tasks.plan import budget_gate, prepare_row
+from tasks.plan import Admission, prepare_row
 from tasks.publish import parquet_bytes, publish_bytes, results_table
 from tasks.records import Row, RowResult
 from tasks.report import render_report
@@ -155,9 +155,14 @@ def _within_budget(check: ManifestCheck, config: BatchConfig) -> tuple[list[Row]
             plans.append(future.result())
         else:
             failures.append(_failed(row.id, _first_error([future]), row.extra))
-    dispatch, skipped = budget_gate(plans, config)
-    chosen = {p.row.id for p in dispatch} | {r.id for r in skipped.values() if r.error is None}
-    over = [r for r in skipped.values() if r.error is not None]
+    admission = Admission(config)
+    chosen, over = set(), []
+    for plan in plans:  # in manifest order: the budget holds for the whole parent run
+        held = admission.admit(plan)
+        if held is None or held.error is None:  # to dispatch, or published already
+            chosen.add(plan.row.id)
+        else:
+            over.append(held)
     return [row for row in check.rows if row.id in chosen], failures + over
 
 
