@@ -119,20 +119,12 @@ def count_audio_samples(path: str | Path) -> tuple[int, int]:
         return samples, stream.codec_context.sample_rate
 
 
-def decode_first_and_last_frame(path: str | Path) -> tuple[bool, bool]:
-    """Return whether the first and the last video frame of a file decode."""
+def decode_first_frame(path: str | Path) -> bool:
+    """Return whether the first video frame of a file decodes.
+
+    Decoding every frame (a renderer's short GOPs give no keyframe to seek to near the end) is
+    left to the QC gates of the joined video, which decode each frame once.
+    """
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        first_ok = next(container.decode(stream), None) is not None
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        last_pts = max(
-            (p.pts for p in container.demux(stream) if p.pts is not None),
-            default=None,
-        )
-        if last_pts is None:
-            return first_ok, False
-        # Seek to the keyframe before the last frame, then decode forward to it.
-        container.seek(last_pts, stream=stream, backward=True)
-        last_ok = any(frame.pts == last_pts for frame in container.decode(stream))
-    return first_ok, last_ok
+        return next(container.decode(stream), None) is not None

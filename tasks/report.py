@@ -238,14 +238,15 @@ def thumbnail_jpeg(mp4_path: str | Path, width: int = 160) -> bytes:
         middle_s = float(stream.duration * time_base) / 2 if stream.duration else 0.0
         if middle_s > 0:
             container.seek(int(middle_s / time_base), stream=stream)
-        image = None
+        chosen = None
         for frame in container.decode(stream):
-            image = frame.to_image()  # type: ignore[no-untyped-call]
+            chosen = frame
             # the seek lands on the keyframe before the middle: decode forward to it
             if frame.time is None or frame.time >= middle_s:
                 break
-    if image is None:
-        raise ValueError(f"{mp4_path}: no video frames")
+        if chosen is None:
+            raise ValueError(f"{mp4_path}: no video frames")
+        image = chosen.to_image()  # type: ignore[no-untyped-call]  # one conversion, not one a frame
     height = max(1, round(image.height * width / image.width))
     buffer = io.BytesIO()
     image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS).save(
