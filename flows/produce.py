@@ -13,14 +13,14 @@ import queue
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.blocks.system import Secret
 from prefect.client.schemas.objects import Flow as FlowSchema
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.futures import PrefectFuture
-from prefect.states import Completed, Failed, State
+from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.terminal import survive_lost_terminal
@@ -68,7 +68,7 @@ def _first_error(futures: list[PrefectFuture[Any]]) -> str:
                 state.result()
             except Exception as exc:  # the stage's own exception, e.g. AudioError or FalError
                 return f"{type(exc).__name__}: {exc}"
-            return state.message or state.name
+            return state.message or state.name or "failed"
     return "did not finish"
 
 
@@ -105,6 +105,7 @@ class _RowRenders:
         self.plan, self.config = plan, config
         backend = renderer_class(config.backend)
         self.continuous = backend.continuous
+        self.futures: list[PrefectFuture[Any]]  # one render-row, or one render-chunk per chunk
         if self.continuous:
             self.futures = [render_row.submit(plan, config)]
             return
@@ -112,13 +113,13 @@ class _RowRenders:
         count = 1 if backend.needs_identity(plan) else len(plan.chunks)
         self.futures = [render_chunk.submit(plan, k, config) for k in range(count)]
 
-    def on_done(self, future: PrefectFuture) -> list[PrefectFuture]:
+    def on_done(self, future: PrefectFuture[Any]) -> list[PrefectFuture[Any]]:
         """Submit what `future` unblocks: the later chunks, once chunk 0 has rendered."""
         waiting = len(self.futures) < len(self.plan.chunks) and not self.continuous
         if not waiting or future is not self.futures[0] or not future.state.is_completed():
             return []
         identity = future.result()
-        later = [
+        later: list[PrefectFuture[Any]] = [
             render_chunk.submit(self.plan, k, self.config, identity=identity)
             for k in range(1, len(self.plan.chunks))
         ]
@@ -130,7 +131,8 @@ class _RowRenders:
         if not all(f.state.is_completed() for f in self.futures):
             return None
         if self.continuous:
-            return self.futures[0].result()
+            videos: list[ChunkVideo] = self.futures[0].result()
+            return videos
         return (
             [f.result() for f in self.futures]
             if len(self.futures) == len(self.plan.chunks)
@@ -255,8 +257,8 @@ def _cancel_paid_requests(flow: FlowSchema, flow_run: FlowRun, state: State) -> 
 @flow(
     name="produce-batch",
     log_prints=False,
-    task_runner=ThreadPoolTaskRunner(max_workers=18),
-    on_cancellation=[_cancel_paid_requests],
+    task_runner=ThreadPoolTaskRunner(max_workers=18),  # type: ignore[arg-type]  # Prefect's generics
+    on_cancellation=[_cancel_paid_requests],  # type: ignore[list-item]
 )
 def produce_batch(
     manifest: str,
@@ -295,7 +297,8 @@ def produce_batch(
     survive_lost_terminal()
     _ship_project_logs()
     if fal_key_secret:
-        os.environ["FAL_KEY"] = Secret.load(fal_key_secret).get()
+        secret = cast(Secret[str], Secret.load(fal_key_secret))  # a block, in this sync flow
+        os.environ["FAL_KEY"] = secret.get()
     started = time.monotonic()
     config = batch_config(**parameters)
     problem = renderer_class(config.backend).check_config(config)
@@ -393,8 +396,9 @@ def _produce(config: BatchConfig) -> BatchOutcome:
 
 def run_batch(config: BatchConfig) -> BatchOutcome:
     """Run produce_batch for config, with a thread pool sized for the backend; its outcome."""
-    runner = ThreadPoolTaskRunner(max_workers=renderer_class(config.backend).task_threads(config))
-    flow_run = produce_batch.with_options(task_runner=runner)
+    threads = renderer_class(config.backend).task_threads(config)
+    runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=threads)
+    flow_run = produce_batch.with_options(task_runner=runner)  # type: ignore[arg-type]
     state = flow_run(**flow_parameters(config), return_state=True)
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, RowsFailed):

@@ -16,16 +16,16 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.deployments import run_deployment
 from prefect.futures import wait
-from prefect.states import Completed, Failed, State
+from prefect.states import Completed, Failed
 
 from flows.produce import _failed, _first_error
 from tasks.config import BatchConfig
@@ -117,11 +117,14 @@ def run_shard(
     """
     parameters = _child_parameters(config, shard)
     for attempt in range(1, CHILD_ATTEMPTS + 1):
-        run = run_deployment(
-            deployment,
-            parameters=parameters,
-            idempotency_key=f"avatarflow-shard-{shard.id}-{attempt}",
-            timeout=None,
+        run = cast(  # a FlowRun, called from this sync task
+            FlowRun,
+            run_deployment(
+                deployment,
+                parameters=parameters,
+                idempotency_key=f"avatarflow-shard-{shard.id}-{attempt}",
+                timeout=None,
+            ),
         )
         earlier = run.created is not None and run.created < parent_started
         if run.state is None or run.state.is_completed() or not earlier:

@@ -40,6 +40,6 @@ class _LostTerminalProof:
 def survive_lost_terminal() -> None:
     """Make this process's stdout and stderr drop writes once their reader is gone."""
     if not isinstance(sys.stdout, _LostTerminalProof):
-        sys.stdout = _LostTerminalProof(sys.stdout)  # type: ignore[assignment]
+        sys.stdout = _LostTerminalProof(sys.stdout)
     if not isinstance(sys.stderr, _LostTerminalProof):
-        sys.stderr = _LostTerminalProof(sys.stderr)  # type: ignore[assignment]
+        sys.stderr = _LostTerminalProof(sys.stderr)

@@ -254,7 +254,7 @@ def _add_frame(
     scan.black.append(bool(black))
     scan.diff.append(0.0 if previous is None else _block_diff(luma, previous))
     scan.hist.append(_histograms(luma, chroma))
-    box = faces.observe(len(scan.black) - 1, luma, black, scan) if faces else None
+    box = faces.observe(len(scan.black) - 1, luma, bool(black), scan) if faces else None
     if box is None:
         scan.face_hist.append(None)
         scan.mouth.append(np.nan)
@@ -268,8 +268,10 @@ def _add_frame(
     # The mouth sits in the lower middle of a Haar face box.
     mouth = (slice(y + round(0.68 * h), y + round(0.98 * h)), slice(x + w // 4, x + 3 * w // 4))
     # Motion into or out of a black frame is not the mouth's.
-    moving = previous is not None and not black and not scan.black[-2]
-    scan.mouth.append(_mean_abs_diff(luma[mouth], previous[mouth]) if moving else np.nan)
+    if previous is None or black or scan.black[-2]:
+        scan.mouth.append(np.nan)  # motion into or out of a black frame is not the mouth's
+    else:
+        scan.mouth.append(_mean_abs_diff(luma[mouth], previous[mouth]))
     return luma
 
 
@@ -294,13 +296,15 @@ def _histograms(luma: np.ndarray, chroma: np.ndarray) -> np.ndarray:
     """Y, U and V histograms, each normalised to sum to 1."""
     planes = (luma, chroma[0], chroma[1])
     counts = np.stack([cv2.calcHist([p], [0], None, [_HIST_BINS], [0, 256])[:, 0] for p in planes])
-    return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    normalised: np.ndarray = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    return normalised
 
 
 @cache
 def _face_cascade() -> cv2.CascadeClassifier:
     """OpenCV's frontal-face Haar cascade, read from inside the opencv wheel (loaded once)."""
-    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+    folder = cv2.data.haarcascades  # type: ignore[attr-defined]  # cv2's stubs miss `data`
+    cascade = cv2.CascadeClassifier(folder + "haarcascade_frontalface_default.xml")
     if cascade.empty():
         raise RuntimeError("OpenCV's frontal-face cascade is missing (opencv-python-headless<5)")
     return cascade
@@ -345,8 +349,9 @@ class _FaceTracker:
                 region, 1.1, 4, minSize=(small, small), maxSize=(large, large)
             )
             if len(found):
-                return found + np.array([x0, y0, 0, 0])
-        return cascade.detectMultiScale(luma, 1.1, 4, minSize=(24, 24))
+                shifted: np.ndarray = np.asarray(found) + np.array([x0, y0, 0, 0])
+                return shifted
+        return np.asarray(cascade.detectMultiScale(luma, 1.1, 4, minSize=(24, 24)))
 
 
 # --- audio ---------------------------------------------------------------------------------------
@@ -410,7 +415,8 @@ def _loudness(audio: _Audio, fps: float, frames: int) -> np.ndarray:
     squares = np.concatenate([[0.0], np.cumsum(audio.samples.astype(np.float64) ** 2)])
     sums = squares[edges[1:]] - squares[edges[:-1]]
     counts = np.maximum(np.diff(edges), 1)
-    return np.sqrt(sums / counts)
+    rms: np.ndarray = np.sqrt(sums / counts)
+    return rms
 
 
 # --- the gates -----------------------------------------------------------------------------------
@@ -578,7 +584,8 @@ def _correlation(mouth: np.ndarray, sound: np.ndarray, lag: int) -> float:
 
 def _hellinger(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Hellinger distance (0 same, 1 disjoint) of histograms on the last axis."""
-    return np.sqrt(np.clip(1.0 - np.sqrt(p * q).sum(axis=-1), 0.0, 1.0))
+    distance: np.ndarray = np.sqrt(np.clip(1.0 - np.sqrt(p * q).sum(axis=-1), 0.0, 1.0))
+    return distance
 
 
 def _seams_gate(video: _Scan, joins: Sequence[int], settings: QCSettings) -> GateResult:
@@ -591,8 +598,8 @@ def _seams_gate(video: _Scan, joins: Sequence[int], settings: QCSettings) -> Gat
     jump_at = int(np.argmax(steps)) + 1 if len(steps) else 0
     jump = float(steps.max()) if len(steps) else 0.0
     window = settings.seam_window_frames
-    distances = {int(j): _join_distance(video, j, window) for j in joins if 0 < j < video.frames}
-    distances = {j: d for j, d in distances.items() if d is not None}
+    measured = {int(j): _join_distance(video, j, window) for j in joins if 0 < j < video.frames}
+    distances = {j: d for j, d in measured.items() if d is not None}
     worst = max(distances, key=lambda j: distances[j]) if distances else None
     value = round(distances[worst], 4) if worst is not None else None
     ok = (
@@ -631,8 +638,8 @@ def _join_distance(video: _Scan, join: int, window: int) -> float | None:
         return None
     distances = []
     for hists in (video.hist, video.face_hist):
-        a = [hists[i] for i in before if hists[i] is not None]
-        b = [hists[i] for i in after if hists[i] is not None]
+        a = [h for i in before if (h := hists[i]) is not None]
+        b = [h for i in after if (h := hists[i]) is not None]
         if a and b:
             distances.append(float(_hellinger(np.mean(a, axis=0), np.mean(b, axis=0)).max()))
     return max(distances)

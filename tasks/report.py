@@ -17,8 +17,9 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
+from uuid import UUID
 
 import av
 from PIL import Image
@@ -334,9 +335,12 @@ class ProgressArtifact:
     """A Prefect progress artifact that follows the rows as they finish."""
 
     def __init__(self, config: BatchConfig) -> None:
-        self.done, self.total = 0, 0
-        self.id = create_progress_artifact(
-            0.0, key=artifact_key(config, "progress"), description="Rows finished"
+        self.done, self.total, self.shown = 0, 0, 0
+        self.id = cast(  # a UUID, in this sync code
+            UUID,
+            create_progress_artifact(
+                0.0, key=artifact_key(config, "progress"), description="Rows finished"
+            ),
         )
 
     def __call__(self, event: ProgressEvent) -> None:
@@ -347,8 +351,10 @@ class ProgressArtifact:
                 self.done += 1
             case _:
                 return
-        if self.total:
-            update_progress_artifact(self.id, progress=100.0 * self.done / self.total)
+        percent = 100 * self.done // max(self.total, 1)
+        if percent > self.shown:  # at most 100 updates, however many rows
+            self.shown = percent
+            update_progress_artifact(self.id, progress=float(percent))
 
     @classmethod
     @contextlib.contextmanager

@@ -209,8 +209,8 @@ class LocalRenderer(Renderer):
         videos = self._write_chunks(job, segments, Timings(render_s=rendered - started))
         del segments  # release the memory maps before removing their files
         shutil.rmtree(segments_dir)
-        where = {"worker": _worker_name(), "model_load": model_load}
-        return [dataclasses.replace(video, **where) for video in videos]
+        worker = _worker_name()
+        return [dataclasses.replace(v, worker=worker, model_load=model_load) for v in videos]
 
     def _row_audio(self, job: RenderJob) -> np.ndarray:
         """Place each chunk's WAV at its start in one 16 kHz buffer covering the row."""
@@ -358,11 +358,11 @@ def _dask_client(address: str) -> Any:
 
             cluster = LocalCUDACluster(threads_per_worker=1, resources=LocalRenderer.resources)
         else:
-            cluster = LocalCluster(
+            cluster = LocalCluster(  # type: ignore[no-untyped-call]
                 n_workers=1, threads_per_worker=1, resources=LocalRenderer.resources
             )
-        return Client(cluster, set_as_default=False)
-    return Client(address, set_as_default=False)
+        return Client(cluster, set_as_default=False)  # type: ignore[no-untyped-call]
+    return Client(address, set_as_default=False)  # type: ignore[no-untyped-call]
 
 
 def _worker_name() -> str:
