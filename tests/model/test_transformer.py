@@ -12,14 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.attention_longcat_avatar import apply_rope, frame_layout, rope_tables
 from model.transformer_longcat_avatar import (
     FinalLayer,
     LongCatKVCache,
     LongCatVideoAvatarTransformer3DModel,
     TimestepEmbedder,
-    _apply_rope,
-    _frame_layout,
-    _rope_tables,
 )
 
 TINY = {
@@ -110,7 +108,9 @@ def test_kv_cache_forward_matches_uncached_forward(ref_img_index, skip_fits):
     ctx = num_ref + num_cond
     inputs["hidden_states"][1, :, :ctx] = inputs["hidden_states"][0, :, :ctx]  # one shared context
     kwargs = {"ref_img_index": ref_img_index, "mask_frame_range": 1}
-    full = run(model, **inputs, **kwargs)
+    timestep = torch.full((2, ctx + num_noisy), 700.0)
+    timestep[:, :ctx] = 0  # the cache holds clean (timestep 0) context
+    full = run(model, **{**inputs, "timestep": timestep}, **kwargs)
 
     with torch.no_grad():
         cache = model.build_kv_cache(
@@ -126,7 +126,7 @@ def test_kv_cache_forward_matches_uncached_forward(ref_img_index, skip_fits):
     assert cached.shape == (2, 16, num_noisy, *LATENT_HW)
     torch.testing.assert_close(cached, full[:, :, ctx:], atol=1e-5, rtol=1e-5)
     # Window ref_img_index +- 1, minus num_cond: noisy frames [0, 3); fits only at index 3.
-    layout = _frame_layout(num_noisy, 6, 0, 0, cache, ref_img_index, 1)
+    layout = frame_layout(num_noisy, 6, 0, 0, cache, ref_img_index, 1)
     assert (layout.skip is not None) == skip_fits
 
 
@@ -239,12 +239,16 @@ def test_padded_text_tokens_are_ignored(zero_pad):
     assert not torch.allclose(run(other, **base, encoder_attention_mask=mask), out)
 
 
-def test_one_timestep_per_sample_gives_context_frames_timestep_zero():
+def test_one_timestep_per_sample_applies_to_every_frame_as_in_the_reference():
+    # The reference expands a (B,) timestep to all T frames, reference and conditioning included
+    # (LongCatVideoAvatarTransformer3DModel.forward); clean frames need an explicit (B, T) zero.
     model = build()
     base = make_inputs(1, 2, 4)
-    per_frame = torch.full((2, 7), 700.0)
-    per_frame[:, :3] = 0
-    torch.testing.assert_close(run(model, **base), run(model, **{**base, "timestep": per_frame}))
+    every_frame = torch.full((2, 7), 700.0)
+    torch.testing.assert_close(run(model, **base), run(model, **{**base, "timestep": every_frame}))
+    clean_context = every_frame.clone()
+    clean_context[:, :3] = 0
+    assert frames_changed(run(model, **base), run(model, **{**base, "timestep": clean_context}))[0]
 
 
 # -------------------------------------------------------------------------------------- conventions
@@ -262,14 +266,14 @@ def test_timestep_sinusoid_is_cos_then_sin_of_the_weight_dtype_value():
 
 def test_rope_rotates_interleaved_pairs_by_t_then_h_then_w_positions():
     # head_dim 16: t uses pairs 0..3, h pairs 4..5, w pairs 6..7; each axis' first pair has freq 1.
-    cos, sin = _rope_tables(16, (3, 2, 2), num_ref=1, ref_img_index=10, device=torch.device("cpu"))
+    cos, sin = rope_tables(16, (3, 2, 2), num_ref=1, ref_img_index=10, device=torch.device("cpu"))
     angles = torch.atan2(sin, cos).view(3, 2, 2, 8)
     torch.testing.assert_close(angles[:, 0, 0, 0], torch.tensor([10.0 - 4 * math.pi, 0.0, 1.0]))
     torch.testing.assert_close(angles[0, :, 1, 4], torch.tensor([0.0, 1.0]))  # h axis
     torch.testing.assert_close(angles[0, 1, :, 6], torch.tensor([0.0, 1.0]))  # w axis
     x = torch.zeros(1, 12, 1, 16)
     x[..., 0] = 1.0  # (x0, x1) = (1, 0) -> (cos, sin) in the same pair
-    out = _apply_rope(x, cos, sin)
+    out = apply_rope(x, cos, sin)
     torch.testing.assert_close(out[0, :, 0, :2], torch.stack([cos[:, 0], sin[:, 0]], dim=-1))
 
 
@@ -297,8 +301,8 @@ def test_block_is_identity_when_gates_and_text_projection_are_zero():
     model = build()
     model.blocks[0] = block
     x = torch.randn(1, 12, 64)
-    layout = _frame_layout(2, 6, 0, 0, None, 10, 0)
-    rope = _rope_tables(16, (2, 2, 3), 0, 10, torch.device("cpu"))
+    layout = frame_layout(2, 6, 0, 0, None, 10, 0)
+    rope = rope_tables(16, (2, 2, 3), 0, 10, torch.device("cpu"))
     with torch.no_grad():
         out, _ = block(
             x.clone(),
