@@ -13,20 +13,9 @@ from transformers import Wav2Vec2Model, WhisperModel
 
 from model import CheckpointError, detect_layout, load_pipeline, load_transformer
 from model.loading import lora_delta, read_lora
-from model.tiny import write_tiny_checkpoint
 
 AVATAR = Path("LongCat-Video-Avatar")
 DIT = AVATAR / "avatar_single"
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny10"))
-
-
-@pytest.fixture(scope="module")
-def tiny15_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny15"), version="1.5")
 
 
 @pytest.fixture

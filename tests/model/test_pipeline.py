@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,6 @@ from model import (
     LongCatVideoAvatarPipeline,
     guided_velocity,
     load_pipeline,
-    write_tiny_checkpoint,
 )
 from model.pipeline_longcat_avatar import sampling_sigmas
 
@@ -25,9 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory: pytest.TempPathFactory) -> LongCatVideoAvatarPipeline:
-    root = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-    pipe = load_pipeline(root)
+def pipe(tiny_root: Path) -> LongCatVideoAvatarPipeline:
+    pipe = load_pipeline(tiny_root)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -231,8 +230,8 @@ def test_save_pretrained_round_trip_reproduces_output(pipe, tmp_path) -> None:
     torch.testing.assert_close(_run(reloaded, num_segments=2, **SHORT).frames, expected)
 
 
-def test_v15_runs_with_whisper_and_reencoded_continuation(tmp_path) -> None:
-    pipe = load_pipeline(write_tiny_checkpoint(tmp_path, version="1.5"))
+def test_v15_runs_with_whisper_and_reencoded_continuation(tiny15_root) -> None:
+    pipe = load_pipeline(tiny15_root)
     pipe.set_progress_bar_config(disable=True)
     out = _run(pipe, num_segments=2, **SHORT)
     assert pipe.fps == 25
