@@ -196,7 +196,7 @@ def write_tiny_checkpoint(root: str | Path, version: str = "1.0") -> Path:
     else:
         avatar = root / "LongCat-Video-Avatar-1.5"
         # Stored in bf16 like the official base_model/, so loading exercises the up-cast.
-        dit.to(torch.bfloat16).save_pretrained(avatar / "base_model", max_shard_size="200KB")
+        dit.bfloat16().save_pretrained(avatar / "base_model", max_shard_size="200KB")
         (avatar / "lora").mkdir(parents=True, exist_ok=True)
         save_file(tiny_lora_state(dit), avatar / "lora" / "dmd_lora.safetensors")
         FlowMatchEulerDiscreteScheduler(shift=7.0).save_pretrained(avatar / "scheduler")

@@ -492,3 +492,70 @@ def test_bench_flop_count_matches_reference_notes():
     prepass = bench.dit_forward_flops(num_noisy=0, num_cond=4, num_ref=1)
     assert prepass["total"] == pytest.approx(0.2e15, rel=0.1)
     assert 3 * at2v["total"] == pytest.approx(6.27e15, rel=0.01)  # v1.0 CFG step
+
+
+# ---------------------------------------------------------------------------------------- attention
+
+
+def test_native_attention_backend_gives_the_default_output():
+    model = build()
+    inputs = make_inputs(1, 2, 4)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, 6:] = 0
+    kwargs = {"encoder_attention_mask": mask, "ref_img_index": 3, "mask_frame_range": 1}
+    default = run(model, **inputs, **kwargs)
+    model.set_attention_backend("native")
+    try:
+        processors = model.attn_processors
+        assert len(processors) == 3 * TINY["depth"]
+        assert all(p._attention_backend.value == "native" for p in processors.values())
+        native = run(model, **inputs, **kwargs)
+    finally:
+        model.reset_attention_backend()
+    torch.testing.assert_close(native, default, atol=1e-6, rtol=0)
+
+
+def test_attention_kwargs_reach_a_custom_processor():
+    from model import LongCatAvatarAudioCrossAttnProcessor
+
+    seen = []
+
+    class Recording(LongCatAvatarAudioCrossAttnProcessor):
+        def __call__(self, attn, hidden_states, audio, attention_kwargs=None):
+            seen.append(attention_kwargs)
+            return super().__call__(attn, hidden_states, audio)
+
+    model = build()
+    for block in model.blocks:
+        block.audio_cross_attn.set_processor(Recording())
+    run(model, **make_inputs(0, 0, 2), attention_kwargs={"tag": 1})
+    assert seen == [{"tag": 1}] * TINY["depth"]
+
+
+def test_layerwise_casting_keeps_the_fp32_regions():
+    model = build()
+    inputs = make_inputs(1, 2, 4)
+    ref = run(model, **inputs)
+    model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    assert model.t_embedder.mlp[0].weight.dtype == torch.float32
+    assert model.blocks[0].adaLN_modulation[1].weight.dtype == torch.float32
+    assert model.blocks[0].attn.q_norm.weight.dtype == torch.float32
+    assert model.final_layer.linear.weight.dtype == torch.float32
+    assert model.blocks[0].ffn.w1.weight.dtype == torch.bfloat16
+    out = run(model, **inputs)
+    assert (out - ref).norm() / ref.norm() < 0.05
+
+
+def test_text_mask_need_not_be_a_prefix():
+    model = build()
+    base = make_inputs(0, 1, 3)
+    prefix = torch.zeros(2, 10, dtype=torch.long)
+    prefix[:, :4] = 1
+    scattered = torch.zeros(2, 10, dtype=torch.long)
+    scattered[:, [1, 3, 6, 8]] = 1
+    moved = base["encoder_hidden_states"].clone()
+    moved[:, [1, 3, 6, 8]] = base["encoder_hidden_states"][:, :4]
+    torch.testing.assert_close(
+        run(model, **{**base, "encoder_hidden_states": moved}, encoder_attention_mask=scattered),
+        run(model, **base, encoder_attention_mask=prefix),
+    )
