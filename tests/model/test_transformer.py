@@ -1,5 +1,6 @@
 """Tests for model/transformer_longcat_avatar.py: a tiny random model on CPU in fp32, and
-meta-device builds of both full-size configs checked against shared/reference/checkpoint_keys.md."""
+meta-device builds of both full-size configs checked against the official tensor names and shapes
+(docs/model.md, "Checkpoint layout")."""
 
 from __future__ import annotations
 
@@ -367,7 +368,7 @@ def test_save_pretrained_shards_round_trip_with_official_config_keys(tmp_path):
 
 # ---------------------------------------------------------------------------------------- full size
 
-# Block 0 and the top-level tensors of v1.0 `avatar_single/`, in checkpoint_keys.md order.
+# Block 0 and the top-level tensors of v1.0 `avatar_single/`, in the official index order.
 V10_TOP = [
     ("x_embedder.proj.weight", (4096, 16, 1, 2, 2)),
     ("x_embedder.proj.bias", (4096,)),
@@ -483,7 +484,7 @@ def test_bench_flop_count_matches_reference_notes():
     per_token = bench.dit_forward_flops(
         num_noisy=1, frame_tokens=1, text_tokens=0, audio_tokens=0, patch_out=0
     )
-    assert per_token["linear"] == pytest.approx(25.87e9, rel=1e-3)  # §6: 0.539 GFLOP x 48 per token
+    assert per_token["linear"] == pytest.approx(25.87e9, rel=1e-3)  # 0.539 GFLOP x 48 per token
     at2v = bench.dit_forward_flops(num_noisy=24)  # 480p: 37,440 tokens
     assert at2v["self_attention"] == 4 * 37_440**2 * 4096 * 48
     assert at2v["total"] == pytest.approx(2.09e15, rel=0.01)
