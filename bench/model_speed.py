@@ -2,9 +2,14 @@
 
 Times denoising steps at 480p (24 latent frames of 60x104, 512 text tokens, 93 audio frames) for
 v1.0 with CFG (3 forwards per step), v1.5 distilled (1 forward per step), and a continuation step
-that reuses a KV cache for each, and prints a markdown table. FLOPs follow longcat_model.md §6.
+that reuses a KV cache for each, each with the weights resident on the GPU and with diffusers'
+block-level group offloading (weights in pinned CPU memory, streamed one block at a time).
+Prints a markdown table: seconds per step and per segment (steps x step + the KV-cache pre-pass;
+VAE and encoders excluded), peak GPU memory, TFLOP per step and MFU against `dit_forward_flops`
+(docs/model.md, "FLOPs"). The kept-fp32 modules stay fp32, as the loader keeps them.
 
     python bench/model_speed.py [--peak-tflops 990] [--iters 3] [--cfg-mode split] [--compile]
+        [--offload none|group|both] [--attention-backend native|flash|_native_flash|sage]
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ def dit_forward_flops(
 @dataclass
 class Row:
     case: str
+    offload: str
     batch: str
     tokens_q_kv: str
     s_per_step: float
@@ -108,6 +114,10 @@ def build_random_model(version: str, device: torch.device) -> LongCatVideoAvatar
     finally:
         torch.set_default_dtype(previous)
     model.to_empty(device=device)
+    keep = set(model._keep_in_fp32_modules)
+    for name, module in model.named_modules():
+        if keep.intersection(name.split(".")):
+            torch.nn.Module.float(module)  # what the loader does for _keep_in_fp32_modules
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -118,6 +128,20 @@ def build_random_model(version: str, device: torch.device) -> LongCatVideoAvatar
             else:
                 param.normal_(0.0, 0.02, generator=gen)
     return model.eval().requires_grad_(False)
+
+
+def apply_offload(model: LongCatVideoAvatarTransformer3DModel, mode: str, device) -> None:
+    """Leave the weights on the GPU ("none") or stream them from pinned CPU memory ("group")."""
+    if mode == "group":
+        model.to("cpu")
+        torch.cuda.empty_cache()
+        model.enable_group_offload(
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=True,
+        )
 
 
 def make_inputs(version: str, batch: int, frames: int, lat_hw: tuple[int, int], args, device):
@@ -151,18 +175,26 @@ def time_call(fn, warmup: int, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def bench_version(version: str, args, device) -> list[Row]:
+def bench_version(version: str, offload: str, args, device) -> list[Row]:
     """First-segment and continuation steps for one model version (model freed on return)."""
     model = build_random_model(version, device)
+    if args.attention_backend:
+        model.set_attention_backend(args.attention_backend)
+    apply_offload(model, offload, device)
     if args.compile:
         model.compile_repeated_blocks(fullgraph=False)
     cfg = version == "v1.0"  # v1.0: text + audio CFG; v1.5 distilled: CFG 1.0 / 1.0, one forward
     splits = ([3] if args.cfg_mode == "batch3" else [2, 1]) if cfg else [1]
-    steps_first, steps_cont = (50, 53) if cfg else (8, 8)  # v1.0 continuation: enhance_hf, §1.2
-    return [
+    # v1.0 continuation: 50 shifted steps, those above t=500 kept plus 10 (enhance_hf): 53 at shift
+    # 7; the base scheduler's shift decides the real count (56 at shift 12).
+    steps_first, steps_cont = (50, 53) if cfg else (8, 8)
+    rows = [
         bench_first_segment(model, version, splits, steps_first, args, device),
         bench_continuation(model, version, splits, steps_cont, args, device),
     ]
+    for row in rows:
+        row.offload = offload
+    return rows
 
 
 def bench_first_segment(model, version, splits, steps, args, device) -> Row:
@@ -231,6 +263,7 @@ def run_case(name, splits, tokens, step_fn, flops, steps, extra_s, args) -> Row:
     peak = torch.cuda.max_memory_allocated() / 2**30
     return Row(
         name,
+        "none",
         "+".join(map(str, splits)),
         tokens,
         sec,
@@ -246,15 +279,18 @@ def to_markdown(rows: list[Row], device_name: str, args) -> str:
     head = (
         f"DiT speed on {device_name}, latent {args.latent_frames}x{args.latent_height}x"
         f"{args.latent_width}, {args.text_tokens} text tokens, peak {args.peak_tflops:g} TFLOP/s"
-        f"{', torch.compile' if args.compile else ''}\n\n"
+        f"{', torch.compile' if args.compile else ''}"
+        f", attention {args.attention_backend or 'default'}\n\n"
     )
     lines = [
-        "| case | batch | tokens q/kv | s/step | steps | s/segment | peak GiB | TFLOP/step | MFU |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| case | offload | batch | tokens q/kv | s/step | steps | s/segment | peak GiB | "
+        "TFLOP/step | MFU |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r.case} | {r.batch} | {r.tokens_q_kv} | {r.s_per_step:.2f} | {r.steps} | "
+            f"| {r.case} | {r.offload} | {r.batch} | {r.tokens_q_kv} | {r.s_per_step:.2f} | "
+            f"{r.steps} | "
             f"{r.s_per_segment:.1f} | {r.peak_gib:.1f} | {r.tflop_per_step:.0f} | {r.mfu:.1%} |"
         )
     return head + "\n".join(lines)
@@ -280,6 +316,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks")
+    p.add_argument(
+        "--offload",
+        choices=["none", "group", "both"],
+        default="both",
+        help="weights resident on the GPU, streamed per block from CPU (group), or both",
+    )
+    p.add_argument(
+        "--attention-backend",
+        default=None,
+        help="diffusers backend (native, flash, _native_flash, sage); default: dispatch's own",
+    )
     p.add_argument("--json", type=Path, help="also write the rows here")
     return p.parse_args(argv)
 
@@ -292,10 +339,12 @@ def main(argv=None) -> None:
         )
     device = torch.device("cuda")
     rows = []
+    offloads = ["none", "group"] if args.offload == "both" else [args.offload]
     with torch.inference_mode():
         for version in args.versions:
-            rows += bench_version(version, args, device)
-            torch.cuda.empty_cache()
+            for offload in offloads:
+                rows += bench_version(version, offload, args, device)
+                torch.cuda.empty_cache()
     print(to_markdown(rows, torch.cuda.get_device_name(device), args))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))

@@ -4,6 +4,11 @@ Class names are re-exported here because diffusers resolves a saved pipeline's c
 importing this package (model_index.json records them as `["model", "<ClassName>"]`).
 """
 
+from model.attention_longcat_avatar import (
+    LongCatAvatarAudioCrossAttnProcessor,
+    LongCatAvatarSelfAttnProcessor,
+    LongCatAvatarTextCrossAttnProcessor,
+)
 from model.loading import CheckpointError, detect_layout, load_pipeline, load_transformer
 from model.pipeline_longcat_avatar import (
     LongCatAvatarSegmentState,
@@ -16,6 +21,9 @@ from model.transformer_longcat_avatar import LongCatKVCache, LongCatVideoAvatarT
 
 __all__ = [
     "CheckpointError",
+    "LongCatAvatarAudioCrossAttnProcessor",
+    "LongCatAvatarSelfAttnProcessor",
+    "LongCatAvatarTextCrossAttnProcessor",
     "LongCatAvatarSegmentState",
     "LongCatKVCache",
     "LongCatVideoAvatarPipeline",

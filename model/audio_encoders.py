@@ -1,19 +1,22 @@
 """Audio features for the LongCat-Video-Avatar DiT: wav2vec2 (v1.0) and Whisper (v1.5).
 
-Reimplements LongCat-Video's audio preprocessing (pipeline_longcat_video_avatar.py, audio_process/):
-waveform at 16 kHz → loudness-normalised → per-layer encoder features → per-video-frame windows.
-Vocal separation (UVR MDX via audio-separator) is skipped: no separator model ships offline.
+Reimplements the audio preprocessing of
+meituan-longcat/LongCat-Video@6b3f4b8582a8bc3f20f795735f5383716c4ba794:
+`longcat_video/pipeline_longcat_video_avatar.py` (`get_audio_embedding_wav2vec2`,
+`get_audio_embedding_whisper`, `_loudness_norm`, `_add_noise_floor`) and
+`longcat_video/audio_process/wav2vec2.py` (`Wav2Vec2ModelWrapper`), written from a reading of that
+code, not copied: waveform at 16 kHz → loudness-normalised → per-layer encoder features →
+per-video-frame windows. Vocal separation is not built in; docs/model.md says how to run a
+separator before the pipeline.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pyloudnorm
 import torch
 import torch.nn.functional as F
-from scipy.signal import butter, sosfiltfilt
+from scipy.signal import butter, lfilter
 from transformers import (
     Wav2Vec2FeatureExtractor,
     Wav2Vec2Model,
@@ -27,32 +30,35 @@ AUDIO_WINDOW = 5  # video frame i sees features at i*stride + (-2..+2); the DiT 
 WHISPER_RATE_HZ = 50  # Whisper encoder frames per second
 WHISPER_GROUPS = 4  # hidden states 0..31 averaged in 4 groups of 8, plus the last one
 _NOISE_FLOOR_DB = -45.0  # the reference adds this much noise before wav2vec2 (seeded here)
+_LOUDNESS_LIMIT_LUFS = 100.0  # beyond this the reference leaves the loudness alone
 _LOWPASS_HZ = 3_000.0
 
 
 def normalize_loudness(waveform: np.ndarray, sample_rate_hz: int = SAMPLE_RATE_HZ) -> np.ndarray:
-    """Scale a mono waveform to -23 LUFS; silence and clips under 0.4 s are returned unchanged."""
+    """Scale a mono waveform to -23 LUFS, unclipped, as the reference's `_loudness_norm` does.
+
+    Returned unchanged: silence and anything measured beyond ±100 LUFS (the reference's threshold),
+    and clips under pyloudnorm's 0.4 s block, which the reference cannot measure at all.
+    """
     wave = np.asarray(waveform, dtype=np.float64)
     meter = pyloudnorm.Meter(sample_rate_hz)
     if wave.size < int(meter.block_size * sample_rate_hz) + 1:
         return wave.astype(np.float32)
     loudness = meter.integrated_loudness(wave)
-    if not math.isfinite(loudness):
+    if not abs(loudness) <= _LOUDNESS_LIMIT_LUFS:  # also catches -inf (silence)
         return wave.astype(np.float32)
     gain = 10.0 ** ((TARGET_LUFS - loudness) / 20.0)
-    # Clip ourselves: pyloudnorm.normalize warns on clipping, and warnings are errors in tests.
-    return np.clip(wave * gain, -1.0, 1.0).astype(np.float32)
+    return (wave * gain).astype(np.float32)
 
 
 def prepare_wav2vec2_waveform(waveform: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Apply the v1.0 pre-filter: loudness, a seeded -45 dB noise floor, 3 kHz low-pass."""
+    """Apply the v1.0 pre-filter: loudness, a seeded -45 dB noise floor, a causal 3rd-order
+    Butterworth low-pass at 3 kHz (the reference's `_smooth_transients`: `lfilter`, one pass)."""
     wave = normalize_loudness(waveform).astype(np.float64)
     rng = np.random.default_rng(seed)
     wave = wave + rng.standard_normal(wave.size) * 10.0 ** (_NOISE_FLOOR_DB / 20.0)
-    if wave.size > 18:  # sosfiltfilt needs a few samples of padding
-        sos = butter(3, _LOWPASS_HZ, btype="low", fs=SAMPLE_RATE_HZ, output="sos")
-        wave = sosfiltfilt(sos, wave)
-    return wave.astype(np.float32)
+    b, a = butter(3, _LOWPASS_HZ, btype="low", fs=SAMPLE_RATE_HZ)
+    return lfilter(b, a, wave).astype(np.float32)
 
 
 @torch.no_grad()
@@ -103,10 +109,10 @@ def whisper_features(
         size = (stacked.shape[1] - 1) // WHISPER_GROUPS
         groups = [stacked[:, g * size : (g + 1) * size].mean(dim=1) for g in range(WHISPER_GROUPS)]
         groups.append(stacked[:, -1])
-        valid = max(1, math.ceil(piece.size / SAMPLE_RATE_HZ * WHISPER_RATE_HZ))
-        pieces.append(torch.stack(groups, dim=1)[:valid])
-    feats = torch.cat(pieces)  # (T_50Hz, 5, d_model)
+        pieces.append(torch.stack(groups, dim=1))
     num_frames = max(1, int(wave.size / SAMPLE_RATE_HZ * fps))
+    # Keep the encoder frames that span the video frames (2 per frame at 25 fps, as the reference).
+    feats = torch.cat(pieces)[: max(1, round(num_frames * WHISPER_RATE_HZ / fps))]
     flat = feats.flatten(1).T[None]  # (1, 5 * d_model, T_50Hz)
     flat = F.interpolate(flat, size=num_frames, mode="linear", align_corners=True)
     return flat[0].T.reshape(num_frames, feats.shape[1], feats.shape[2])

@@ -1,8 +1,15 @@
 """Load LongCat-Video-Avatar from a local folder into a LongCatVideoAvatarPipeline (no downloads).
 
 Accepts the official Hugging Face layout (`LongCat-Video/` + `LongCat-Video-Avatar/` for v1.0 or
-`LongCat-Video-Avatar-1.5/` for v1.5, INT8 weights dequantised and the DMD LoRA merged at load) or a
-folder written by `LongCatVideoAvatarPipeline.save_pretrained`. Used by tasks/render_local.py.
+`LongCat-Video-Avatar-1.5/` for v1.5) or a folder written by
+`LongCatVideoAvatarPipeline.save_pretrained`. Used by tasks/render_local.py.
+
+INT8 weights are dequantised and the DMD LoRA is merged in fp32, and each tensor is rounded once to
+its target dtype: the requested one, or fp32 for the model's `_keep_in_fp32_modules`. The
+reference (meituan-longcat/LongCat-Video@6b3f4b8582a8bc3f20f795735f5383716c4ba794,
+`longcat_video/modules/lora_utils.py`) never merges: it adds multiplier * alpha_scale *
+up(down(x)) to each target Linear's output in the model dtype; in fp32 the two agree to float
+rounding, which tests/model/test_loading.py checks.
 """
 
 from __future__ import annotations
@@ -68,9 +75,8 @@ def checkpoint_fps(root: str | Path) -> int:
 
     version = detect_layout(root)
     if version == "diffusers":
-        version = json.loads((Path(root) / "model_index.json").read_text()).get(
-            "model_version", "1.0"
-        )
+        index = json.loads((Path(root) / "model_index.json").read_text())
+        return int(index.get("fps") or VERSION_DEFAULTS[index.get("model_version", "1.0")]["fps"])
     return int(VERSION_DEFAULTS[version]["fps"])
 
 
@@ -84,7 +90,7 @@ def _shards(folder: Path, index_name: str, single_name: str) -> list[Path]:
 
 
 def dequantize_int8(
-    state: dict[str, torch.Tensor], dtype: torch.dtype
+    state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Turn `X.weight_int8` + per-output-channel `X.weight_scale` pairs into `X.weight` of dtype.
 
@@ -139,7 +145,8 @@ def lora_delta(parts: dict[str, torch.Tensor], multiplier: float = 1.0) -> torch
 def _merge_lora(
     state: dict[str, torch.Tensor], lora: dict[str, dict[str, torch.Tensor]], multiplier: float
 ) -> set[str]:
-    """Add the LoRA updates for the weights present in state (one shard); return merged modules."""
+    """Add the LoRA updates in fp32 to the weights present in state (one shard), leaving them
+    fp32 (no rounding to the stored dtype); return the merged modules."""
     merged = set()
     for module, parts in lora.items():
         key = module + ".weight"
@@ -149,7 +156,7 @@ def _merge_lora(
             if delta.shape != weight.shape:
                 got, want = tuple(delta.shape), tuple(weight.shape)
                 raise CheckpointError(f"LoRA for {key} has shape {got}, weight is {want}")
-            state[key] = (weight.float() + delta).to(weight.dtype)
+            state[key] = weight.float() + delta
             merged.add(module)
     return merged
 
@@ -172,7 +179,10 @@ def load_transformer(
     lora_path: str | Path | None = None,
     lora_multiplier: float = 1.0,
 ) -> LongCatVideoAvatarTransformer3DModel:
-    """Load the DiT from an official folder (bf16/fp32 shards or INT8), merging a LoRA if given."""
+    """Load the DiT from an official folder (bf16/fp32 shards or INT8), merging a LoRA if given.
+
+    Tensors end in `dtype`, except the `_keep_in_fp32_modules`, which stay fp32.
+    """
     folder = Path(folder)
     config = LongCatVideoAvatarTransformer3DModel.load_config(_require(folder / "config.json"))
     int8 = (folder / "quantized_model.safetensors.index.json").exists()
@@ -184,16 +194,22 @@ def load_transformer(
     with init_empty_weights():
         model = LongCatVideoAvatarTransformer3DModel.from_config(config)
     expected = model.state_dict()
+    fp32_modules = set(model._keep_in_fp32_modules)
+
+    def target_dtype(key: str) -> torch.dtype:
+        return torch.float32 if fp32_modules.intersection(key.split(".")) else dtype
+
     lora = read_lora(lora_path) if lora_path else {}
     merged: set[str] = set()
     unpaired: dict[str, torch.Tensor] = {}
     for shard in shards:
         state = load_file(str(shard))
         if int8:
-            state, unpaired = dequantize_int8(unpaired | state, dtype)
+            state, unpaired = dequantize_int8(unpaired | state)
         _check_shapes(state, expected, shard)
         merged |= _merge_lora(state, lora, lora_multiplier)
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+        state = {k: v.to(target_dtype(k)) for k, v in state.items()}
+        model.load_state_dict(state, strict=False, assign=True)
     if unpaired:
         raise CheckpointError(f"INT8 tensor {min(unpaired)} in {folder} has no int8/scale partner")
     missing = [k for k, v in model.state_dict().items() if v.is_meta]
@@ -267,16 +283,27 @@ def load_official(
         model_version=version,
         sample_size=defaults.get("sample_size"),
         default_steps=defaults.get("default_steps"),
+        enhance_hf=defaults.get("enhance_hf"),
     )
 
 
 def load_pipeline(
-    path: str | Path, dtype: torch.dtype = torch.float32, prefer_int8: bool = False
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    prefer_int8: bool = False,
+    lora_multiplier: float = 1.0,
 ) -> LongCatVideoAvatarPipeline:
-    """Load a pipeline from the official layout or a diffusers-saved folder (thread-safe)."""
+    """Load a pipeline from the official layout or a diffusers-saved folder (thread-safe).
+
+    `lora_multiplier` scales the v1.5 DMD LoRA merged into the official weights (the maintainers
+    suggest 0.3 against lip colour drift on long videos); a diffusers-saved folder already holds
+    merged weights and ignores it.
+    """
     with _LOAD_LOCK:
         if detect_layout(path) == "diffusers":
             return LongCatVideoAvatarPipeline.from_pretrained(
                 path, dtype=dtype, local_files_only=True
             )
-        return load_official(path, dtype=dtype, prefer_int8=prefer_int8)
+        return load_official(
+            path, dtype=dtype, prefer_int8=prefer_int8, lora_multiplier=lora_multiplier
+        )

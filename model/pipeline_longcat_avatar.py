@@ -1,105 +1,98 @@
 """LongCat-Video-Avatar as a diffusers pipeline: narration audio (+ text, + portrait) → video.
 
-Reimplements LongCat-Video's pipeline_longcat_video_avatar.py (generate_at2v / generate_ai2v /
-generate_avc) as one DiffusionPipeline: segment 1 is audio+text-to-video (AT2V) or, given an image,
-image+audio-to-video (AI2V); every later segment continues in latent space from the last one
-(13 conditioning frames + the reference latent). Model files may reach ~800 lines (STYLE.md).
+Reimplements meituan-longcat/LongCat-Video@6b3f4b8582a8bc3f20f795735f5383716c4ba794,
+`longcat_video/pipeline_longcat_video_avatar.py` (`generate_at2v`, `generate_ai2v`,
+`generate_avc`) and the segment loop of `run_demo_avatar_single_audio_to_video.py` as one
+DiffusionPipeline, written from a reading of that code, not copied: segment 1 is audio+text-to-video
+(AT2V) or, given an image, image+audio-to-video (AI2V); every later segment continues from the last
+one (13 conditioning frames + the reference latent). Version differences (v1.0 / v1.5) are config
+flags (see VERSION_DEFAULTS). Like diffusers' Wan pipelines this file may run to ~800 lines.
 """
 
 from __future__ import annotations
 
-import html
-import re
+import copy
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import AutoencoderKLWan, DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
-from diffusers.utils import BaseOutput
+from diffusers.schedulers import SchedulerMixin
+from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
-from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Wav2Vec2Model
 
-from model.audio_encoders import audio_windows, wav2vec2_features, whisper_features
+from model.audio_encoders import SAMPLE_RATE_HZ, audio_windows, wav2vec2_features, whisper_features
+from model.pipeline_helpers_longcat_avatar import (
+    AI2V_BUCKETS,
+    AT2V_SIZES,
+    DEFAULT_NEGATIVE_PROMPT,
+    DEFAULT_PROMPT,
+    MASK_FRAME_RANGE,
+    MAX_SEQUENCE_LENGTH,
+    NUM_COND_FRAMES,
+    NUM_FRAMES,
+    REF_IMG_INDEX,
+    VERSION_DEFAULTS,
+    LongCatAvatarSegmentState,
+    enhance_hf_schedule,
+    guided_velocity,
+    prompt_clean,
+    sampling_sigmas,
+)
 from model.transformer_longcat_avatar import LongCatKVCache, LongCatVideoAvatarTransformer3DModel
 
-DEFAULT_PROMPT = "A person is talking naturally with natural expressions and movements."
-DEFAULT_NEGATIVE_PROMPT = (
-    "Close-up, Bright tones, overexposed, static, blurred details, subtitles, style, works, "
-    "paintings, images, static, overall gray, worst quality, low quality, "
-    "JPEG compression residue, ugly, incomplete, extra fingers, poorly drawn hands, "
-    "poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, "
-    "messy background, three legs, many people in the background, walking backwards"
-)
-# AT2V sizes (height, width) per resolution (reference demo L85-88).
-AT2V_SIZES = {"480p": (480, 832), "720p": (768, 1280)}
-# AI2V aspect buckets keyed by height/width: the entries of the reference's ASPECT_RATIO_627 / _960
-# tables that our notes list, plus their transposes. The nearest key to the image's h/w wins.
-AI2V_BUCKETS = {
-    "480p": {0.58: (480, 832), 0.95: (608, 640), 1.05: (640, 608), 1.73: (832, 480)},
-    "720p": {
-        0.54: (704, 1312),
-        0.59: (736, 1248),
-        1.0: (960, 960),
-        1.7: (1248, 736),
-        1.86: (1312, 704),
-    },
-}
-# Per model generation: output fps, audio feature frames per video frame, default sampling.
-VERSION_DEFAULTS = {
-    "1.0": {"fps": 16, "audio_stride": 2, "steps": 50, "guidance": 4.0, "distill": False},
-    "1.5": {"fps": 25, "audio_stride": 1, "steps": 8, "guidance": 1.0, "distill": True},
-}
-NUM_TRAIN_TIMESTEPS = 1000
-NUM_DISTILL_STEPS = 8  # the v1.5 DMD LoRA was distilled on an 8-point grid
+__all__ = [
+    "AI2V_BUCKETS",
+    "AT2V_SIZES",
+    "VERSION_DEFAULTS",
+    "LongCatAvatarSegmentState",
+    "LongCatVideoAvatarPipeline",
+    "LongCatVideoAvatarPipelineOutput",
+    "guided_velocity",
+    "sampling_sigmas",
+]
+
 _OUTPUT_TYPES = ("pt", "np", "pil", "latent")
+# The config flags a model version sets; `None` in __init__ takes the version's default.
+_VERSION_FLAGS = (
+    "fps",
+    "audio_stride",
+    "use_distill",
+    "num_distill_steps",
+    "distill_linspace_grid",
+    "reuse_cond_latents",
+    "enhance_hf",
+)
 
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import numpy as np
+        >>> import torch
+        >>> from model import load_pipeline, write_tiny_checkpoint
 
-@dataclass
-class LongCatAvatarSegmentState:
-    """What continuing after a finished segment needs; `save`/`load` it to resume a long video.
-
-    Args:
-        segments_done: number of finished segments (the next one to render).
-        cond_latents: (B, C, T_cond, h, w) normalised conditioning latents of the next segment.
-        ref_latent: (B, C, 1, h, w) normalised first latent of segment 1 (the identity anchor).
-        generator_states: one `torch.Generator.get_state()` per sample, so a resumed run draws the
-            same noise as an uninterrupted one.
-    """
-
-    segments_done: int
-    cond_latents: torch.Tensor
-    ref_latent: torch.Tensor
-    generator_states: list[torch.Tensor] = field(default_factory=list)
-
-    def save(self, path: str | Path) -> None:
-        """Write the state to a safetensors file."""
-        tensors = {"cond_latents": self.cond_latents, "ref_latent": self.ref_latent}
-        tensors |= {f"generator_state.{i}": s for i, s in enumerate(self.generator_states)}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(path), metadata={"segments_done": str(self.segments_done)})
-
-    @classmethod
-    def load(cls, path: str | Path) -> LongCatAvatarSegmentState:
-        """Read a state written by `save`."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            segments_done = int(handle.metadata()["segments_done"])
-        tensors = load_file(str(path))
-        count = sum(k.startswith("generator_state.") for k in tensors)
-        return cls(
-            segments_done=segments_done,
-            cond_latents=tensors["cond_latents"],
-            ref_latent=tensors["ref_latent"],
-            generator_states=[tensors[f"generator_state.{i}"] for i in range(count)],
-        )
+        >>> # Real weights: load_pipeline("/models/longcat") (official folders, no downloads).
+        >>> pipe = load_pipeline(write_tiny_checkpoint("/tmp/longcat-tiny"))
+        >>> pipe.set_progress_bar_config(disable=True)
+        >>> speech = np.zeros(16_000, dtype=np.float32)  # 1 s of 16 kHz mono narration
+        >>> out = pipe(
+        ...     prompt="A woman talks to the camera in a bright kitchen.",
+        ...     audio=speech,
+        ...     guidance_scale=4.0,  # text CFG; audio_guidance_scale is the audio CFG
+        ...     generator=torch.Generator().manual_seed(0),
+        ...     output_type="np",
+        ... )
+        >>> out.frames.shape  # (batch, frames, height, width, 3) at pipe.fps
+        (1, 93, 32, 32, 3)
+        ```
+"""
 
 
 @dataclass
@@ -116,33 +109,6 @@ class LongCatVideoAvatarPipelineOutput(BaseOutput):
     state: LongCatAvatarSegmentState | None = None
 
 
-def guided_velocity(
-    v_cond: torch.Tensor,
-    v_uncond_text: torch.Tensor,
-    v_uncond: torch.Tensor,
-    text_guidance_scale: float,
-    audio_guidance_scale: float,
-) -> torch.Tensor:
-    """Combine the 3 CFG predictions: v_u + s_t (v_c − v_ut) + s_a (v_ut − v_u)."""
-    text_term = text_guidance_scale * (v_cond - v_uncond_text)
-    return v_uncond + text_term + audio_guidance_scale * (v_uncond_text - v_uncond)
-
-
-def sampling_sigmas(num_inference_steps: int, use_distill: bool) -> list[float]:
-    """Return the unshifted sigmas: linspace(1, 0.001), or the v1.5 distilled 8-point grid."""
-    if not use_distill:
-        return np.linspace(1.0, 0.001, num_inference_steps).tolist()
-    # Distilled grid: 1000, 875, ..., 125 (/1000); fewer steps take evenly spaced grid points.
-    grid = np.arange(NUM_DISTILL_STEPS, 0, -1) * (NUM_TRAIN_TIMESTEPS // NUM_DISTILL_STEPS)
-    picks = np.floor(np.linspace(0, NUM_DISTILL_STEPS, num_inference_steps, endpoint=False))
-    return (grid[picks.astype(int)] / NUM_TRAIN_TIMESTEPS).tolist()
-
-
-def _clean_prompt(text: str) -> str:
-    text = html.unescape(html.unescape(text))
-    return re.sub(r"\s+", " ", text).strip()
-
-
 def _as_list(value: Any, size: int) -> list:
     items = value if isinstance(value, list) else [value]
     return items * size if len(items) == 1 else items
@@ -155,12 +121,17 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
         tokenizer (`T5Tokenizer`): umT5 tokenizer.
         text_encoder (`UMT5EncoderModel`): umT5-XXL encoder; its `last_hidden_state` is the caption.
         vae (`AutoencoderKLWan`): Wan 2.1 VAE (4x8x8 compression, 16 latent channels).
-        scheduler (`FlowMatchEulerDiscreteScheduler`): flow-matching Euler; a copy runs each call.
+        scheduler (`FlowMatchEulerDiscreteScheduler`): flow-matching Euler. Each call runs on its
+            own copy of `self.scheduler`, so a swapped scheduler (class or config) is what samples
+            and concurrent calls never share its step state.
         transformer (`LongCatVideoAvatarTransformer3DModel`): the avatar DiT.
         audio_encoder (`Wav2Vec2Model` for v1.0, `WhisperModel` for v1.5).
         audio_feature_extractor (`Wav2Vec2FeatureExtractor` or `WhisperFeatureExtractor`).
     Config: model_version ("1.0" | "1.5"), sample_size ([H, W] default size, e.g. for a tiny
-    checkpoint), default_steps (default num_inference_steps).
+    checkpoint), default_steps (default num_inference_steps), default_guidance_scale, and the
+    version flags (fps, audio_stride, use_distill, num_distill_steps, distill_linspace_grid,
+    reuse_cond_latents, enhance_hf), each defaulting to the model version's value in
+    VERSION_DEFAULTS.
     """
 
     model_cpu_offload_seq = "text_encoder->audio_encoder->transformer->vae"
@@ -172,13 +143,21 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
         tokenizer: PreTrainedTokenizerBase | None,
         text_encoder: PreTrainedModel | None,
         vae: AutoencoderKLWan,
-        scheduler: FlowMatchEulerDiscreteScheduler,
+        scheduler: SchedulerMixin,
         transformer: LongCatVideoAvatarTransformer3DModel,
         audio_encoder: PreTrainedModel | None = None,
         audio_feature_extractor: Any = None,
         model_version: str = "1.0",
         sample_size: list[int] | None = None,
         default_steps: int | None = None,
+        default_guidance_scale: float | None = None,
+        fps: int | None = None,
+        audio_stride: int | None = None,
+        use_distill: bool | None = None,
+        num_distill_steps: int | None = None,
+        distill_linspace_grid: bool | None = None,
+        reuse_cond_latents: bool | None = None,
+        enhance_hf: bool | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -190,8 +169,27 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
             audio_encoder=audio_encoder,
             audio_feature_extractor=audio_feature_extractor,
         )
+        if model_version not in VERSION_DEFAULTS:
+            raise ValueError(f"model_version must be one of {sorted(VERSION_DEFAULTS)}")
+        version = VERSION_DEFAULTS[model_version]
+        given = {
+            "fps": fps,
+            "audio_stride": audio_stride,
+            "use_distill": use_distill,
+            "num_distill_steps": num_distill_steps,
+            "distill_linspace_grid": distill_linspace_grid,
+            "reuse_cond_latents": reuse_cond_latents,
+            "enhance_hf": enhance_hf,
+        }
+        flags = {k: version[k] if given[k] is None else given[k] for k in _VERSION_FLAGS}
+        if default_guidance_scale is None:
+            default_guidance_scale = version["guidance"]
         self.register_to_config(
-            model_version=model_version, sample_size=sample_size, default_steps=default_steps
+            model_version=model_version,
+            sample_size=sample_size,
+            default_steps=default_steps,
+            default_guidance_scale=default_guidance_scale,
+            **flags,
         )
         self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae else 4
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae else 8
@@ -200,17 +198,37 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
     @property
     def fps(self) -> int:
         """Output frames per second (16 for v1.0, 25 for v1.5): baked into the audio windows."""
-        return VERSION_DEFAULTS[self.config.model_version]["fps"]
+        return int(self.config.fps)
 
     @property
     def audio_stride(self) -> int:
         """Audio feature frames per video frame (2 for wav2vec2 at 32 Hz, 1 for Whisper)."""
-        return VERSION_DEFAULTS[self.config.model_version]["audio_stride"]
+        return int(self.config.audio_stride)
+
+    @property
+    def guidance_scale(self) -> float:
+        """Text classifier-free guidance scale of the current call."""
+        return self._guidance_scale
+
+    @property
+    def text_guidance_scale(self) -> float:
+        """The reference's name for `guidance_scale`."""
+        return self._guidance_scale
+
+    @property
+    def audio_guidance_scale(self) -> float:
+        """Audio classifier-free guidance scale of the current call."""
+        return self._audio_guidance_scale
 
     @property
     def do_classifier_free_guidance(self) -> bool:
         """True when either guidance scale exceeds 1 (3 passes per step instead of 1)."""
-        return self._text_guidance_scale > 1.0 or self._audio_guidance_scale > 1.0
+        return self._guidance_scale > 1.0 or self._audio_guidance_scale > 1.0
+
+    @property
+    def attention_kwargs(self) -> dict[str, Any] | None:
+        """`attention_kwargs` of the current call, passed to every attention processor."""
+        return self._attention_kwargs
 
     @property
     def num_timesteps(self) -> int:
@@ -227,7 +245,9 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
         if self.text_encoder is not None:
             self.text_encoder.to(device)
 
-    def num_segments_for(self, duration_s: float, num_frames: int = 93, num_cond: int = 13) -> int:
+    def num_segments_for(
+        self, duration_s: float, num_frames: int = NUM_FRAMES, num_cond: int = NUM_COND_FRAMES
+    ) -> int:
         """Segments needed to cover duration_s of audio: 1 + ceil((frames − 93) / 80)."""
         frames = int(np.ceil(duration_s * self.fps - 1e-6))
         return 1 + max(0, -(-(frames - num_frames) // (num_frames - num_cond)))
@@ -251,13 +271,14 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
     ) -> None:
         """Raise a ValueError naming the first invalid argument and its value."""
         if audio is None and audio_features is None:
-            raise ValueError("audio is required (a 16 kHz waveform, or a list of them)")
+            raise ValueError(f"audio is required (a {SAMPLE_RATE_HZ} Hz waveform, or a list)")
         step = self.vae_scale_factor_spatial * 2  # VAE 8x, then the DiT's 2x2 patches
         if height % step or width % step or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be multiples of {step}, got {height}x{width}")
         if num_frames < 1 or (num_frames - 1) % self.vae_scale_factor_temporal:
             raise ValueError(f"num_frames must be 4k+1, got {num_frames}")
-        if not 1 <= num_cond_frames < num_frames or (num_cond_frames - 1) % 4:
+        temporal = self.vae_scale_factor_temporal
+        if not 1 <= num_cond_frames < num_frames or (num_cond_frames - 1) % temporal:
             raise ValueError(
                 f"num_cond_frames must be 4k+1 below num_frames, got {num_cond_frames}"
             )
@@ -282,7 +303,7 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
         self, prompt: list[str], max_sequence_length: int, device: torch.device
     ) -> torch.Tensor:
         inputs = self.tokenizer(
-            [_clean_prompt(p) for p in prompt],
+            [prompt_clean(p) for p in prompt],
             padding="max_length",
             max_length=max_sequence_length,
             truncation=True,
@@ -303,7 +324,7 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
         num_videos_per_prompt: int = 1,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
-        max_sequence_length: int = 512,
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -337,7 +358,8 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
         wave = np.asarray(audio.cpu() if isinstance(audio, torch.Tensor) else audio, np.float32)
         wave = wave.reshape(-1)
         if duration_s is not None:
-            wave = np.pad(wave, (0, max(0, int(np.ceil(duration_s * 16_000)) - wave.size)))
+            padded = int(np.ceil(duration_s * SAMPLE_RATE_HZ))
+            wave = np.pad(wave, (0, max(0, padded - wave.size)))
         if self.audio_encoder is None or self.audio_feature_extractor is None:
             raise ValueError("audio_encoder is None: pass audio_features instead of audio")
         rate = self.fps * self.audio_stride
@@ -457,6 +479,7 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
             audio_embeds=audio.to(dtype),
             encoder_attention_mask=self._attention_mask(text),
             kv_cache=kv_cache,
+            attention_kwargs=self._attention_kwargs,
             return_dict=False,
             **transformer_kwargs,
         )[0].float()
@@ -464,7 +487,7 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
             return output
         v_cond, v_uncond_text, v_uncond = output.chunk(3)
         return guided_velocity(
-            v_cond, v_uncond_text, v_uncond, self._text_guidance_scale, self._audio_guidance_scale
+            v_cond, v_uncond_text, v_uncond, self._guidance_scale, self._audio_guidance_scale
         )
 
     def _kv_cache(
@@ -485,7 +508,33 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
         generators = generator if isinstance(generator, list) else [generator]
         return [g.get_state() for g in generators if g is not None]
 
+    def _set_timesteps(
+        self, scheduler: SchedulerMixin, sigmas: list[float], enhance_hf: bool, device: Any
+    ) -> None:
+        """Set the call's scheduler copy to these (unshifted) sigmas, plus the enhance_hf tail."""
+        if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+            raise ValueError(
+                f"{type(scheduler).__name__}.set_timesteps takes no sigmas; LongCat-Video-Avatar "
+                "samples on explicit flow-matching sigmas (use a flow-matching scheduler)"
+            )
+        scheduler.set_timesteps(sigmas=sigmas, device=device)
+        if enhance_hf:
+            enhance_hf_schedule(scheduler)
+
+    def _resolve_guidance(
+        self, guidance_scale: float | None, text_guidance_scale: float | None
+    ) -> float:
+        both = guidance_scale is not None and text_guidance_scale is not None
+        if both and guidance_scale != text_guidance_scale:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} and its alias text_guidance_scale="
+                f"{text_guidance_scale} disagree; pass one of them"
+            )
+        scale = guidance_scale if guidance_scale is not None else text_guidance_scale
+        return float(self.config.default_guidance_scale if scale is None else scale)
+
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -496,27 +545,30 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         resolution: str = "480p",
-        num_frames: int = 93,
-        num_cond_frames: int = 13,
+        num_frames: int = NUM_FRAMES,
+        num_cond_frames: int = NUM_COND_FRAMES,
         num_inference_steps: int | None = None,
-        text_guidance_scale: float | None = None,
+        guidance_scale: float | None = None,
         audio_guidance_scale: float | None = None,
         use_distill: bool | None = None,
+        enhance_hf: bool | None = None,
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         audio_features: torch.Tensor | list[torch.Tensor] | None = None,
-        ref_img_index: int = 10,
-        mask_frame_range: int = 3,
+        ref_img_index: int = REF_IMG_INDEX,
+        mask_frame_range: int = MASK_FRAME_RANGE,
         output_type: str = "np",
         return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
         resume_state: LongCatAvatarSegmentState | None = None,
         segment_callback: Callable[..., None] | None = None,
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
-        max_sequence_length: int = 512,
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+        text_guidance_scale: float | None = None,
     ) -> LongCatVideoAvatarPipelineOutput | tuple:
         r"""Generate a talking-avatar video of `num_segments` segments.
 
@@ -528,8 +580,13 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
                 `num_frames` (93) frames, each later one `num_frames - num_cond_frames` (80) more.
             height / width: explicit size (multiples of 16); otherwise the checkpoint's
                 sample_size, else the `resolution` bucket ("480p" / "720p", AI2V by image aspect).
-            num_inference_steps / text_guidance_scale / audio_guidance_scale / use_distill: default
-                per model version (v1.0: 50, 4, 4, no; v1.5: 8, 1, 1, distilled sigmas).
+            num_inference_steps: default per model version (v1.0: 50; v1.5: 8).
+            guidance_scale: text classifier-free guidance scale (`text_guidance_scale` is an
+                alias); with audio_guidance_scale, CFG runs when either exceeds 1. Default per
+                version (v1.0: 4, 4; v1.5: 1, 1).
+            use_distill: sample on the distilled sigma grid (default: v1.5 yes, v1.0 no).
+            enhance_hf: continuation segments keep the timesteps above 500 and add 10 uniform
+                low-noise steps (default: on for v1.0 when not distilled, as the reference demo).
             generator: one torch.Generator or one per video; fixed generators give identical output.
             latents: initial noise of the first segment (B, C, T_lat, h, w).
             prompt_embeds / negative_prompt_embeds / audio_features: precomputed encodings (from
@@ -537,16 +594,19 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
             ref_img_index / mask_frame_range: RoPE time index of the reference latent in
                 continuation, and the ± window of noisy frames that skip attending to it.
             output_type: "pt" (B, F, C, H, W), "np" (B, F, H, W, C), "pil", or "latent".
+            attention_kwargs: passed to every attention processor of the transformer.
             resume_state: continue a video after `resume_state.segments_done` segments; only the
                 frames of the segments rendered by this call are returned.
             segment_callback: `fn(pipe, segment_index, state, frames)` after each segment, with
                 that segment's new frames (B, 3, F_new, H, W) in [-1, 1], on CPU.
             callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict`; tensors it
                 returns replace the pipeline's from that step on.
+
+        Examples:
+
         Returns:
             LongCatVideoAvatarPipelineOutput, or a tuple (frames, state) when return_dict=False.
         """
-        defaults = VERSION_DEFAULTS[self.config.model_version]
         callback_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
             callback_inputs = callback_on_step_end.tensor_inputs
@@ -554,7 +614,7 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
         features = None if audio_features is None else _as_list(audio_features, 1)
         if num_segments is None and audio is not None:
             waves = audio if isinstance(audio, list) else [audio]
-            duration_s = max(np.asarray(w).reshape(-1).size for w in waves) / 16_000
+            duration_s = max(np.asarray(w).reshape(-1).size for w in waves) / SAMPLE_RATE_HZ
             num_segments = self.num_segments_for(duration_s, num_frames, num_cond_frames)
         elif num_segments is None and features is not None:
             duration_s = max(f.shape[0] for f in features) / (self.fps * self.audio_stride)
@@ -577,12 +637,22 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
             resume_state,
             callback_inputs,
         )
-        text_scale, audio_scale = text_guidance_scale, audio_guidance_scale
-        self._text_guidance_scale = defaults["guidance"] if text_scale is None else text_scale
-        self._audio_guidance_scale = defaults["guidance"] if audio_scale is None else audio_scale
-        steps = num_inference_steps or self.config.default_steps or defaults["steps"]
-        use_distill = defaults["distill"] if use_distill is None else use_distill
+        self._guidance_scale = self._resolve_guidance(guidance_scale, text_guidance_scale)
+        self._audio_guidance_scale = float(
+            self.config.default_guidance_scale
+            if audio_guidance_scale is None
+            else audio_guidance_scale
+        )
+        self._attention_kwargs = attention_kwargs
         self._interrupt = False
+        use_distill = self.config.use_distill if use_distill is None else use_distill
+        if enhance_hf and use_distill:
+            raise ValueError("enhance_hf and use_distill cannot both be True (as in the reference)")
+        enhance_hf = (
+            self.config.enhance_hf and not use_distill if enhance_hf is None else enhance_hf
+        )
+        steps = num_inference_steps or self.config.default_steps
+        steps = steps or VERSION_DEFAULTS[self.config.model_version]["steps"]
         device = self._execution_device
 
         # 2. Encode the prompt
@@ -612,8 +682,9 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
             raise ValueError(f"audio has {len(features)} items for batch size {batch_size}")
 
         # 4. Reference / conditioning latents: a resumed state, else the portrait for AI2V
-        num_latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
-        num_cond_latents = (num_cond_frames - 1) // self.vae_scale_factor_temporal + 1
+        temporal = self.vae_scale_factor_temporal
+        num_latent_frames = (num_frames - 1) // temporal + 1
+        num_cond_latents = (num_cond_frames - 1) // temporal + 1
         first_segment = 0
         ref_latent = cond_latents = None
         if resume_state is not None:
@@ -628,9 +699,11 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
                 image, batch_size // num_videos_per_prompt, num_videos_per_prompt, height, width
             ).to(device)
 
-        # 5. Timesteps: the checkpoint's shift applied to linspace(1, 0.001) or distilled sigmas
-        sigmas = sampling_sigmas(steps, use_distill)
-        self._num_timesteps = steps
+        # 5. Timesteps: this call's copy of self.scheduler, shifted linspace or distilled sigmas
+        scheduler = copy.deepcopy(self.scheduler)
+        sigmas = sampling_sigmas(
+            steps, use_distill, self.config.num_distill_steps, self.config.distill_linspace_grid
+        )
 
         # 6. Segment loop: denoise, decode, hand over the conditioning to the next segment
         outputs, state = [], resume_state
@@ -662,8 +735,8 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
                     "ref_img_index": ref_img_index,
                     "mask_frame_range": mask_frame_range,
                 }
-            scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
-            scheduler.set_timesteps(sigmas=sigmas, device=device)
+            self._set_timesteps(scheduler, sigmas, enhance_hf and segment > 0, device)
+            self._num_timesteps = len(scheduler.timesteps)
 
             # 6b. Denoising loop
             with self.progress_bar(total=len(scheduler.timesteps)) as progress_bar:
@@ -704,23 +777,19 @@ class LongCatVideoAvatarPipeline(DiffusionPipeline):
                     progress_bar.update()
 
             # 6c. Decode this segment; keep only its new frames after the first segment
-            skip_frames = 0 if segment == 0 else num_cond_frames
-            needs_pixels = (
-                output_type != "latent"
-                or segment_callback is not None
-                or self.config.model_version == "1.5"
-            )
+            reencode = not self.config.reuse_cond_latents
+            needs_pixels = output_type != "latent" or segment_callback is not None or reencode
             video = self.decode_latents(latents) if needs_pixels else None
             if segment == 0:
                 ref_latent = latents[:, :, :1].clone()
-            if self.config.model_version == "1.5":
-                # v1.5 re-encodes the last decoded frames instead of reusing their latents.
+            if reencode:  # the last decoded frames go back through the VAE
                 cond_latents = self.encode_video(video[:, :, -num_cond_frames:]).to(device)
-            else:
+            else:  # the last latents carry over as they are
                 cond_latents = latents[:, :, -num_cond_latents:].clone()
             state = LongCatAvatarSegmentState(
                 segment + 1, cond_latents, ref_latent, self._generator_states(generator)
             )
+            skip_frames = 0 if segment == 0 else num_cond_frames
             new_video = None if video is None else video[:, :, skip_frames:].cpu()
             if segment_callback is not None:
                 segment_callback(self, segment, state, new_video)

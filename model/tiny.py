@@ -195,11 +195,17 @@ def write_tiny_checkpoint(root: str | Path, version: str = "1.0") -> Path:
         _write_wav2vec2(avatar / "chinese-wav2vec2-base")
     else:
         avatar = root / "LongCat-Video-Avatar-1.5"
-        dit.save_pretrained(avatar / "base_model", max_shard_size="200KB")
+        # Stored in bf16 like the official base_model/, so loading exercises the up-cast.
+        dit.bfloat16().save_pretrained(avatar / "base_model", max_shard_size="200KB")
         (avatar / "lora").mkdir(parents=True, exist_ok=True)
         save_file(tiny_lora_state(dit), avatar / "lora" / "dmd_lora.safetensors")
         FlowMatchEulerDiscreteScheduler(shift=7.0).save_pretrained(avatar / "scheduler")
         _write_whisper(avatar / "whisper-large-v3")
-    defaults = {"sample_size": list(TINY_SAMPLE_SIZE), "default_steps": TINY_STEPS}
+    # enhance_hf off: v1.0 continuation would otherwise add 10 tail steps to the 2 tiny ones.
+    defaults = {
+        "sample_size": list(TINY_SAMPLE_SIZE),
+        "default_steps": TINY_STEPS,
+        "enhance_hf": False,
+    }
     (root / "avatarflow.json").write_text(json.dumps(defaults, indent=2) + "\n")
     return root

@@ -109,3 +109,9 @@ def test_audio_windows_centre_on_stride_and_clamp() -> None:
     assert windows.shape == (10, 5, 1, 1)
     assert windows[0, :, 0, 0].tolist() == [0, 1, 2, 3, 4]  # centre 2
     assert windows[-1, :, 0, 0].tolist() == [18, 19, 19, 19, 19]  # centre 20, clamped
+
+
+def test_normalize_loudness_does_not_clip_like_the_reference() -> None:
+    wave = _tone(2.0, amplitude=0.01)
+    wave[RATE] = 0.5  # one spike: the -23 LUFS gain lifts it past full scale
+    assert np.abs(normalize_loudness(wave)).max() > 1.0

@@ -13,20 +13,9 @@ from transformers import Wav2Vec2Model, WhisperModel
 
 from model import CheckpointError, detect_layout, load_pipeline, load_transformer
 from model.loading import lora_delta, read_lora
-from model.tiny import write_tiny_checkpoint
 
 AVATAR = Path("LongCat-Video-Avatar")
 DIT = AVATAR / "avatar_single"
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny10"))
-
-
-@pytest.fixture(scope="module")
-def tiny15_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny15"), version="1.5")
 
 
 @pytest.fixture
@@ -172,3 +161,82 @@ def test_read_lora_groups_by_module(tiny15_root) -> None:
         "lora_up.blocks.0.weight",
         "lora_up.blocks.1.weight",
     }
+
+
+def _v15_inputs() -> dict:
+    g = torch.Generator().manual_seed(11)
+    mask = torch.ones(1, 12, dtype=torch.long)
+    mask[:, 7:] = 0
+    return {
+        "hidden_states": torch.randn(1, 16, 3, 4, 4, generator=g),
+        "timestep": torch.tensor([[0.0, 874.9, 874.9]]),
+        "encoder_hidden_states": torch.randn(1, 12, 32, generator=g),
+        "encoder_attention_mask": mask,
+        "audio_embeds": torch.randn(1, 9, 5, 5, 32, generator=g),
+        "num_cond_latents": 1,
+    }
+
+
+def _add_reference_lora_hooks(model: torch.nn.Module, lora_file: Path) -> list:
+    """The reference's unmerged LoRA: Linear(x) + alpha_scale * up(down(x)), split ups per part."""
+    handles = []
+    for name, parts in read_lora(lora_file).items():
+        down = parts["lora_down.weight"]
+        ups = [parts[k] for k in sorted(parts) if k.startswith("lora_up.blocks.")]
+        ups = ups or [parts["lora_up.weight"]]
+        scale = float(parts["alpha_scale"])
+
+        def hook(module, args, out, down=down, ups=ups, scale=scale):
+            chunks = (args[0] @ down.T).chunk(len(ups), dim=-1)
+            return out + scale * torch.cat([c @ u.T for c, u in zip(chunks, ups, strict=True)], -1)
+
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    return handles
+
+
+def test_v15_dmd_lora_in_fp32_matches_the_reference_unmerged_forward(tiny15_root) -> None:
+    avatar = tiny15_root / "LongCat-Video-Avatar-1.5"
+    lora_file = avatar / "lora" / "dmd_lora.safetensors"
+    base = _saved_dit_state(avatar / "base_model")
+    assert all(v.dtype == torch.bfloat16 for v in base.values())  # stored like the official bf16
+    merged = load_pipeline(tiny15_root).transformer  # fp32, LoRA merged at load
+    for name, parts in read_lora(lora_file).items():  # the load is exactly an fp32 merge
+        expected = base[name + ".weight"].float() + lora_delta(parts)
+        assert torch.equal(merged.get_submodule(name).weight, expected), name
+
+    reference = load_transformer(avatar / "base_model")  # no LoRA: hooks add it per call
+    handles = _add_reference_lora_hooks(reference, lora_file)
+    with torch.no_grad():
+        want = reference(**_v15_inputs()).sample
+        got = merged(**_v15_inputs()).sample
+    for handle in handles:
+        handle.remove()
+    assert (got - want).abs().max() <= 1e-6
+
+    # The earlier loader rounded weight + delta back to bf16 before the fp32 cast: visibly off.
+    rounded = load_transformer(avatar / "base_model")
+    with torch.no_grad():
+        for name, parts in read_lora(lora_file).items():
+            weight = base[name + ".weight"].float() + lora_delta(parts)
+            rounded.get_submodule(name).weight.copy_(weight.to(torch.bfloat16).float())
+        old = rounded(**_v15_inputs()).sample
+    assert (old - want).abs().max() > 1e-4
+
+
+def test_bf16_load_keeps_the_fp32_modules_in_fp32(tiny15_root) -> None:
+    model = load_transformer(
+        tiny15_root / "LongCat-Video-Avatar-1.5" / "base_model", torch.bfloat16
+    )
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes["t_embedder.mlp.0.weight"] == torch.float32
+    assert dtypes["blocks.0.adaLN_modulation.1.weight"] == torch.float32
+    assert dtypes["blocks.0.audio_adaLN_modulation.1.bias"] == torch.float32
+    assert dtypes["blocks.0.pre_crs_attn_norm.weight"] == torch.float32
+    assert dtypes["final_layer.linear.weight"] == torch.float32
+    assert dtypes["blocks.0.attn.qkv.weight"] == torch.bfloat16
+    assert dtypes["blocks.0.attn.q_norm.weight"] == torch.bfloat16
+    assert model.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = model(**_v15_inputs()).sample
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()

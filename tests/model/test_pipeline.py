@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 from model import (
@@ -14,8 +16,8 @@ from model import (
     LongCatVideoAvatarPipeline,
     guided_velocity,
     load_pipeline,
-    write_tiny_checkpoint,
 )
+from model.pipeline_helpers_longcat_avatar import enhance_hf_schedule, prompt_clean
 from model.pipeline_longcat_avatar import sampling_sigmas
 
 SHORT = {"num_frames": 9, "num_cond_frames": 5}  # 3 latents, 2 of them conditioning
@@ -25,9 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory: pytest.TempPathFactory) -> LongCatVideoAvatarPipeline:
-    root = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-    pipe = load_pipeline(root)
+def pipe(tiny_root: Path) -> LongCatVideoAvatarPipeline:
+    pipe = load_pipeline(tiny_root)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -53,6 +54,137 @@ def test_sampling_sigmas() -> None:
     assert sampling_sigmas(50, use_distill=False)[::49] == pytest.approx([1.0, 0.001])
     assert sampling_sigmas(8, use_distill=True) == pytest.approx([1 - k / 8 for k in range(8)])
     assert sampling_sigmas(2, use_distill=True) == pytest.approx([1.0, 0.5])
+    # v1.5 reads its 8 points off linspace(1, 0, 1000): 1 - 125k / 999, not 1 - k / 8.
+    v15 = sampling_sigmas(8, True, num_distill_steps=8, distill_linspace_grid=True)
+    assert v15 == pytest.approx([1 - 125 * k / 999 for k in range(8)], abs=1e-7)
+    # v1.0 distilled (cfg-step LoRA) picks from a 50-point grid of multiples of 1/50.
+    v10 = sampling_sigmas(16, True, num_distill_steps=50)
+    assert v10[:3] == pytest.approx([1.0, 0.94, 0.88])
+
+
+def test_enhance_hf_keeps_timesteps_above_500_then_adds_a_uniform_tail() -> None:
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    scheduler.set_timesteps(sigmas=sampling_sigmas(50, use_distill=False))
+    kept = scheduler.timesteps[scheduler.timesteps > 500]
+    enhance_hf_schedule(scheduler)
+    assert len(kept) == 43  # with shift 7: 43 + 10 = 53 steps
+    assert scheduler.timesteps[:43].tolist() == kept.tolist()
+    assert scheduler.timesteps[43:].tolist() == [500.0 - 50 * k for k in range(10)]
+    torch.testing.assert_close(scheduler.sigmas[:-1], scheduler.timesteps / 1000)
+    assert scheduler.sigmas[-1] == 0
+
+
+def test_v10_continuation_runs_the_enhance_hf_schedule(pipe) -> None:
+    steps = []
+    handle = pipe.transformer.register_forward_hook(lambda *args: steps.append(1))
+    try:
+        _run(pipe, num_segments=2, enhance_hf=True, **SHORT)
+    finally:
+        handle.remove()
+    # 2 steps first; continuation keeps the t=1000 step and adds 10 tail steps.
+    assert len(steps) == 2 + 1 + 10
+    assert pipe.num_timesteps == 11
+    with pytest.raises(ValueError, match="enhance_hf"):
+        _run(pipe, num_segments=1, enhance_hf=True, use_distill=True, **SHORT)
+
+
+def test_version_behaviour_is_config_flags(pipe, tiny15_root) -> None:
+    v15 = load_pipeline(tiny15_root)
+    assert (pipe.config.fps, pipe.config.audio_stride, pipe.config.reuse_cond_latents) == (
+        16,
+        2,
+        True,
+    )
+    assert (v15.config.fps, v15.config.audio_stride, v15.config.reuse_cond_latents) == (
+        25,
+        1,
+        False,
+    )
+    assert v15.config.use_distill
+    assert v15.config.distill_linspace_grid
+    assert pipe.config.default_guidance_scale == 4.0
+    assert v15.config.default_guidance_scale == 1.0
+    assert not pipe.config.enhance_hf  # the tiny checkpoint's avatarflow.json turns it off
+    assert LongCatVideoAvatarPipeline(**pipe.components).config.enhance_hf  # v1.0's default
+
+
+def test_prompt_clean_fixes_mojibake_html_and_spaces() -> None:
+    assert prompt_clean("  a  caf\u00c3\u00a9 &amp;amp;\n talk ") == "a caf\u00e9 & talk"
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [
+        (
+            "1.0",
+            [0.7709, 0.7766, 0.7757, 0.7572, 0.5756, 0.601, 0.5657, 0.4912, 0.5516, 0.6512]
+            + [0.692, 0.6728],
+        ),
+        (
+            "1.5",
+            [0.7508, 0.7202, 0.7229, 0.7061, 0.4447, 0.4965, 0.5453, 0.43, 0.734, 0.6696]
+            + [0.6843, 0.6748],
+        ),
+    ],
+)
+def test_expected_output_slice(request, version, expected) -> None:
+    root = request.getfixturevalue("tiny_root" if version == "1.0" else "tiny15_root")
+    pipe = load_pipeline(root)
+    pipe.set_progress_bar_config(disable=True)
+    frames = _run(pipe, num_segments=2, **SHORT).frames
+    assert frames.shape == (1, 13, 3, 32, 32)
+    got = frames[0, [0, 6, 12], 1, 16, 14:18].flatten()
+    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-3, rtol=0)
+
+
+def test_native_attention_backend_gives_the_default_frames(pipe) -> None:
+    default = _run(pipe, num_segments=2, **SHORT).frames
+    pipe.transformer.set_attention_backend("native")
+    try:
+        native = _run(pipe, num_segments=2, **SHORT).frames
+    finally:
+        pipe.transformer.reset_attention_backend()
+    torch.testing.assert_close(native, default, atol=1e-6, rtol=0)
+
+
+def test_guidance_scale_drives_text_cfg(pipe) -> None:
+    seen = []
+    handle = pipe.transformer.register_forward_hook(lambda m, a, out: seen.append(out[0].shape[0]))
+    try:
+        text_only = _run(
+            pipe, num_segments=1, guidance_scale=4.0, audio_guidance_scale=1.0, **SHORT
+        )
+    finally:
+        handle.remove()
+    assert seen == [3, 3]  # text guidance alone turns on the 3-pass CFG
+    assert pipe.guidance_scale == pipe.text_guidance_scale == 4.0
+    assert pipe.do_classifier_free_guidance
+    alias = _run(pipe, num_segments=1, text_guidance_scale=4.0, audio_guidance_scale=1.0, **SHORT)
+    torch.testing.assert_close(alias.frames, text_only.frames)
+    weaker = _run(pipe, num_segments=1, guidance_scale=2.0, audio_guidance_scale=1.0, **SHORT)
+    assert not torch.allclose(weaker.frames, text_only.frames)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        _run(pipe, num_segments=1, guidance_scale=2.0, text_guidance_scale=3.0, **SHORT)
+
+
+def test_a_swapped_scheduler_is_the_one_that_samples(pipe) -> None:
+    calls = []
+
+    class Counting(FlowMatchEulerDiscreteScheduler):
+        def step(self, *args, **kwargs):
+            calls.append(1)
+            return super().step(*args, **kwargs)
+
+    original = pipe.scheduler
+    default = _run(pipe, num_segments=2, **SHORT).frames
+    try:
+        pipe.scheduler = Counting.from_config(original.config, shift=3.0)
+        swapped = _run(pipe, num_segments=2, **SHORT).frames
+        assert pipe.scheduler.step_index is None  # each call steps its own copy
+    finally:
+        pipe.scheduler = original
+    assert len(calls) == 4
+    assert not torch.allclose(swapped, default)
 
 
 @pytest.mark.timeout(60)
@@ -231,8 +363,8 @@ def test_save_pretrained_round_trip_reproduces_output(pipe, tmp_path) -> None:
     torch.testing.assert_close(_run(reloaded, num_segments=2, **SHORT).frames, expected)
 
 
-def test_v15_runs_with_whisper_and_reencoded_continuation(tmp_path) -> None:
-    pipe = load_pipeline(write_tiny_checkpoint(tmp_path, version="1.5"))
+def test_v15_runs_with_whisper_and_reencoded_continuation(tiny15_root) -> None:
+    pipe = load_pipeline(tiny15_root)
     pipe.set_progress_bar_config(disable=True)
     out = _run(pipe, num_segments=2, **SHORT)
     assert pipe.fps == 25

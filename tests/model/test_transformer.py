@@ -1,5 +1,6 @@
 """Tests for model/transformer_longcat_avatar.py: a tiny random model on CPU in fp32, and
-meta-device builds of both full-size configs checked against shared/reference/checkpoint_keys.md."""
+meta-device builds of both full-size configs checked against the official tensor names and shapes
+(docs/model.md, "Checkpoint layout")."""
 
 from __future__ import annotations
 
@@ -12,14 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.attention_longcat_avatar import apply_rope, frame_layout, rope_tables
 from model.transformer_longcat_avatar import (
     FinalLayer,
     LongCatKVCache,
     LongCatVideoAvatarTransformer3DModel,
     TimestepEmbedder,
-    _apply_rope,
-    _frame_layout,
-    _rope_tables,
 )
 
 TINY = {
@@ -110,7 +109,9 @@ def test_kv_cache_forward_matches_uncached_forward(ref_img_index, skip_fits):
     ctx = num_ref + num_cond
     inputs["hidden_states"][1, :, :ctx] = inputs["hidden_states"][0, :, :ctx]  # one shared context
     kwargs = {"ref_img_index": ref_img_index, "mask_frame_range": 1}
-    full = run(model, **inputs, **kwargs)
+    timestep = torch.full((2, ctx + num_noisy), 700.0)
+    timestep[:, :ctx] = 0  # the cache holds clean (timestep 0) context
+    full = run(model, **{**inputs, "timestep": timestep}, **kwargs)
 
     with torch.no_grad():
         cache = model.build_kv_cache(
@@ -126,7 +127,7 @@ def test_kv_cache_forward_matches_uncached_forward(ref_img_index, skip_fits):
     assert cached.shape == (2, 16, num_noisy, *LATENT_HW)
     torch.testing.assert_close(cached, full[:, :, ctx:], atol=1e-5, rtol=1e-5)
     # Window ref_img_index +- 1, minus num_cond: noisy frames [0, 3); fits only at index 3.
-    layout = _frame_layout(num_noisy, 6, 0, 0, cache, ref_img_index, 1)
+    layout = frame_layout(num_noisy, 6, 0, 0, cache, ref_img_index, 1)
     assert (layout.skip is not None) == skip_fits
 
 
@@ -239,12 +240,16 @@ def test_padded_text_tokens_are_ignored(zero_pad):
     assert not torch.allclose(run(other, **base, encoder_attention_mask=mask), out)
 
 
-def test_one_timestep_per_sample_gives_context_frames_timestep_zero():
+def test_one_timestep_per_sample_applies_to_every_frame_as_in_the_reference():
+    # The reference expands a (B,) timestep to all T frames, reference and conditioning included
+    # (LongCatVideoAvatarTransformer3DModel.forward); clean frames need an explicit (B, T) zero.
     model = build()
     base = make_inputs(1, 2, 4)
-    per_frame = torch.full((2, 7), 700.0)
-    per_frame[:, :3] = 0
-    torch.testing.assert_close(run(model, **base), run(model, **{**base, "timestep": per_frame}))
+    every_frame = torch.full((2, 7), 700.0)
+    torch.testing.assert_close(run(model, **base), run(model, **{**base, "timestep": every_frame}))
+    clean_context = every_frame.clone()
+    clean_context[:, :3] = 0
+    assert frames_changed(run(model, **base), run(model, **{**base, "timestep": clean_context}))[0]
 
 
 # -------------------------------------------------------------------------------------- conventions
@@ -262,14 +267,14 @@ def test_timestep_sinusoid_is_cos_then_sin_of_the_weight_dtype_value():
 
 def test_rope_rotates_interleaved_pairs_by_t_then_h_then_w_positions():
     # head_dim 16: t uses pairs 0..3, h pairs 4..5, w pairs 6..7; each axis' first pair has freq 1.
-    cos, sin = _rope_tables(16, (3, 2, 2), num_ref=1, ref_img_index=10, device=torch.device("cpu"))
+    cos, sin = rope_tables(16, (3, 2, 2), num_ref=1, ref_img_index=10, device=torch.device("cpu"))
     angles = torch.atan2(sin, cos).view(3, 2, 2, 8)
     torch.testing.assert_close(angles[:, 0, 0, 0], torch.tensor([10.0 - 4 * math.pi, 0.0, 1.0]))
     torch.testing.assert_close(angles[0, :, 1, 4], torch.tensor([0.0, 1.0]))  # h axis
     torch.testing.assert_close(angles[0, 1, :, 6], torch.tensor([0.0, 1.0]))  # w axis
     x = torch.zeros(1, 12, 1, 16)
     x[..., 0] = 1.0  # (x0, x1) = (1, 0) -> (cos, sin) in the same pair
-    out = _apply_rope(x, cos, sin)
+    out = apply_rope(x, cos, sin)
     torch.testing.assert_close(out[0, :, 0, :2], torch.stack([cos[:, 0], sin[:, 0]], dim=-1))
 
 
@@ -297,8 +302,8 @@ def test_block_is_identity_when_gates_and_text_projection_are_zero():
     model = build()
     model.blocks[0] = block
     x = torch.randn(1, 12, 64)
-    layout = _frame_layout(2, 6, 0, 0, None, 10, 0)
-    rope = _rope_tables(16, (2, 2, 3), 0, 10, torch.device("cpu"))
+    layout = frame_layout(2, 6, 0, 0, None, 10, 0)
+    rope = rope_tables(16, (2, 2, 3), 0, 10, torch.device("cpu"))
     with torch.no_grad():
         out, _ = block(
             x.clone(),
@@ -363,7 +368,7 @@ def test_save_pretrained_shards_round_trip_with_official_config_keys(tmp_path):
 
 # ---------------------------------------------------------------------------------------- full size
 
-# Block 0 and the top-level tensors of v1.0 `avatar_single/`, in checkpoint_keys.md order.
+# Block 0 and the top-level tensors of v1.0 `avatar_single/`, in the official index order.
 V10_TOP = [
     ("x_embedder.proj.weight", (4096, 16, 1, 2, 2)),
     ("x_embedder.proj.bias", (4096,)),
@@ -479,7 +484,7 @@ def test_bench_flop_count_matches_reference_notes():
     per_token = bench.dit_forward_flops(
         num_noisy=1, frame_tokens=1, text_tokens=0, audio_tokens=0, patch_out=0
     )
-    assert per_token["linear"] == pytest.approx(25.87e9, rel=1e-3)  # §6: 0.539 GFLOP x 48 per token
+    assert per_token["linear"] == pytest.approx(25.87e9, rel=1e-3)  # 0.539 GFLOP x 48 per token
     at2v = bench.dit_forward_flops(num_noisy=24)  # 480p: 37,440 tokens
     assert at2v["self_attention"] == 4 * 37_440**2 * 4096 * 48
     assert at2v["total"] == pytest.approx(2.09e15, rel=0.01)
@@ -488,3 +493,70 @@ def test_bench_flop_count_matches_reference_notes():
     prepass = bench.dit_forward_flops(num_noisy=0, num_cond=4, num_ref=1)
     assert prepass["total"] == pytest.approx(0.2e15, rel=0.1)
     assert 3 * at2v["total"] == pytest.approx(6.27e15, rel=0.01)  # v1.0 CFG step
+
+
+# ---------------------------------------------------------------------------------------- attention
+
+
+def test_native_attention_backend_gives_the_default_output():
+    model = build()
+    inputs = make_inputs(1, 2, 4)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, 6:] = 0
+    kwargs = {"encoder_attention_mask": mask, "ref_img_index": 3, "mask_frame_range": 1}
+    default = run(model, **inputs, **kwargs)
+    model.set_attention_backend("native")
+    try:
+        processors = model.attn_processors
+        assert len(processors) == 3 * TINY["depth"]
+        assert all(p._attention_backend.value == "native" for p in processors.values())
+        native = run(model, **inputs, **kwargs)
+    finally:
+        model.reset_attention_backend()
+    torch.testing.assert_close(native, default, atol=1e-6, rtol=0)
+
+
+def test_attention_kwargs_reach_a_custom_processor():
+    from model import LongCatAvatarAudioCrossAttnProcessor
+
+    seen = []
+
+    class Recording(LongCatAvatarAudioCrossAttnProcessor):
+        def __call__(self, attn, hidden_states, audio, attention_kwargs=None):
+            seen.append(attention_kwargs)
+            return super().__call__(attn, hidden_states, audio)
+
+    model = build()
+    for block in model.blocks:
+        block.audio_cross_attn.set_processor(Recording())
+    run(model, **make_inputs(0, 0, 2), attention_kwargs={"tag": 1})
+    assert seen == [{"tag": 1}] * TINY["depth"]
+
+
+def test_layerwise_casting_keeps_the_fp32_regions():
+    model = build()
+    inputs = make_inputs(1, 2, 4)
+    ref = run(model, **inputs)
+    model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    assert model.t_embedder.mlp[0].weight.dtype == torch.float32
+    assert model.blocks[0].adaLN_modulation[1].weight.dtype == torch.float32
+    assert model.blocks[0].attn.q_norm.weight.dtype == torch.float32
+    assert model.final_layer.linear.weight.dtype == torch.float32
+    assert model.blocks[0].ffn.w1.weight.dtype == torch.bfloat16
+    out = run(model, **inputs)
+    assert (out - ref).norm() / ref.norm() < 0.05
+
+
+def test_text_mask_need_not_be_a_prefix():
+    model = build()
+    base = make_inputs(0, 1, 3)
+    prefix = torch.zeros(2, 10, dtype=torch.long)
+    prefix[:, :4] = 1
+    scattered = torch.zeros(2, 10, dtype=torch.long)
+    scattered[:, [1, 3, 6, 8]] = 1
+    moved = base["encoder_hidden_states"].clone()
+    moved[:, [1, 3, 6, 8]] = base["encoder_hidden_states"][:, :4]
+    torch.testing.assert_close(
+        run(model, **{**base, "encoder_hidden_states": moved}, encoder_attention_mask=scattered),
+        run(model, **base, encoder_attention_mask=prefix),
+    )
