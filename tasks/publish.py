@@ -29,9 +29,10 @@ from tasks.backends import renderer_class
 from tasks.config import BatchConfig
 from tasks.ledger import Ledger
 from tasks.manifest import ID_PATTERN
-from tasks.qc import GATES, GateResult, QCReport
+from tasks.qc import GATES, QCReport
 from tasks.records import (
     ChunkVideo,
+    GateResult,
     RowFinished,
     RowPlan,
     RowResult,

@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 
 from tasks.config import QC_GATES, QCSettings
-from tasks.records import V1_GRID, GateStatus
+from tasks.records import V1_GRID, GateResult, to_json
 
 GATES = QC_GATES
 
@@ -52,23 +52,6 @@ _MIN_LIPSYNC_FRAMES = 32  # fewer usable frames than this (2 s at 16 fps) cannot
 
 class QCInputError(ValueError):
     """The video or audio cannot be read, or a gate name is unknown: nothing was judged."""
-
-
-@dataclass(frozen=True)
-class GateResult:
-    """One gate's outcome: the value it measured, the threshold it was held to, and why."""
-
-    name: str
-    status: GateStatus
-    value: float | None = None
-    threshold: float | None = None
-    detail: str = ""
-    measured: dict[str, float | int | None] = field(default_factory=dict)
-
-    @property
-    def passed(self) -> bool | None:
-        """True or False, None when the gate was skipped."""
-        return None if self.status == "skipped" else self.status == "passed"
 
 
 @dataclass(frozen=True)
@@ -103,17 +86,7 @@ class QCReport:
             "frames": self.frames,
             "fps": self.fps,
             "elapsed_s": round(self.elapsed_s, 3),
-            "gates": [
-                {
-                    "name": g.name,
-                    "status": g.status,
-                    "value": g.value,
-                    "threshold": g.threshold,
-                    "detail": g.detail,
-                    "measured": g.measured,
-                }
-                for g in self.gates
-            ],
+            "gates": [to_json(g) for g in self.gates],
         }
 
     def to_columns(self) -> dict[str, Any]:

@@ -333,8 +333,9 @@ class Verdict:
 
 
 @dataclass(frozen=True)
-class GateRecord:
-    """One QC gate's outcome as the sidecar keeps it (tasks/qc.py GateResult)."""
+class GateResult:
+    """One QC gate's outcome (tasks/qc.py): the value it measured, the threshold it was held to,
+    and why; the sidecar keeps it as it is."""
 
     name: str
     status: GateStatus
@@ -342,6 +343,11 @@ class GateRecord:
     threshold: float | None = None
     detail: str = ""
     measured: dict[str, float | int | None] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool | None:
+        """True or False, None when the gate was skipped."""
+        return None if self.status == "skipped" else self.status == "passed"
 
 
 @dataclass(frozen=True)
@@ -352,7 +358,7 @@ class QCRecord:
     frames: int
     fps: float
     elapsed_s: float
-    gates: tuple[GateRecord, ...]
+    gates: tuple[GateResult, ...]
 
     @property
     def failed(self) -> tuple[str, ...]:

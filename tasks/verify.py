@@ -21,7 +21,7 @@ from tasks.concat import chunk_frames
 from tasks.config import BatchConfig, QCSettings
 from tasks.media import VideoProbe, count_audio_samples, decode_first_frame, probe_video
 from tasks.qc import QCInputError, QCReport, run_gates
-from tasks.records import V1_GRID, ChunkVideo, GateRecord, QCRecord, RowPlan, Verdict
+from tasks.records import V1_GRID, ChunkVideo, QCRecord, RowPlan, Verdict
 
 # Image-audio buckets keep the nominal area of their resolution within this ratio.
 AREA_TOLERANCE = (0.8, 1.25)
@@ -239,11 +239,8 @@ def check_final(
 
 def qc_record(report: QCReport) -> QCRecord:
     """A QC report as the sidecar keeps it (the local video path left out)."""
-    gates = tuple(
-        GateRecord(g.name, g.status, g.value, g.threshold, g.detail, dict(g.measured))
-        for g in report.gates
-    )
-    return QCRecord(report.passed, report.frames, report.fps, round(report.elapsed_s, 3), gates)
+    elapsed_s = round(report.elapsed_s, 3)
+    return QCRecord(report.passed, report.frames, report.fps, elapsed_s, report.gates)
 
 
 @task(name="verify-video")

@@ -9,7 +9,7 @@ import pytest
 
 from tasks.audio import probe_audio
 from tasks.config import BatchConfig, LocalSettings
-from tasks.plan import PlanError, apply_budget, derive_seed, plan_row
+from tasks.plan import Admission, PlanError, derive_seed, plan_row
 from tasks.records import V1_GRID, AudioInfo, FrameGrid, PlanSummary, Row
 from tasks.workdir import WorkDir
 from tests.factories import make_audio, make_row, with_params
@@ -132,20 +132,24 @@ def test_input_hash_tracks_render_inputs_only() -> None:
     assert len(hashes) == len(changed)
 
 
-def test_budget_dispatches_a_prefix_of_the_manifest() -> None:
+def _admitted(plans: list, budget_usd: float | None, tmp_path: Path) -> list[str]:
+    """Row ids that Admission dispatches, in manifest order, with an empty ledger."""
+    config = CONFIG.model_copy(update={"budget_usd": budget_usd, "target": str(tmp_path)})
+    admission = Admission(config)
+    held = {p.row.id: admission.admit(p) for p in plans}
+    assert all(r is None or "budget" in (r.error or "") for r in held.values())
+    return [row_id for row_id, result in held.items() if result is None]
+
+
+def test_budget_dispatches_a_prefix_of_the_manifest(tmp_path: Path) -> None:
     plans = [
         plan_row(Row(i, f"r{i}", "n.wav"), _audio(d), CONFIG) for i, d in enumerate([5, 10, 5, 1])
     ]
     costs = [p.estimated_cost_usd for p in plans]
-    dispatch, skipped = apply_budget(plans, budget_usd=costs[0] + costs[1])
-    assert [p.row.id for p in dispatch] == ["r0", "r1"]
     # r3 alone would fit, but dispatch stops at the first row over budget
-    assert [p.row.id for p, _ in skipped] == ["r2", "r3"]
-    assert all("budget" in reason for _, reason in skipped)
-    assert apply_budget(plans, None) == (plans, [])
-    nothing, everything = apply_budget(plans, 0.0)
-    assert nothing == []
-    assert [p for p, _ in everything] == plans
+    assert _admitted(plans, costs[0] + costs[1], tmp_path / "a") == ["r0", "r1"]
+    assert _admitted(plans, None, tmp_path / "b") == ["r0", "r1", "r2", "r3"]
+    assert _admitted(plans, 0.0, tmp_path / "c") == []
 
 
 def test_summarize_totals_the_plans() -> None:

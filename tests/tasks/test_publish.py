@@ -36,7 +36,7 @@ from tasks.qc import GATES, GateResult, QCReport
 from tasks.records import (
     Chunk,
     ChunkVideo,
-    GateRecord,
+    GateResult,
     QCRecord,
     RowPlan,
     RowResult,
@@ -352,7 +352,7 @@ def test_sidecar_records_inputs_requests_cost_and_qc_but_no_secret(
     ]
     chunk_qc = (Verdict(True, (), {"frames": 93}), Verdict(True, (), {"frames": 93}))
     final = Verdict(False, ("moov atom is not before mdat",), {"frames": 144})
-    face = GateRecord("face", "failed", 0.25, 0.8, "a face in 1 of 4", {"samples": 4, "faces": 1})
+    face = GateResult("face", "failed", 0.25, 0.8, "a face in 1 of 4", {"samples": 4, "faces": 1})
     gates = QCRecord(False, 144, 16.0, 0.2, (face,))
     rerender = SidecarRerender(3, "e" * 64, ("face",), 1.2)
     sidecar = build_sidecar(
