@@ -24,14 +24,12 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fake lives in tests/fakes
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-
 from flows.produce import run_batch  # noqa: E402
-from flows.settings import BatchConfig, FalSettings  # noqa: E402
 from tasks import progress  # noqa: E402
+from tasks.config import BatchConfig, FalSettings  # noqa: E402
+from tasks.records import ChunkRendered, ProgressEvent  # noqa: E402
+from tests.factories import NO_FACE, write_manifest, write_narrations  # noqa: E402
 from tests.fakes.fal_server import FakeFal  # noqa: E402
-from tests.media_factory import write_narration  # noqa: E402
 
 
 def main() -> None:
@@ -47,23 +45,26 @@ def main() -> None:
         FakeFal(latency_s=args.latency, concurrency=args.max_concurrency) as fake,
     ):
         work = Path(tmp)
-        rows = []
-        for i in range(args.rows):
-            write_narration(work / f"n{i}.wav", 2.0 + (i % 3), seed=i)  # distinct audio per row
-            rows.append({"id": f"row{i:03d}", "audio": f"n{i}.wav"})
-        pq.write_table(pa.Table.from_pylist(rows), work / "manifest.parquet")
+        os.environ.update(fake.env())  # FAL_KEY and the hosts, as a worker would have them
+        # distinct audio per row (seeded by position), 2-4 s long
+        lengths = {f"row{i:03d}": 2.0 + (i % 3) for i in range(args.rows)}
+        manifest = write_manifest(work / "manifest.parquet", write_narrations(work, lengths, ""))
         config = BatchConfig(
-            manifest=str(work / "manifest.parquet"),
+            manifest=manifest,
             target=str(work / "out"),
             work_dir=str(work / "work"),
             backend="fal",
             max_concurrency=args.max_concurrency,
-            fal=FalSettings.from_env(fake.env()),
+            fal=FalSettings(),  # production poll/backoff defaults
+            qc_skip=NO_FACE,  # the fake renders stripes, not a face
         )
         rendered: list[float] = []
-        unsubscribe = progress.subscribe(
-            lambda event, _: rendered.append(time.time()) if event == "chunk_rendered" else None
-        )
+
+        def on_event(event: ProgressEvent) -> None:
+            if isinstance(event, ChunkRendered):
+                rendered.append(time.time())
+
+        unsubscribe = progress.subscribe(on_event)
         started = time.time()
         outcome = run_batch(config)
         total_s = time.time() - started

@@ -22,10 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fake lives in tests/fakes
 
-from flows.settings import BatchConfig, FalSettings  # noqa: E402
-from tasks.records import AudioInfo, Chunk, Row, RowPlan  # noqa: E402
-from tasks.render import RenderJob  # noqa: E402
-from tasks.render_fal import FalRenderer  # noqa: E402
+from tasks.backends import RenderJob  # noqa: E402
+from tasks.backends.fal.renderer import FalRenderer  # noqa: E402
+from tasks.config import BatchConfig, FalSettings  # noqa: E402
+from tasks.ledger import Ledger  # noqa: E402
+from tests.factories import make_audio, make_plan, make_row  # noqa: E402
 from tests.fakes.fal_server import FakeFal  # noqa: E402
 
 
@@ -37,11 +38,9 @@ def make_job(work: Path, index: int) -> RenderJob:
         out.setsampwidth(2)
         out.setframerate(16_000)
         out.writeframes(bytes(32_000))
-    row = Row(index=index, id=f"row{index}", audio=str(wav))
-    audio = AudioInfo(str(wav), "0" * 64, 1.0, 16_000, 1, "pcm_s16le", str(wav))
-    chunk = Chunk(row_id=row.id, index=0, start_s=0.0, end_s=1.0, num_segments=1)
-    plan = RowPlan(row, audio, (chunk,), index, chunk.video_s, 0.0, input_hash=f"h{index}")
-    return RenderJob(plan, (chunk,), (str(wav),), out_dir=str(work / "out"))
+    row = make_row(f"row{index}", str(wav), index=index)
+    plan = make_plan(row, make_audio(1.0, source=str(wav), pcm_path=str(wav)), seed=index)
+    return RenderJob(plan, plan.chunks, (str(wav),), out_dir=str(work / "out"))
 
 
 def main() -> None:
@@ -53,20 +52,23 @@ def main() -> None:
     args = parser.parse_args()
 
     with FakeFal(latency_s=args.latency, concurrency=args.max_concurrency) as fake:
+        os.environ.update(fake.env())  # FAL_KEY and the hosts, as a worker would have them
         config = BatchConfig(
             manifest="bench.parquet",
             backend="fal",
             max_concurrency=args.max_concurrency,
-            fal=FalSettings.from_env(fake.env()),  # production poll/backoff defaults
+            fal=FalSettings(),  # production poll/backoff defaults
         )
         renderer = FalRenderer.shared(config)
         with tempfile.TemporaryDirectory() as tmp:
             jobs = [make_job(Path(tmp), i) for i in range(args.rows)]
+            ledger = Ledger(str(Path(tmp) / "state"))  # the renderer records each request here
             # The flow's fal pool size: spare threads upload and download while 8 are in flight.
             workers = args.max_concurrency * 2 + 2
             started = time.monotonic()
             with ThreadPoolExecutor(workers) as pool:
-                videos = [v for vs in pool.map(renderer.render, jobs) for v in vs]
+                rendered = pool.map(lambda job: renderer.render(job, ledger), jobs)
+                videos = [v for vs in rendered for v in vs]
             wall_s = time.monotonic() - started
         stats = f"{fake.counts['status']} status polls, max {fake.max_in_progress} in progress"
     ideal_s = math.ceil(args.rows / args.max_concurrency) * args.latency

@@ -32,7 +32,7 @@ from tasks.publish import (
     settle_results,
     write_results,
 )
-from tasks.qc import GATES, GateResult, QCReport
+from tasks.qc import GATES, QCReport
 from tasks.records import (
     Chunk,
     ChunkVideo,
