@@ -229,6 +229,8 @@ def test_the_fal_deployment_runs_on_a_worker_as_users_run_it(stack: Stack, tmp_p
     _cancel(stack, run.id)
     _wait(lambda: fal.counts["cancel"] == 3, "the in-flight requests cancelled at fal")
     assert _state(stack, run.id).is_cancelled()
+    # our own modules' log lines (here the cancel hook's) reach the flow run's logs on the server
+    assert sum("CANCELLATION_REQUESTED" in line for line in _logs(stack, run.id)) == 3
     billed_before = fal.billed_units
     fal.latency_s = 0.3
     rerun = _run(stack, {"manifest": slow, "target": str(slow_target), **NOISE})
