@@ -55,11 +55,7 @@ PROJECT_LOGGERS = ("tasks", "flows")
 LOCAL_SHORTCUTS = ("model_dir", "dask_address")  # flat flow parameters for LocalSettings fields
 
 
-def _failed(row_id: str, error: str, extra: dict[str, Any] | None = None) -> RowResult:
-    return RowResult(id=row_id, status="failed", error=error, extra=extra or {})
-
-
-def _first_error(futures: list[PrefectFuture[Any]]) -> str:
+def first_error(futures: list[PrefectFuture[Any]]) -> str:
     """The message of the earliest failed stage of a row (later stages only report NotReady)."""
     for future in futures:
         state = future.state
@@ -187,7 +183,7 @@ class _Batch:
         if future.state.is_completed():
             self._planned[row.index] = future.result()
         else:
-            self._planned[row.index] = _failed(row.id, _first_error([future]), row.extra)
+            self._planned[row.index] = RowResult.failure(row.id, first_error([future]), row.extra)
         if self.in_order:
             while self._frontier < len(self.rows):
                 index = self.rows[self._frontier].index
@@ -219,8 +215,10 @@ class _Batch:
             return  # more chunks of this row are still rendering
         plan, videos = renders.plan, renders.videos()
         if videos is None:
-            error = _first_error(renders.futures)
-            self._finish(plan.row.id, plan.row.index, _failed(plan.row.id, error, plan.row.extra))
+            error = first_error(renders.futures)
+            self._finish(
+                plan.row.id, plan.row.index, RowResult.failure(plan.row.id, error, plan.row.extra)
+            )
             return
         finish = finish_row.submit(plan, videos, self.config)
         self._watch(finish, partial(self._on_finished, plan))
@@ -229,7 +227,7 @@ class _Batch:
         if future.state.is_completed():
             self.results[plan.row.index] = future.result()  # publish_row told the listeners
             return
-        error = _failed(plan.row.id, _first_error([future]), plan.row.extra)
+        error = RowResult.failure(plan.row.id, first_error([future]), plan.row.extra)
         self._finish(plan.row.id, plan.row.index, error)
 
     def _finish(self, row_id: str, index: int, result: RowResult) -> None:
@@ -375,7 +373,7 @@ def _produce(config: BatchConfig) -> BatchOutcome:
         if e.row is not None:  # a row with several problems reports them all
             prior = results.get(e.row)
             text = str(e) if prior is None else f"{prior.error}; {e}"
-            results[e.row] = _failed(e.id or f"row-{e.row}", text, check.extras(e.row))
+            results[e.row] = RowResult.failure(e.id or f"row-{e.row}", text, check.extras(e.row))
 
     # Plan → admit (resume, budget) → render → verify, concat, QC → publish, row by row.
     progress.emit(RowsPlanned(len(check.rows), 0, 0.0))  # totals grow as rows are admitted

@@ -27,7 +27,7 @@ from prefect.deployments import run_deployment
 from prefect.futures import wait
 from prefect.states import Completed, Failed
 
-from flows.produce import _failed, _first_error
+from flows.produce import first_error
 from tasks.config import BatchConfig
 from tasks.ledger import Ledger
 from tasks.manifest import ManifestCheck, load_rows, read_manifest, resolve_location
@@ -157,7 +157,7 @@ def _within_budget(check: ManifestCheck, config: BatchConfig) -> tuple[list[Row]
         if future.state.is_completed():
             plans.append(future.result())
         else:
-            failures.append(_failed(row.id, _first_error([future]), row.extra))
+            failures.append(RowResult.failure(row.id, first_error([future]), row.extra))
     admission = Admission(config)
     chosen, over = set(), []
     for plan in plans:  # in manifest order: the budget holds for the whole parent run
@@ -187,11 +187,15 @@ def merge_results(
             tables.append(table)
         state = run.state.name if run.state else "unknown"
         reason = f"shard {shard.id} did not finish: child flow run {run.name} ended {state}"
-        missing += [_failed(i, reason, extras.get(i)) for i in shard.row_ids if i not in found]
+        missing += [
+            RowResult.failure(i, reason, extras.get(i)) for i in shard.row_ids if i not in found
+        ]
     for error in check.errors:
         if error.row is not None:
             missing.append(
-                _failed(error.id or f"row-{error.row}", str(error), check.extras(error.row))
+                RowResult.failure(
+                    error.id or f"row-{error.row}", str(error), check.extras(error.row)
+                )
             )
     tables.append(results_table(missing, check.passthrough_schema))
     merged = pa.concat_tables(tables, promote_options="permissive")

@@ -384,6 +384,11 @@ class RowResult:
     first_published_at: datetime | None = None  # UTC, the first time a video reached <id>.mp4
     qc: dict[str, Any] = field(default_factory=dict)  # QCReport.to_columns() of the final video
 
+    @classmethod
+    def failure(cls, row_id: str, error: str, extra: dict[str, Any] | None = None) -> RowResult:
+        """A row that failed in this run, with the reason."""
+        return cls(id=row_id, status="failed", error=error, extra=extra or {})
+
 
 @dataclass(frozen=True)
 class BatchOutcome:
