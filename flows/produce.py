@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.blocks.system import Secret
 from prefect.client.schemas.objects import Flow as FlowSchema
 from prefect.client.schemas.objects import FlowRun, State
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.futures import PrefectFuture
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -354,15 +355,34 @@ def _final_state(outcome: BatchOutcome) -> State[BatchOutcome]:
     )
 
 
+class _InRunsOnly(logging.Handler):
+    """Prefect's API log handlers, for records logged inside a flow or task run only.
+
+    The handlers stay on our loggers for the life of the process; a line logged outside any run
+    (a later `avatarflow cancel`, the renderer used directly, a worker between runs) has no run
+    to go to, and Prefect's handler would warn (or raise) instead of dropping it.
+    """
+
+    def __init__(self, handlers: list[logging.Handler]) -> None:
+        super().__init__()
+        self.handlers = handlers
+
+    def emit(self, record: logging.LogRecord) -> None:
+        in_run = FlowRunContext.get() is not None or TaskRunContext.get() is not None
+        if not in_run and getattr(record, "flow_run_id", None) is None:
+            return
+        for handler in self.handlers:
+            handler.handle(record)
+
+
 def _ship_project_logs() -> None:
     """Send our modules' log lines to the flow run's logs on the server, as Prefect's own."""
     api_handlers = logging.getLogger("prefect.extra").handlers
     for name in PROJECT_LOGGERS:
         logger = logging.getLogger(name)
         logger.setLevel(logging.INFO)
-        for handler in api_handlers:
-            if handler not in logger.handlers:
-                logger.addHandler(handler)
+        if not any(isinstance(h, _InRunsOnly) for h in logger.handlers):
+            logger.addHandler(_InRunsOnly(api_handlers))
 
 
 def _produce(config: BatchConfig) -> BatchOutcome:

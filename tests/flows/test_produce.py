@@ -9,6 +9,7 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 import pytest
+import s3fs
 
 from flows.produce import run_batch
 from tasks.config import BatchConfig, LocalSettings
@@ -103,6 +104,10 @@ def test_fal_batch_publishes_to_s3(
     fake: FakeFal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manifest = narrated_manifest(tmp_path, {"hello": 4.0}, subdir="")
+    # s3fs caches filesystems by their options: one made for an earlier test's server (another
+    # port) would be reused for the endpoint found in the environment here.
+    s3fs.S3FileSystem.clear_instance_cache()
+    monkeypatch.setattr(s3fs.S3FileSystem, "cachable", False)
     with S3Server() as s3:
         for key, value in s3.env.items():
             monkeypatch.setenv(key, value)

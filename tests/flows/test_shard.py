@@ -1,18 +1,24 @@
-"""Sharding a large manifest: shards find their audio, children run as ordinary batches on one
-target with their own ledgers, and the parent merges their results."""
+"""Sharding a large manifest: shards find their audio and are named by their content, children run
+as ordinary batches on one target sharing its ledger, and the parent merges their results."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pyarrow.parquet as pq
 import pytest
+from prefect.client.schemas.objects import FlowRun
 
-from flows.produce import run_batch
-from flows.shard import child_config, merge_results, write_shards
+from flows.produce import batch_config, run_batch
+from flows.shard import _child_parameters, merge_results, write_shards
 from tasks.config import BatchConfig
+from tasks.manifest import ManifestCheck, read_manifest, validate_manifest
 from tests.factories import NO_FACE, write_manifest, write_narrations
 from tests.fakes.fal_server import FakeFal
+
+CHILD = {"deployment": "produce-batch/test", "qc_skip": sorted(NO_FACE)}
 
 
 def _manifest(folder: Path, count: int) -> str:
@@ -22,19 +28,34 @@ def _manifest(folder: Path, count: int) -> str:
     return write_manifest(folder / "manifest.parquet", rows)
 
 
-def test_shards_are_deterministic_and_carry_absolute_audio_paths(tmp_path: Path) -> None:
+def _check(config: BatchConfig) -> ManifestCheck:
+    return validate_manifest(read_manifest(config.manifest), config.manifest)
+
+
+def test_shards_are_named_by_content_and_carry_absolute_audio_paths(tmp_path: Path) -> None:
     config = BatchConfig(manifest=_manifest(tmp_path, 5), target=str(tmp_path / "out"))
-    shards = write_shards(config, rows_per_shard=2)
-    assert len(shards) == 3
-    assert write_shards(config, rows_per_shard=2) == shards  # a rerun resumes the same shards
-    tables = [pq.read_table(url.removeprefix("file://")) for url in shards]
+    rows = _check(config).rows
+    shards = write_shards(config, rows, 2, CHILD)
+    assert [s.row_ids for s in shards] == [("row0", "row1"), ("row2", "row3"), ("row4",)]
+    assert write_shards(config, rows, 2, CHILD) == shards  # a rerun resumes the same shards
+    tables = [pq.read_table(s.url.removeprefix("file://")) for s in shards]
     assert [t.num_rows for t in tables] == [2, 2, 1]
     audio = [a for t in tables for a in t.column("audio").to_pylist()]
     assert audio == [str(tmp_path / f"n{i}.wav") for i in range(5)]
-    child = child_config(config, shards[1], 1)
-    assert child.target == config.target
-    assert child.results_name == "results-shard-00001.parquet"
-    assert child.state_url != config.state_url
+    assert all(s.url.endswith(f"shard-{s.id}.parquet") for s in shards)
+
+    # Other child parameters are other shards; the earlier shard files are removed.
+    other = write_shards(config, rows, 2, {**CHILD, "qc_skip": []})
+    assert {s.id for s in other}.isdisjoint({s.id for s in shards})
+    folder = Path(config.state_url) / "shards"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"shard-{s.id}.parquet" for s in other
+    )
+
+    child = _child_parameters(config, shards[1])
+    assert child["target"] == config.target
+    assert (child["manifest"], child["shard"]) == (shards[1].url, shards[1].id)
+    assert child["results_name"] == f"results-shard-{shards[1].id}.parquet"
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -42,18 +63,18 @@ def test_children_publish_to_one_target_and_the_parent_merges_results(
     tmp_path: Path, fake: FakeFal
 ) -> None:
     config = BatchConfig(
-        manifest=_manifest(tmp_path, 3),
-        target=str(tmp_path / "out"),
-        backend="fal",
-        work_dir=str(tmp_path / "work"),
-        fal=fake.settings(),
-        qc_skip=NO_FACE,
+        manifest=_manifest(tmp_path, 3), target=str(tmp_path / "out"), qc_skip=NO_FACE
     )
-    shards = write_shards(config, rows_per_shard=2)
-    for n, url in enumerate(shards):  # what each child deployment run does
-        assert run_batch(child_config(config, url, n)).exit_code == 0
+    check = _check(config)
+    shards = write_shards(config, check.rows, 2, CHILD)
+    own: dict[str, Any] = {"backend": "fal", "work_dir": str(tmp_path / "work")}
+    for shard in shards:  # what each child deployment run does, with its deployment's settings
+        child = batch_config(**_child_parameters(config, shard), **own, fal=fake.settings())
+        assert child.qc_skip == NO_FACE
+        assert run_batch(child).exit_code == 0
     assert fake.submissions == 3
-    merged = merge_results(config, len(shards)).to_pylist()
+    runs = [cast(FlowRun, SimpleNamespace(name=f"child-{s.id}", state=None)) for s in shards]
+    merged = merge_results(config, check, shards, runs, []).to_pylist()
     assert [r["id"] for r in merged] == ["row0", "row1", "row2"]
     assert {r["status"] for r in merged} == {"published"}
     assert [r["course"] for r in merged] == ["c0", "c1", "c2"]
@@ -62,3 +83,15 @@ def test_children_publish_to_one_target_and_the_parent_merges_results(
         "row1.mp4",
         "row2.mp4",
     }
+
+
+def test_rows_an_unfinished_child_did_not_report_are_failed_in_manifest_order(
+    tmp_path: Path,
+) -> None:
+    config = BatchConfig(manifest=_manifest(tmp_path, 3), target=str(tmp_path / "out"))
+    check = _check(config)
+    shards = write_shards(config, check.rows, 2, CHILD)
+    runs = [cast(FlowRun, SimpleNamespace(name=f"child-{s.id}", state=None)) for s in shards]
+    merged = merge_results(config, check, shards, runs, []).to_pylist()  # no child reported
+    assert [(r["id"], r["status"]) for r in merged] == [(f"row{i}", "failed") for i in range(3)]
+    assert all(f"child flow run child-{shards[0].id}" in r["error"] for r in merged[:2])
