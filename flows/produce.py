@@ -21,6 +21,7 @@ from prefect.client.schemas.objects import Flow as FlowSchema
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.futures import PrefectFuture
+from prefect.logging.loggers import flow_run_logger
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -241,8 +242,10 @@ def _cancel_paid_requests(flow: FlowSchema, flow_run: FlowRun, state: State) -> 
     request_stop()
     config = batch_config(**flow_run.parameters)
     backend = renderer_class(config.backend)
+    # The hook may run in the worker's process rather than the run's: log to the run explicitly.
+    logger = flow_run_logger(flow_run=flow_run)
     for record, outcome in backend.cancel_in_flight(Ledger.for_run(config)):
-        logging.getLogger(__name__).warning(
+        logger.warning(
             "row %s chunk %d: request %s %s",
             record.row_id,
             record.chunk,

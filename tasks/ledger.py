@@ -150,14 +150,15 @@ class Ledger:
 
     @contextlib.contextmanager
     def run_slot(self, scope: str | None = None) -> Iterator[None]:
-        """One run per target on any storage, across machines: hold the only slot of a Prefect
+        """One run per target on object stores, across machines: hold the only slot of a Prefect
         global concurrency limit named after this ledger, so a second run waits for the first.
 
-        Only against a Prefect server (PREFECT_API_URL); an ephemeral server lives and dies with
-        its process, so lock() is what serialises runs there. The slot is a lease: a run that
-        dies frees it after RUN_SLOT_LEASE_S. scope: as for lock().
+        Only for ledgers on object stores and only against a Prefect server (PREFECT_API_URL): a
+        local ledger has lock(), which the kernel releases the moment its process dies, while a
+        slot is a lease that a dead run holds until RUN_SLOT_LEASE_S have passed. scope: as for
+        lock().
         """
-        if not PREFECT_API_URL.value():
+        if self.is_local or not PREFECT_API_URL.value():
             yield
             return
         key = f"{self.url}#{scope}" if scope else self.url
