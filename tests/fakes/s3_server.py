@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Any
 
 import boto3
+import s3fs
 from moto.server import ThreadedMotoServer
 
 ACCESS_KEY = "testing-access-key"
@@ -55,6 +56,9 @@ class S3Server:
 
     def start(self) -> S3Server:
         """Start (or restart) the server on its port and make sure the bucket exists."""
+        # s3fs caches filesystems by their options, not by the endpoint the environment names:
+        # one made for an earlier server (another port) must not be reused for this one.
+        s3fs.S3FileSystem.clear_instance_cache()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log per request
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
@@ -78,6 +82,7 @@ class S3Server:
         # ThreadedMotoServer.stop() leaves the socket listening (connections would hang, not fail).
         self._server._server.server_close()  # type: ignore[union-attr]
         self._server = None
+        s3fs.S3FileSystem.clear_instance_cache()
 
     def __enter__(self) -> S3Server:
         return self.start()
