@@ -70,7 +70,10 @@ def test_renders_run_one_per_gpu_worker_and_the_model_stays_loaded(
             for s in task["startstops"]
             if s["action"] == "compute"
         )
-        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:], strict=False))
+        # Dask stamps a task's stop after it has handed back its resources, so the next render
+        # may be stamped as starting a few ms earlier; a shared GPU would overlap by seconds.
+        overlaps = [(a, b) for a, b in zip(spans, spans[1:], strict=False) if a[1] - b[0] > 0.1]
+        assert not overlaps, (worker, overlaps)
     first_chunks, second_chunks = _chunks(tmp_path / "out-a"), _chunks(tmp_path / "out-b")
     assert {c["worker"] for c in first_chunks} <= workers
     assert sum(c["model_load"] == "loaded" for c in first_chunks) <= len(workers)
