@@ -49,6 +49,17 @@ def serve_fake(latency_s: float, in_flight: int, conn: object) -> None:
             time.sleep(3600)
 
 
+def start_fake(latency_s: float, in_flight: int) -> tuple[multiprocessing.Process, dict[str, str]]:
+    """Start the fal fake in its own process; return it and the FAL_* environment to reach it."""
+    parent, child = multiprocessing.Pipe()
+    fake = multiprocessing.Process(
+        target=serve_fake, args=(latency_s, in_flight, child), daemon=True
+    )
+    fake.start()
+    env: dict[str, str] = parent.recv()
+    return fake, env
+
+
 def first_submit(state: Path) -> float:
     """The earliest paid submit of the run: the ledger's attempt records carry their time."""
     times = [json.loads(p.read_text())["started_at"] for p in state.rglob("*.attempt.json")]
@@ -63,12 +74,7 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=16)
     args = parser.parse_args()
 
-    parent, child = multiprocessing.Pipe()
-    fake = multiprocessing.Process(
-        target=serve_fake, args=(args.latency, args.in_flight, child), daemon=True
-    )
-    fake.start()
-    env = parent.recv()
+    fake, env = start_fake(args.latency, args.in_flight)
     os.environ.update(env)
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import multiprocessing
 import os
 import platform
 import subprocess
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from bench.large_manifest import serve_fake  # noqa: E402
+from bench.large_manifest import start_fake  # noqa: E402
 from tests.media_factory import write_narration  # noqa: E402
 
 AVATARFLOW = str(Path(sys.executable).with_name("avatarflow"))
@@ -68,12 +67,7 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=2.0)
     parser.add_argument("--in-flight", type=int, default=16)
     args = parser.parse_args()
-    parent, child = multiprocessing.Pipe()
-    fake = multiprocessing.Process(
-        target=serve_fake, args=(args.latency, args.in_flight, child), daemon=True
-    )
-    fake.start()
-    fal_env = parent.recv()
+    fake, fal_env = start_fake(args.latency, args.in_flight)
     ideal_s = math.ceil(args.rows / args.in_flight) * args.latency
     try:
         with tempfile.TemporaryDirectory() as name:
