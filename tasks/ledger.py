@@ -37,8 +37,16 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.settings import PREFECT_API_URL
 
-from tasks.records import Attempt, ChunkVideo, Published, Request, RowResult, from_json, to_json
-from tasks.storage import sha256_file, sweep_temp_files, write_local, write_url
+from tasks.records import (
+    Attempt,
+    ChunkVideo,
+    Published,
+    Request,
+    RowResult,
+    from_json,
+    json_bytes,
+)
+from tasks.storage import sha256_file, sweep_temp_files, write_fs, write_local
 from tasks.workdir import WorkDir
 
 if TYPE_CHECKING:
@@ -126,7 +134,7 @@ class Ledger:
 
     def write(self, path: str, doc: Any) -> None:
         """Write a record as JSON so that readers see either the old or the complete new one."""
-        write_url(self.fs.unstrip_protocol(path), _dumps(doc), self.storage_options)
+        write_fs(self.fs, path, json_bytes(doc))
 
     @contextlib.contextmanager
     def lock(self, scope: str | None = None) -> Iterator[None]:
@@ -223,7 +231,7 @@ class Ledger:
         doc = Request(request_id, endpoint, n, time.time(), replaced)
         path = self._chunk_path(row_id, input_hash, chunk, "request.json")
         if self.journal is not None:
-            write_local(self._journal_path(path), _dumps(doc))
+            write_local(self._journal_path(path), json_bytes(doc))
         try:
             self.write(path, doc)
         except Exception as exc:
@@ -267,7 +275,7 @@ class Ledger:
     def record_chunk(self, video: ChunkVideo, input_hash: str) -> None:
         """Keep a copy of a rendered chunk and its metadata so any later run can reuse it."""
         mp4 = self._chunk_path(video.row_id, input_hash, video.chunk_index, "mp4")
-        write_url(self.fs.unstrip_protocol(mp4), video.path, self.storage_options)
+        write_fs(self.fs, mp4, video.path)
         self.write(
             self._chunk_path(video.row_id, input_hash, video.chunk_index, "done.json"), video
         )
@@ -305,7 +313,3 @@ class Ledger:
         """True when the file at url (any fsspec URL) exists."""
         fs, path = fsspec.core.url_to_fs(url)
         return bool(fs.exists(path))
-
-
-def _dumps(doc: Any) -> bytes:
-    return json.dumps(to_json(doc), sort_keys=True).encode()

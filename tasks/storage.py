@@ -79,6 +79,11 @@ def write_url(
 ) -> str:
     """Write bytes, or a local file, to any fsspec URL atomically; return the written URL."""
     fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    return write_fs(fs, path, source)
+
+
+def write_fs(fs: fsspec.AbstractFileSystem, path: str, source: bytes | str | Path) -> str:
+    """Write bytes, or a local file, to path on an open filesystem atomically; return its URL."""
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     if isinstance(fs, LocalFileSystem):
         write_local(path, source)
