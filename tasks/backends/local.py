@@ -147,7 +147,7 @@ class LocalRenderer(Renderer):
     def frame_grid(cls, config: BatchConfig) -> FrameGrid:
         if config.local.is_tiny or config.local.model_dir is None:
             return V1_GRID  # the tiny demo checkpoint is v1.0
-        return FrameGrid(checkpoint_fps(config.local.model_dir))
+        return FrameGrid(_checkpoint_fps(config.local.model_dir))
 
     @classmethod
     def expected_frames(cls, plan: RowPlan, chunk: Chunk) -> int:
@@ -321,8 +321,19 @@ def _random_weights(config: BatchConfig) -> bool:
     own small render size, as only `avatarflow model init-tiny` writes."""
     if config.local.is_tiny:
         return True
-    defaults = Path(config.local.model_dir or "") / DEFAULTS_FILE
+    return _declares_own_size(config.local.model_dir or "")
+
+
+# Stages ask these once per row; a checkpoint folder's layout does not change under a run.
+@functools.cache
+def _declares_own_size(model_dir: str) -> bool:
+    defaults = Path(model_dir) / DEFAULTS_FILE
     return defaults.is_file() and "sample_size" in json.loads(defaults.read_text())
+
+
+@functools.cache
+def _checkpoint_fps(model_dir: str) -> int:
+    return int(checkpoint_fps(model_dir))
 
 
 def render_on_dask(job: RenderJob, settings: LocalSettings) -> list[ChunkVideo]:
