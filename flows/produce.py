@@ -156,8 +156,9 @@ class _Batch:
         self.dispatched: list[RowPlan] = []
         self._planned: dict[int, RowPlan | RowResult] = {}  # waiting for their turn (budget)
         self._next = self._frontier = self._planning = self._pending = 0
-        self._done: queue.SimpleQueue[tuple[PrefectFuture[Any], Callable[..., None]]]
-        self._done = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[tuple[PrefectFuture[Any], Callable[..., None]]] = (
+            queue.SimpleQueue()
+        )
 
     def run(self) -> dict[int, RowResult]:
         """Plan, render and finish every row; return each row's result by manifest index."""

@@ -79,15 +79,13 @@ def write_shards(
     folder = f"{config.state_url}/shards"
     shards = []
     for start in range(0, table.num_rows, per_shard):
-        part = table.slice(start, per_shard)
-        data = parquet_bytes(part)
-        inputs = [
-            _fingerprint(r.audio) + _fingerprint(r.image or "") for r in rows[start:][:per_shard]
-        ]
+        part_rows = rows[start : start + per_shard]
+        data = parquet_bytes(table.slice(start, per_shard))
+        inputs = [_fingerprint(r.audio) + _fingerprint(r.image or "") for r in part_rows]
         key = json.dumps([hashlib.sha256(data).hexdigest(), inputs, child_parameters], default=str)
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         url = publish_bytes(data, folder, f"shard-{digest}.parquet")
-        ids = tuple(r.id for r in rows[start:][:per_shard])
+        ids = tuple(r.id for r in part_rows)
         shards.append(Shard(digest, url, ids))
     _remove_stale(folder, {f"shard-{s.id}.parquet" for s in shards})
     _remove_stale(
