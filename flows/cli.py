@@ -1,7 +1,8 @@
 """avatarflow command line: validate, plan, run, cancel, model init-tiny (typer + rich).
 
 Exit status: 0 every row published; 1 some rows failed (results.parquet says which and why);
-2 the manifest or the options are invalid (nothing was dispatched); 130 interrupted (Ctrl-C).
+2 the manifest or the options are invalid (nothing was dispatched); 130 interrupted (Ctrl-C,
+SIGINT); 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -33,7 +35,9 @@ app.add_typer(model_app, name="model")
 console = Console(stderr=True, soft_wrap=True)  # error lines stay whole (paths, URLs)
 out = Console()
 
-EXIT_OK, EXIT_ROWS_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_ROWS_FAILED, EXIT_INVALID = 0, 1, 2
+# Stopped by a signal: 128 + its number, as shells report it (SIGINT 130, SIGTERM 143).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 # Quiet, self-contained Prefect defaults for a CLI run; a user's own settings win.
 PREFECT_DEFAULTS = {
@@ -45,9 +49,10 @@ PREFECT_DEFAULTS = {
     "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
 }
 
-# After Ctrl-C, polls stop at once; an HTTP call already in flight gets this long to return
-# before the process leaves anyway (the ledger is consistent at every instant, so that is safe).
-INTERRUPT_GRACE_S = 10.0
+# After Ctrl-C or SIGTERM, polls stop at once; the run gets this long to unwind (an HTTP call in
+# flight, a thread stuck in a library) before the process leaves anyway: request ids are in the
+# ledger before any wait, and the ledger is consistent at every instant, so that is safe.
+INTERRUPT_GRACE_S = 5.0
 
 ManifestArg = Annotated[str, typer.Argument(help="Parquet, CSV or JSONL manifest (path or URL).")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="local | fal")]
@@ -180,7 +185,7 @@ def run(
         str, typer.Option(help='json (the summary) | slack (a {"text": ...} message)')
     ] = "json",
 ) -> None:
-    """Render, verify and publish every row; live progress; exit 0/1/2/130 as documented."""
+    """Render, verify and publish every row; live progress; exit 0/1/2/130/143 as documented."""
     from tasks.backends import renderer_class
     from tasks.config import LocalSettings
 
@@ -212,7 +217,7 @@ def run(
 
 
 def _run_locked(config: BatchConfig) -> BatchOutcome:
-    """Run the batch with live progress; Ctrl-C → 130, a busy target → 2."""
+    """Run the batch with live progress; Ctrl-C → 130, SIGTERM → 143, a busy target → 2."""
     from flows.live import run_with_progress
     from tasks.ledger import LedgerBusyError
 
@@ -227,9 +232,12 @@ def _run_locked(config: BatchConfig) -> BatchOutcome:
     except LedgerBusyError as exc:
         console.print(f"[red]busy[/red]: {exc}; wait for it to finish (or stop it) first")
         raise typer.Exit(EXIT_INVALID) from None
-    except KeyboardInterrupt:
-        interrupt.say()
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except BaseException as exc:
+        code = interrupt.exit_code_for(exc)
+        if code is None:
+            raise
+        interrupt.say()  # the run unwound from the signal in time
+        raise typer.Exit(code) from None
     finally:
         console.print(f"log:     {log_path}")
 
@@ -266,35 +274,82 @@ def _named_loggers() -> list[logging.Logger]:
 
 
 class _Interrupt:
-    """SIGINT during a run: stop dispatching, let the flow unwind, exit 130 with one hint line."""
+    """SIGINT or SIGTERM during a run: stop dispatching, let the flow unwind, exit 128 + signal
+    with one hint line; a second signal, or a run still unwinding after INTERRUPT_GRACE_S,
+    leaves at once.
+
+    Prefect replaces the SIGTERM handler while a flow runs (its own raises TerminationSignal in
+    the main thread), so the stop flag and the grace timer are not left to Python-level
+    handlers: the C-level handler writes every caught signal's number to a wakeup socket
+    (signal.set_wakeup_fd), and a watcher thread acts on it whichever handler is installed.
+    """
 
     def __init__(self, hint: str) -> None:
         self.hint = hint
+        self.signum: int | None = None  # the first stop signal
+        self._deliveries = 0
+        self._lock = threading.Lock()
         self._said = threading.Lock()
-        self._first = True
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        """Handle SIGINT inside the block (main thread only), restoring the old handler after."""
-        previous = signal.signal(signal.SIGINT, self._handle)
+        """Handle SIGINT and SIGTERM inside the block (main thread only), restoring after."""
+        previous = {signum: signal.signal(signum, self._raise) for signum in STOP_SIGNALS}
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)  # set_wakeup_fd needs it: the C handler must never block
+        old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        watcher = threading.Thread(
+            target=self._watch, args=(reader,), name="avatarflow-signals", daemon=True
+        )
+        watcher.start()
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            signal.set_wakeup_fd(old_fd)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            writer.close()  # the watcher reads EOF and ends
+            watcher.join(timeout=1.0)
+            reader.close()
 
-    def _handle(self, signum: int, frame: object) -> None:
+    def exit_code_for(self, exc: BaseException) -> int | None:
+        """128 + the stop signal's number when exc is how the run unwound from it, else None."""
+        from prefect.exceptions import TerminationSignal
+
+        signum = self.signum
+        if signum is None and isinstance(exc, TerminationSignal):
+            signum = exc.signal
+        elif signum is None and isinstance(exc, KeyboardInterrupt):
+            signum = signal.SIGINT
+        return None if signum is None else 128 + signum
+
+    def _raise(self, signum: int, frame: object) -> None:
+        """Unwind the main thread, where the flow waits on its tasks: Prefect marks the flow run
+        crashed and re-raises, and the thread pool's workers stop at their next poll."""
+        self._note(signum)
+        raise KeyboardInterrupt
+
+    def _note(self, signum: int) -> None:
         from tasks.stop import request_stop
 
-        if not self._first:  # a second Ctrl-C: leave now
-            self.leave()
-        self._first = False
-        request_stop()  # no new paid submit; polls wake up and stop
-        watchdog = threading.Timer(INTERRUPT_GRACE_S, self.leave)
-        watchdog.daemon = True  # never what keeps the process alive
-        watchdog.start()
-        # Raised in the main thread, where the flow waits on its tasks: Prefect marks the flow
-        # run crashed and re-raises it, and the thread pool's workers stop at their next poll.
-        raise KeyboardInterrupt
+        with self._lock:
+            if self.signum is None:
+                self.signum = signum
+        request_stop()  # no new paid submit; polls and waits wake up and stop
+
+    def _watch(self, reader: socket.socket) -> None:
+        """Every stop signal the process catches, whoever's handler runs for it in Python."""
+        while data := reader.recv(64):
+            for signum in data:
+                if signum not in STOP_SIGNALS:
+                    continue
+                self._note(signum)
+                self._deliveries += 1
+                if self._deliveries > 1:  # a second signal: leave now
+                    self.leave()
+                watchdog = threading.Timer(INTERRUPT_GRACE_S, self.leave)
+                watchdog.daemon = True  # never what keeps the process alive
+                watchdog.start()
 
     def say(self) -> None:
         """Print the hint, once."""
@@ -304,9 +359,9 @@ class _Interrupt:
             sys.stderr.flush()
 
     def leave(self) -> None:
-        """Print the hint and end the process at once with status 130."""
+        """Print the hint and end the process at once with 128 + the signal's number."""
         self.say()
-        os._exit(EXIT_INTERRUPTED)
+        os._exit(128 + (self.signum or signal.SIGINT))
 
 
 @app.command()

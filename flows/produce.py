@@ -239,13 +239,32 @@ class _Batch:
 
 
 def _cancel_paid_requests(flow: FlowSchema, flow_run: FlowRun, state: State) -> None:
-    """On cancellation: stop dispatching and cancel the run's paid requests still in flight."""
+    """On cancellation: stop dispatching and cancel the run's paid requests still in flight.
+
+    Prefect may run this hook in another process than the run's (a process worker runs it in a
+    subprocess with the worker's environment), so the key is found the way the run found it:
+    the Secret block the run names, else FAL_KEY here. It goes to the client, not os.environ.
+    """
     request_stop()
-    config = batch_config(**flow_run.parameters)
+    parameters = dict(flow_run.parameters)
+    secret_name = parameters.get("fal_key_secret")
+    config = batch_config(**parameters)
     backend = renderer_class(config.backend)
-    # The hook may run in the worker's process rather than the run's: log to the run explicitly.
+    # Not necessarily in the run's process: log to the run explicitly.
     logger = flow_run_logger(flow_run=flow_run)
-    for record, outcome in backend.cancel_in_flight(Ledger.for_run(config)):
+    try:
+        api_key = cast(Secret[str], Secret.load(secret_name)).get() if secret_name else None
+        outcomes = backend.cancel_in_flight(Ledger.for_run(config), api_key=api_key)
+    except Exception as exc:  # the run is cancelled either way: say what is left to do
+        logger.error(
+            "could not cancel the run's paid requests (%s: %s); run `avatarflow cancel %s` "
+            "where the key is set",
+            type(exc).__name__,
+            exc,
+            config.target,
+        )
+        return
+    for record, outcome in outcomes:
         logger.warning(
             "row %s chunk %d: request %s %s",
             record.row_id,
@@ -347,12 +366,27 @@ class RowsFailed(Exception):
         self.outcome = outcome
 
 
+class _RowsFailedIsNoCrash(logging.Filter):
+    """Drops Prefect's "Engine execution exited with unexpected exception" traceback for a run
+    that ended Failed because rows failed: a deployment's engine re-raises a Failed state's
+    exception and logs it as if the engine broke, though the run ended as designed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], RowsFailed))
+
+
+_ROWS_FAILED_IS_NO_CRASH = _RowsFailedIsNoCrash()
+
+
 def _final_state(outcome: BatchOutcome) -> State[BatchOutcome]:
     """Completed when every row is published (now or before), else Failed with the count."""
     rows = len(outcome.results)
     if outcome.failed:
         error = RowsFailed(outcome)
         get_run_logger().error(str(error))
+        # the run logger, and the engine's logger for the process's own output
+        for name in ("prefect.flow_runs", "prefect.engine"):
+            logging.getLogger(name).addFilter(_ROWS_FAILED_IS_NO_CRASH)  # once: a set
         return Failed(message=str(error), data=error)
     return Completed(
         message=f"{rows} rows published; results at {outcome.results_url}", data=outcome

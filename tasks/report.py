@@ -30,6 +30,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.utilities.slugify import slugify
 
 from tasks import progress
 from tasks.backends import renderer_class
@@ -282,9 +283,14 @@ def write_report(
 
 
 def artifact_key(config: BatchConfig, kind: str) -> str:
-    """A stable Prefect artifact key per target, so the UI shows each target's history."""
-    digest = hashlib.sha256(config.target.rstrip("/").encode()).hexdigest()[:12]
-    return f"avatarflow-{kind}-{digest}"
+    """A stable Prefect artifact key per target, so the UI shows each target's history:
+    `avatarflow-KIND-NAME-HASH`, NAME the target's last path part in Prefect's key alphabet
+    (lowercase letters, digits, dashes) so `prefect artifact ls` tells targets apart, HASH the
+    whole target's so two targets with one last part (…/a/today, …/b/today) stay apart."""
+    target = config.target.rstrip("/")
+    name = slugify(target.rsplit("/", 1)[-1], max_length=40, word_boundary=True) or "target"
+    digest = hashlib.sha256(target.encode()).hexdigest()[:8]
+    return f"avatarflow-{kind}-{name}-{digest}"
 
 
 def publish_artifacts(outcome: BatchOutcome, config: BatchConfig, wall_s: float) -> None:

@@ -102,8 +102,13 @@ class Renderer(ABC):
         return 4
 
     @classmethod
-    def cancel_in_flight(cls, ledger: Ledger) -> list[tuple[ChunkRecord, str]]:
-        """Cancel the ledger's requests still running at the service; (record, outcome) each."""
+    def cancel_in_flight(
+        cls, ledger: Ledger, api_key: str | None = None
+    ) -> list[tuple[ChunkRecord, str]]:
+        """Cancel the ledger's requests still running at the service; (record, outcome) each.
+
+        api_key: the service's key where this process's environment lacks it (a Secret block).
+        """
         return []
 
     # --- the worker's instance ------------------------------------------------------------------

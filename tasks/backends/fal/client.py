@@ -152,8 +152,10 @@ class FalQueueClient:
         *,
         inline_max_bytes: int = INLINE_MAX_BYTES,
         rng: random.Random | None = None,
+        key: str | None = None,
     ) -> None:
-        key = settings.api_key()
+        # key: given where it is not in this process's environment (a run's Secret block)
+        key = key or settings.api_key()
         if key is None:
             raise FalAuthError("FAL_KEY is not set: export it to use the fal backend")
         self._key = key

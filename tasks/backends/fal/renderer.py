@@ -187,9 +187,11 @@ class FalRenderer(Renderer):
         return config.max_concurrency * 2 + 2
 
     @classmethod
-    def cancel_in_flight(cls, ledger: Ledger) -> list[tuple[ChunkRecord, str]]:
+    def cancel_in_flight(
+        cls, ledger: Ledger, api_key: str | None = None
+    ) -> list[tuple[ChunkRecord, str]]:
         outcomes = []
-        with FalQueueClient(FalSettings()) as client:
+        with FalQueueClient(FalSettings(), key=api_key) as client:
             for record in ledger.in_flight():
                 if record.request_id is None:  # ambiguous: there is no id to cancel
                     outcomes.append((record, "request id unknown (ambiguous submit)"))
