@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import httpx
@@ -23,6 +24,7 @@ from tests.media_factory import write_narration
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 POOL, DEPLOYMENT = "avatarflow-cpu", "produce-batch/nightly-fal"
+SECRET = "fal-key"
 # The loopback fal service renders noise: no face to find, no identity across seams.
 NOISE = {"qc_skip": ["face", "lipsync", "seams"]}
 pytestmark = pytest.mark.slow
@@ -51,13 +53,41 @@ class Stack:
             **{k: v for k, v in fal.env().items() if k != "FAL_KEY"},  # pinned at deploy time
         }
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.worker: subprocess.Popen[bytes] | None = None
 
-    def start(self, *args: str, log: str, env: dict[str, str] | None = None) -> None:
-        with (self.home / log).open("wb") as out:
+    def start(
+        self, *args: str, log: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        with (self.home / log).open("ab") as out:
             process = subprocess.Popen(
                 args, env=env or self.env, stdout=out, stderr=subprocess.STDOUT, cwd=self.home
             )
         self.processes.append(process)
+        return process
+
+    def start_worker(self, fal_key: bool = True) -> None:
+        """(Re)start the pool's one process worker, with FAL_KEY in its environment or not."""
+        self.stop_worker()
+        env = {**self.env, "FAL_KEY": self.fal.key} if fal_key else self.env
+        self.worker = self.start(
+            PREFECT, "worker", "start", "--pool", POOL, log="worker.log", env=env
+        )
+
+    def stop_worker(self, kill: bool = False) -> None:
+        """Stop the worker (SIGKILL with kill=True, as a crashed machine would)."""
+        if self.worker is None:
+            return
+        if kill:
+            self.worker.kill()
+        else:  # first SIGTERM: it stops polling; a second would SIGKILL it
+            self.worker.terminate()
+        try:
+            self.worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.worker.kill()
+            self.worker.wait()
+        self.processes.remove(self.worker)
+        self.worker = None
 
     def prefect(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -129,10 +159,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "deploy", "--prefect-file", "deploy/prefect.yaml", "--all", cwd=work
             )
             assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-            worker_env = {**stack.env, "FAL_KEY": fal.key}  # the key lives on the worker only
-            stack.start(
-                PREFECT, "worker", "start", "--pool", POOL, log="worker.log", env=worker_env
-            )
+            stack.start_worker()  # the key lives on the worker only
             yield stack
         finally:
             stack.stop()
@@ -182,10 +209,32 @@ def _artifact_keys(stack: Stack, flow_run_id: UUID) -> set[str]:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
-    return {artifact.type + ":" + (artifact.key or "").split("-")[1] for artifact in artifacts}
+    return {artifact.key or "" for artifact in artifacts}
+
+
+def _save_secret(stack: Stack, name: str, value: str) -> None:
+    from prefect.blocks.system import Secret
+
+    with _api(stack):
+        Secret(value=value).save(name, overwrite=True)
 
 
 def test_the_fal_deployment_runs_on_a_worker_as_users_run_it(stack: Stack, tmp_path: Path) -> None:
+    fal = stack.fal
+    # The key is in a Secret block each run names; the worker (and so the process that runs the
+    # cancellation hook) has no FAL_KEY at all.
+    _save_secret(stack, SECRET, fal.key)
+    stack.start_worker(fal_key=False)
+    try:
+        _fal_deployment_scenarios(stack, tmp_path, {**NOISE, "fal_key_secret": SECRET})
+    finally:
+        stack.start_worker()
+
+
+def _fal_deployment_scenarios(stack: Stack, tmp_path: Path, common: dict[str, object]) -> None:
+    from tasks.config import BatchConfig
+    from tasks.report import artifact_key
+
     fal = stack.fal
     good = _manifest(
         tmp_path / "good", [{"id": f"row-{i}", "audio": f"a{i}.wav"} for i in range(3)]
@@ -194,37 +243,51 @@ def test_the_fal_deployment_runs_on_a_worker_as_users_run_it(stack: Stack, tmp_p
 
     # 1. Override manifest, target (and the QC gates noise cannot pass): backend, budget and the
     #    rest stay the deployment's.
-    run = _run(stack, {"manifest": good, "target": str(target), **NOISE})
+    run = _run(stack, {"manifest": good, "target": str(target), **common})
     assert run.state.is_completed(), run.state.message
     assert (run.parameters["backend"], run.parameters["budget_usd"]) == ("fal", 500)
     assert "3 rows published" in run.state.message
     assert sorted(p.name for p in target.glob("*.mp4")) == ["row-0.mp4", "row-1.mp4", "row-2.mp4"]
-    keys = _artifact_keys(stack, run.id)
-    assert {"table:rows", "markdown:summary", "markdown:results", "markdown:report"} <= keys
-    assert "progress:progress" in keys
+    # Readable keys, one per target: `prefect artifact ls` tells targets apart by name.
+    config = BatchConfig(manifest=good, target=str(target))
+    kinds = ("rows", "summary", "results", "report", "progress")
+    expected = {artifact_key(config, kind) for kind in kinds}
+    assert expected <= _artifact_keys(stack, run.id)
+    assert all(
+        key.startswith(f"avatarflow-{kind}-out-")
+        for key, kind in zip(sorted(expected), sorted(kinds), strict=True)
+    )
     assert fal.submissions == 3
 
-    # 2. One bad row: the run is Failed with the count, the good rows are published.
+    # 2. One bad row: the run is Failed with the count, the good rows are published, and the
+    #    logs say which row failed and why, without an engine traceback.
     mixed = [{"id": "ok", "audio": "ok.wav"}, {"id": "broken", "audio": "broken.wav"}]
     mixed_manifest = _manifest(tmp_path / "mixed", mixed)
-    run = _run(stack, {"manifest": mixed_manifest, "target": str(target), **NOISE})
+    run = _run(stack, {"manifest": mixed_manifest, "target": str(target), **common})
     assert run.state.is_failed()
     assert run.state.message.startswith("1 of 2 rows failed")
     assert (target / "ok.mp4").exists()
     assert not (target / "broken.mp4").exists()
-    assert any("row broken failed" in line for line in _logs(stack, run.id))
+    logs = _logs(stack, run.id)
+    assert any("row broken failed" in line for line in logs)
+    assert any(line.startswith("1 of 2 rows failed") for line in logs)
+    noise = ("Engine execution exited", "unexpected exception", "Traceback")
+    assert [line for line in logs if any(n in line for n in noise)] == []
+    worker_log = (stack.home / "worker.log").read_text(errors="replace")
+    assert "exited with unexpected exception" not in worker_log
 
     # 3. A fal key given as a parameter is refused: no run is created by Prefect's own CLI.
     given = stack.prefect("deployment", "run", DEPLOYMENT, "--param", f"fal_key={fal.key}")
     assert given.returncode != 0
     assert "fal_key" in given.stdout + given.stderr
 
-    # 4. Cancelling mid-flight cancels the run's fal requests; the rerun pays for nothing twice.
+    # 4. Cancelling mid-flight cancels the run's fal requests (with the key from the run's Secret
+    #    block: the hook's process has no FAL_KEY); the rerun pays for nothing twice.
     fal.reset()
     fal.latency_s = 60.0
     slow = _manifest(tmp_path / "slow", [{"id": f"s{i}", "audio": f"s{i}.wav"} for i in range(3)])
     slow_target = tmp_path / "slow-out"
-    run = _run(stack, {"manifest": slow, "target": str(slow_target), **NOISE}, timeout=0)
+    run = _run(stack, {"manifest": slow, "target": str(slow_target), **common}, timeout=0)
     _wait(lambda: fal.submissions == 3, "3 fal requests in flight")
     _cancel(stack, run.id)
     _wait(lambda: fal.counts["cancel"] == 3, "the in-flight requests cancelled at fal")
@@ -233,12 +296,37 @@ def test_the_fal_deployment_runs_on_a_worker_as_users_run_it(stack: Stack, tmp_p
     assert sum("CANCELLATION_REQUESTED" in line for line in _logs(stack, run.id)) == 3
     billed_before = fal.billed_units
     fal.latency_s = 0.3
-    rerun = _run(stack, {"manifest": slow, "target": str(slow_target), **NOISE})
+    rerun = _run(stack, {"manifest": slow, "target": str(slow_target), **common})
     assert rerun.state.is_completed(), rerun.state.message
     assert billed_before == 0.0  # cancelled requests produced nothing and were not billed
     assert fal.billed_units == pytest.approx(3 * 93 / 16)  # each row paid once
     results = pq.read_table(slow_target / "results.parquet").to_pylist()
     assert [r["status"] for r in results] == ["published"] * 3
+
+
+def test_a_run_whose_worker_is_killed_keeps_running_and_publishes(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """`kill -9` of the worker while fal renders: the flow-run process (its own session) loses
+    the pipe its output went to, and must neither crash nor pay again."""
+    fal = stack.fal
+    fal.reset()
+    fal.latency_s = 8.0
+    rows = [{"id": f"k{i}", "audio": f"k{i}.wav"} for i in range(3)]
+    manifest, target = _manifest(tmp_path / "kill", rows), tmp_path / "kill-out"
+    run = _run(stack, {"manifest": manifest, "target": str(target), **NOISE}, timeout=0)
+    try:
+        _wait(lambda: fal.submissions == 3, "3 fal requests in flight")
+        stack.stop_worker(kill=True)
+        state = _state(stack, run.id, timeout=120)
+    finally:
+        fal.latency_s = 0.3
+        stack.start_worker()
+    assert state.is_completed(), state.message
+    assert fal.submissions == 3  # nothing paid twice
+    assert sorted(p.name for p in target.glob("*.mp4")) == ["k0.mp4", "k1.mp4", "k2.mp4"]
+    statuses = pq.read_table(target / "results.parquet").column("status").to_pylist()
+    assert statuses == ["published"] * 3
 
 
 def test_a_sharded_run_lists_every_row_resumes_and_never_pays_twice(
@@ -303,10 +391,10 @@ def _cancel(stack: Stack, flow_run_id: UUID) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _state(stack: Stack, flow_run_id: UUID) -> object:
+def _state(stack: Stack, flow_run_id: UUID, timeout: float = 60) -> Any:
     from prefect.client.orchestration import get_client
 
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     with _api(stack), get_client(sync_client=True) as client:
         while True:
             state = client.read_flow_run(flow_run_id).state
