@@ -100,7 +100,7 @@ class Stack:
         )
 
     def wait_healthy(self) -> None:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180  # a loaded 2-core machine takes over 90 s at times
         while time.monotonic() < deadline:
             try:
                 if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
