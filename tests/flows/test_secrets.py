@@ -15,18 +15,21 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
+from uuid import uuid4
 
 import pytest
 from prefect.logging.handlers import APILogHandler
 from prefect.settings import get_current_settings
 
 from flows.produce import run_batch
-from tasks.config import BatchConfig
+from tasks.backends.fal.client import FalQueueClient
+from tasks.config import BatchConfig, FalSettings
+from tasks.ledger import Ledger
 from tasks.plan import PlanError, prepare
 from tasks.records import Row
 from tests.cli import invoke
 from tests.factories import NO_FACE, NO_FACE_ARGS, write_manifest
-from tests.fakes.fal_server import FakeFal, Faults
+from tests.fakes.fal_server import APP, FakeFal, Faults
 from tests.media_factory import write_image, write_narration
 
 # Distinctive enough that any hit is the key: a real fal key is "<key id>:<secret>".
@@ -178,3 +181,40 @@ def test_signed_input_urls_are_masked_in_row_errors(
     assert failure.value.error.kind in ("missing", "fetch_failed")
     assert "X-Amz-Signature=***" in str(failure.value)
     assert CANARY not in str(failure.value)
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_the_cancel_hook_uses_the_runs_secret_block_where_fal_key_is_unset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefect runs on_cancellation hooks where it likes (a process worker: a subprocess with the
+    worker's environment); without FAL_KEY there, the run's Secret block gives the key."""
+    from prefect.blocks.system import Secret
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.states import Cancelling
+
+    from flows.produce import _cancel_paid_requests, produce_batch
+    from tasks.stop import clear_stop
+
+    with FakeFal(latency_s=60.0, key=KEY) as fal:
+        for name, value in fal.env().items():
+            monkeypatch.setenv(name, value)
+        with FalQueueClient(FalSettings(), key=KEY) as client:
+            url = client.upload(b"RIFF" + b"\0" * 64, "audio/wav")
+            ids = [client.submit(f"{APP}/audio-to-video", {"audio_url": url}).request_id]
+        target = tmp_path / "out"
+        ledger = Ledger(str(target / ".avatarflow"))
+        ledger.record_attempt("row-1", "h" * 64, 0, f"{APP}/audio-to-video")
+        ledger.record_request("row-1", "h" * 64, 0, ids[0], f"{APP}/audio-to-video")
+        Secret(value=KEY).save("fal-key-hook-test", overwrite=True)
+        monkeypatch.delenv("FAL_KEY", raising=False)
+        parameters = {"manifest": "m.parquet", "target": str(target), "backend": "fal"}
+        parameters |= {"work_dir": str(tmp_path / "work"), "fal_key_secret": "fal-key-hook-test"}
+        flow_run = FlowRun(flow_id=uuid4(), parameters=parameters)
+        try:
+            _cancel_paid_requests(produce_batch, flow_run, Cancelling())  # type: ignore[arg-type]
+        finally:
+            clear_stop()
+        assert fal.counts["cancel"] == 1
+        assert fal.state(ids[0]) == "COMPLETED"  # cancelled: it ends, unbilled
+        assert "FAL_KEY" not in os.environ  # the key went to the client, not the environment
