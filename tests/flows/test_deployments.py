@@ -23,8 +23,6 @@ from tests.media_factory import write_narration
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 POOL, DEPLOYMENT = "avatarflow-cpu", "produce-batch/nightly-fal"
-# The loopback fal service renders noise: no face to find, no identity across seams.
-NOISE = {"qc_skip": ["face", "lipsync", "seams"]}
 pytestmark = pytest.mark.slow
 
 
@@ -192,9 +190,8 @@ def test_the_fal_deployment_runs_on_a_worker_as_users_run_it(stack: Stack, tmp_p
     )
     target = tmp_path / "out"
 
-    # 1. Override manifest, target (and the QC gates noise cannot pass): backend, budget and the
-    #    rest stay the deployment's.
-    run = _run(stack, {"manifest": good, "target": str(target), **NOISE})
+    # 1. Override manifest and target: backend, budget, QC and the rest stay the deployment's.
+    run = _run(stack, {"manifest": good, "target": str(target)})
     assert run.state.is_completed(), run.state.message
     assert (run.parameters["backend"], run.parameters["budget_usd"]) == ("fal", 500)
     assert "3 rows published" in run.state.message
@@ -207,7 +204,7 @@ def test_the_fal_deployment_runs_on_a_worker_as_users_run_it(stack: Stack, tmp_p
     # 2. One bad row: the run is Failed with the count, the good rows are published.
     mixed = [{"id": "ok", "audio": "ok.wav"}, {"id": "broken", "audio": "broken.wav"}]
     mixed_manifest = _manifest(tmp_path / "mixed", mixed)
-    run = _run(stack, {"manifest": mixed_manifest, "target": str(target), **NOISE})
+    run = _run(stack, {"manifest": mixed_manifest, "target": str(target)})
     assert run.state.is_failed()
     assert run.state.message.startswith("1 of 2 rows failed")
     assert (target / "ok.mp4").exists()
@@ -224,7 +221,7 @@ def test_the_fal_deployment_runs_on_a_worker_as_users_run_it(stack: Stack, tmp_p
     fal.latency_s = 60.0
     slow = _manifest(tmp_path / "slow", [{"id": f"s{i}", "audio": f"s{i}.wav"} for i in range(3)])
     slow_target = tmp_path / "slow-out"
-    run = _run(stack, {"manifest": slow, "target": str(slow_target), **NOISE}, timeout=0)
+    run = _run(stack, {"manifest": slow, "target": str(slow_target)}, timeout=0)
     _wait(lambda: fal.submissions == 3, "3 fal requests in flight")
     _cancel(stack, run.id)
     _wait(lambda: fal.counts["cancel"] == 3, "the in-flight requests cancelled at fal")
@@ -233,7 +230,7 @@ def test_the_fal_deployment_runs_on_a_worker_as_users_run_it(stack: Stack, tmp_p
     assert sum("CANCELLATION_REQUESTED" in line for line in _logs(stack, run.id)) == 3
     billed_before = fal.billed_units
     fal.latency_s = 0.3
-    rerun = _run(stack, {"manifest": slow, "target": str(slow_target), **NOISE})
+    rerun = _run(stack, {"manifest": slow, "target": str(slow_target)})
     assert rerun.state.is_completed(), rerun.state.message
     assert billed_before == 0.0  # cancelled requests produced nothing and were not billed
     assert fal.billed_units == pytest.approx(3 * 93 / 16)  # each row paid once
@@ -251,7 +248,7 @@ def test_a_sharded_run_lists_every_row_resumes_and_never_pays_twice(
     rows = [{"id": f"row-{i:02d}", "audio": f"a{i:02d}.wav"} for i in range(40)]
     rows[13] = {"id": "broken-13", "audio": "a13.wav"}  # its child run ends Failed
     manifest = _manifest(folder, rows, seconds=1.0)
-    parent = {"manifest": manifest, "target": str(target), "rows": 10, **NOISE}
+    parent = {"manifest": manifest, "target": str(target), "rows": 10}
     parent["deployment"] = "produce-batch/on-demand-fal"
 
     run = _run(stack, parent, timeout=400, name="produce-sharded/sharded-local-gpu")
@@ -275,7 +272,7 @@ def test_a_sharded_run_lists_every_row_resumes_and_never_pays_twice(
 
     # A plain run of the same manifest to the same target finds everything paid for.
     fal.reset()
-    plain = _run(stack, {"manifest": manifest, "target": str(target), **NOISE})
+    plain = _run(stack, {"manifest": manifest, "target": str(target)})
     assert plain.state.is_completed(), plain.state.message
     assert fal.submissions == 0
 
