@@ -207,9 +207,9 @@ def _mux(pictures: Iterable[av.VideoFrame], width: int, height: int, sound: np.n
     """Encode the frames (H.264, yuv420p, 16 fps) and mono sound (AAC) into MP4 bytes."""
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as container:
-        video = container.add_stream(
-            "libx264", rate=FPS, options={"preset": "ultrafast", "tune": "zerolatency"}
-        )
+        # the fastest settings; crf 30 still shows the face plainly, in half the bytes of 23
+        options = {"preset": "ultrafast", "tune": "zerolatency", "crf": "30"}
+        video = container.add_stream("libx264", rate=FPS, options=options)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         audio = container.add_stream(
             "aac", rate=_AUDIO_RATE_HZ, layout="mono", options={"aac_coder": "fast"}
@@ -255,9 +255,9 @@ def _video_future(
 
 
 def _visible_state(job: _Job) -> str:
-    """The status fal would answer: a request whose simulated run is over stays IN_PROGRESS until
-    its video is encoded, as fal's does until its output is stored (no result call waits)."""
-    if job.state == "COMPLETED" and job.video is not None and not job.video.done():
+    """The status fal would answer: a request whose simulated run succeeded stays IN_PROGRESS
+    until its video is encoded, as fal's does until its output is stored (no result call waits)."""
+    if job.state == "COMPLETED" and job.failure is None and job.video and not job.video.done():
         return "IN_PROGRESS"
     return job.state
 
