@@ -146,7 +146,7 @@ def encode_face(frames: int, width: int, height: int, audio: bytes | None) -> by
 class _Portrait:
     """The still picture of one output size (mouth closed) and where its mouth is."""
 
-    padded: np.ndarray  # (height, width, 3) RGB with _SWAY_PX more on every side (reflected)
+    padded: np.ndarray  # RGB, _SWAY_PX larger than the output on every side (edges reflected)
     mouth: tuple[int, int]  # centre (x, y)
     half_width: int
     scale: float  # canvas pixels per pixel of the photo's head crop
