@@ -20,12 +20,10 @@ from tasks.records import V1_GRID, AudioInfo, Chunk, FrameGrid, RenderParams, Ro
 from tests.media_factory import write_audio, write_narration
 
 HASH = "h" * 64
-# QC gates that renders without a real face cannot pass (tests/tasks/test_qc.py and
-# tests/flows/test_qc_flow.py test every gate on synthetic faces). The fake fal renders moving
-# stripes: no face to find, no lips to follow. The tiny checkpoint renders noise: no face either,
-# and every frame jumps from the one before, which the seams gate reads as a cut.
-NO_FACE = frozenset({"face", "lipsync"})
-TINY_NOISE = NO_FACE | {"seams"}
+# QC gates that the tiny checkpoint's renders cannot pass: it renders noise, so there is no face
+# to find and no lips to follow, and every frame jumps from the one before, which the seams gate
+# reads as a cut. (The fake fal renders a talking face: fal-path tests run every gate.)
+TINY_NOISE = frozenset({"face", "lipsync", "seams"})
 
 
 def qc_skip_args(gates: frozenset[str]) -> tuple[str, ...]:
@@ -33,7 +31,6 @@ def qc_skip_args(gates: frozenset[str]) -> tuple[str, ...]:
     return ("--qc-skip", ",".join(sorted(gates)))
 
 
-NO_FACE_ARGS = qc_skip_args(NO_FACE)
 _PARAMS = set(RenderParams.model_fields)
 
 

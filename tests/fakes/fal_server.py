@@ -2,12 +2,17 @@
 
 FakeFal serves submit/status/result/cancel for fal-ai/longcat-single-avatar, both storage upload
 flows and downloads, renders real H.264+AAC MP4s with the model's frame counts, and scripts faults.
+Its renders are a photographed face (scikit-image's astronaut) whose mouth follows the request's
+audio on a backdrop that is the same for every request, so every QC gate can judge them, chunk
+joins included; Faults(faceless=True) renders stripes instead.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import hashlib
 import heapq
 import io
 import itertools
@@ -19,8 +24,8 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter, deque
-from collections.abc import Callable
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -29,8 +34,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 import av
+import cv2
 import numpy as np
+import skimage.data
 from PIL import Image
+
+from tests.qc_factory import _HEAD_CROP, _MOUTH_HALF_WIDTH, _MOUTH_RGB, _MOUTH_XY
 
 if TYPE_CHECKING:
     from tasks.config import FalSettings
@@ -46,6 +55,8 @@ BUCKETS = {
 }
 DEFAULT_KEY = "fake-key-id:fake-key-secret-5f1c"
 _AUDIO_RATE_HZ = 16_000
+_SWAY = (0, 1, 2, 1, 0, -1, -2, -1)  # a face render's sway in whole pixels, one step at a time
+_SWAY_PX = max(_SWAY)
 _CANCELLED = (499, {"detail": "Request cancelled by the client", "error_type": "client_cancelled"})
 
 
@@ -64,6 +75,7 @@ class Faults:
     download_cut: int = 0  # the connection closes halfway through a file body
     cdn_v3_unavailable: bool = False  # the storage token endpoint answers 404
     omit_billable_units: bool = False
+    faceless: bool = False  # renders moving stripes with no face, which QC's face gate rejects
     hang_s: float = 30.0
     rates: dict[str, float] = field(default_factory=dict)  # e.g. {"submit_429": 0.1}
     seed: int = 0
@@ -87,47 +99,167 @@ class _Job:
 
 
 def encode_video(frames: int, width: int, height: int) -> bytes:
-    """Return an H.264 (yuv420p) + AAC MP4 of moving stripes and silence at 16 fps."""
+    """Return an H.264 (yuv420p) + AAC MP4 of moving stripes and silence at 16 fps: no face."""
+    ramp = np.arange(width, dtype=np.int32)[None, :] + np.arange(height, dtype=np.int32)[:, None]
+    chroma = np.full((height // 2, width), 128, np.uint8)
+    pictures = (
+        # shifts every frame: not a frozen video
+        av.VideoFrame.from_ndarray(
+            np.concatenate([((ramp + 6 * i) % 256).astype(np.uint8), chroma]), format="yuv420p"
+        )
+        for i in range(frames)
+    )
+    return _mux(pictures, width, height, np.zeros(_samples_for(frames), np.float32))
+
+
+def encode_face(frames: int, width: int, height: int, audio: bytes | None) -> bytes:
+    """Return an H.264 + AAC MP4 at 16 fps of the astronaut's face talking the request's audio.
+
+    The mouth opens with the audio's loudness frame by frame (closed past its end, or when it
+    cannot be decoded), the picture sways a little, and the face sits at the same place on the
+    same backdrop for every request of a size, so chunks rendered separately join without a seam.
+    The sound track is the request's audio, cut or padded with silence to the video's length.
+    """
+    sound = _decode_audio(audio)
+    openness = _openness(sound, frames)
+    portrait = _portrait(width, height)
+    track = np.zeros(_samples_for(frames), np.float32)
+    track[: min(len(track), len(sound))] = sound[: len(track)]
+
+    def pictures() -> Iterator[av.VideoFrame]:
+        for i, amount in enumerate(openness):
+            # a slow sway by whole pixels that starts at rest: the picture moves every 4 frames,
+            # so even a silent stretch is not frozen, and the encoder predicts it cheaply
+            dx, dy = _SWAY[i // 4 % len(_SWAY)], _SWAY[i // 6 % len(_SWAY)]
+            image = portrait.padded[_SWAY_PX - dy :, _SWAY_PX - dx :][:height, :width].copy()
+            half_height = max(1, round((1 + 8 * amount) * portrait.scale * 1.2))
+            mouth = (portrait.mouth[0] + dx, portrait.mouth[1] + dy)
+            cv2.ellipse(image, mouth, (portrait.half_width, half_height), 0, 0, 360, _MOUTH_RGB, -1)
+            # OpenCV's I420 is BT.601 limited range, what decoders assume for an untagged stream
+            yuv = cv2.cvtColor(image, cv2.COLOR_RGB2YUV_I420)
+            yield av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+
+    return _mux(pictures(), width, height, track)
+
+
+@dataclass(frozen=True)
+class _Portrait:
+    """The still picture of one output size (mouth closed) and where its mouth is."""
+
+    padded: np.ndarray  # RGB, _SWAY_PX larger than the output on every side (edges reflected)
+    mouth: tuple[int, int]  # centre (x, y)
+    half_width: int
+    scale: float  # canvas pixels per pixel of the photo's head crop
+
+
+@functools.cache
+def _portrait(width: int, height: int) -> _Portrait:
+    """The astronaut's head and shoulders, as large as the shorter side allows, centred on the
+    bottom edge of a backdrop of the photo's own colour (computed once per size)."""
+    photo = skimage.data.astronaut()[_HEAD_CROP]
+    side = min(width, height)
+    scale = side / photo.shape[0]
+    head = cv2.resize(photo, (round(photo.shape[1] * scale), side), interpolation=cv2.INTER_AREA)
+    canvas = np.empty((height, width, 3), np.uint8)
+    canvas[:] = photo[5, 5]
+    x0, y0 = (width - head.shape[1]) // 2, height - side
+    canvas[y0:, x0 : x0 + head.shape[1]] = head
+    mouth = (round(x0 + _MOUTH_XY[0] * scale), round(y0 + _MOUTH_XY[1] * scale))
+    padded = cv2.copyMakeBorder(canvas, *[_SWAY_PX] * 4, cv2.BORDER_REFLECT)
+    return _Portrait(padded, mouth, max(2, round(_MOUTH_HALF_WIDTH * scale)), scale)
+
+
+def _decode_audio(data: bytes | None) -> np.ndarray:
+    """The audio as mono float samples at the output's rate; empty when it does not decode."""
+    if not data:
+        return np.zeros(0, np.float32)
+    resampler = av.AudioResampler("flt", "mono", _AUDIO_RATE_HZ)
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.audio:
+                return np.zeros(0, np.float32)
+            decoded = [
+                f.to_ndarray().ravel()
+                for frame in container.decode(container.streams.audio[0])
+                for f in resampler.resample(frame)
+            ]
+            decoded += [f.to_ndarray().ravel() for f in resampler.resample(None)]
+    except (av.FFmpegError, OSError, ValueError):
+        return np.zeros(0, np.float32)
+    return np.concatenate(decoded) if decoded else np.zeros(0, np.float32)
+
+
+def _openness(sound: np.ndarray, frames: int) -> np.ndarray:
+    """Mouth opening 0..1 per video frame: the frame's RMS loudness against the loud frames'."""
+    padded = np.zeros(max(len(sound), _samples_for(frames)), np.float32)
+    padded[: len(sound)] = sound
+    edges = np.round(np.arange(frames + 1) * _AUDIO_RATE_HZ / FPS).astype(int)
+    squares = np.concatenate([[0.0], np.cumsum(padded.astype(np.float64) ** 2)])
+    rms = np.sqrt((squares[edges[1:]] - squares[edges[:-1]]) / np.diff(edges))
+    return np.clip(rms / (np.percentile(rms, 95) + 1e-9), 0.0, 1.0)
+
+
+def _samples_for(frames: int) -> int:
+    return round(frames / FPS * _AUDIO_RATE_HZ)
+
+
+def _mux(pictures: Iterable[av.VideoFrame], width: int, height: int, sound: np.ndarray) -> bytes:
+    """Encode the frames (H.264, yuv420p, 16 fps) and mono sound (AAC) into MP4 bytes."""
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as container:
-        video = container.add_stream(
-            "libx264", rate=FPS, options={"preset": "ultrafast", "tune": "zerolatency"}
-        )
+        # the fastest settings; crf 30 still shows the face plainly, in half the bytes of 23
+        options = {"preset": "ultrafast", "tune": "zerolatency", "crf": "30"}
+        video = container.add_stream("libx264", rate=FPS, options=options)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        audio = container.add_stream("aac", rate=_AUDIO_RATE_HZ, layout="mono")
-        ramp = (
-            np.arange(width, dtype=np.int32)[None, :] + np.arange(height, dtype=np.int32)[:, None]
+        audio = container.add_stream(
+            "aac", rate=_AUDIO_RATE_HZ, layout="mono", options={"aac_coder": "fast"}
         )
-        chroma = np.full((height // 2, width), 128, np.uint8)
-        for i in range(frames):
-            luma = ((ramp + 6 * i) % 256).astype(np.uint8)  # shifts every frame: not a frozen video
-            frame = av.VideoFrame.from_ndarray(np.concatenate([luma, chroma]), format="yuv420p")
+        for i, frame in enumerate(pictures):
             frame.pts = i
             container.mux(video.encode(frame))
         container.mux(video.encode())
-        total = round(frames / FPS * _AUDIO_RATE_HZ)
-        for start in range(0, total, 1024):
-            silence = np.zeros((1, min(1024, total - start)), np.float32)
-            chunk = av.AudioFrame.from_ndarray(silence, format="fltp", layout="mono")
+        for start in range(0, len(sound), 1024):
+            chunk = av.AudioFrame.from_ndarray(
+                sound[None, start : start + 1024], format="fltp", layout="mono"
+            )
             chunk.sample_rate, chunk.pts = _AUDIO_RATE_HZ, start
             container.mux(audio.encode(chunk))
         container.mux(audio.encode())
     return buf.getvalue()
 
 
-# One encoder thread per process, results cached by (frames, width, height): 100 identical
-# requests share one encode, and it starts at submit so it is ready when the request completes.
-_VIDEOS: dict[tuple[int, int, int], Future[bytes]] = {}
+# One encoder thread per process, results kept by what they depend on (the faceless stripes by
+# size and length only): identical requests share one encode, and it starts at submit so it is
+# ready when the request completes. The last _VIDEOS_KEPT are kept.
+_VIDEOS: OrderedDict[tuple[Any, ...], Future[bytes]] = OrderedDict()
+_VIDEOS_KEPT = 64
 _VIDEOS_LOCK = threading.Lock()
 _ENCODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fakefal-encode")
 
 
-def _video_future(frames: int, size: tuple[int, int]) -> Future[bytes]:
+def _video_future(
+    frames: int, size: tuple[int, int], audio: bytes | None, face: bool
+) -> Future[bytes]:
+    key: tuple[Any, ...] = (frames, *size)
+    if face:
+        key += (hashlib.sha256(audio or b"").hexdigest(),)
     with _VIDEOS_LOCK:
-        key = (frames, *size)
-        if key not in _VIDEOS:
-            _VIDEOS[key] = _ENCODER.submit(encode_video, *key)
+        if key in _VIDEOS:
+            _VIDEOS.move_to_end(key)
+        else:
+            work = (encode_face, *key[:3], audio) if face else (encode_video, *key)
+            _VIDEOS[key] = _ENCODER.submit(*work)
+            if len(_VIDEOS) > _VIDEOS_KEPT:
+                _VIDEOS.popitem(last=False)
         return _VIDEOS[key]
+
+
+def _visible_state(job: _Job) -> str:
+    """The status fal would answer: a request whose simulated run succeeded stays IN_PROGRESS
+    until its video is encoded, as fal's does until its output is stored (no result call waits)."""
+    if job.state == "COMPLETED" and job.failure is None and job.video and not job.video.done():
+        return "IN_PROGRESS"
+    return job.state
 
 
 def _nearest_bucket(resolution: str, width: int, height: int) -> tuple[int, int]:
@@ -280,7 +412,7 @@ class FakeFal:
         """The request's status right now (IN_QUEUE, IN_PROGRESS or COMPLETED)."""
         with self._lock:
             self._advance(time.monotonic())
-            return self._jobs[request_id].state
+            return _visible_state(self._jobs[request_id])
 
     def expire(self, request_id: str) -> None:
         """Forget a request and its output file, as fal does once their retention ends."""
@@ -412,7 +544,8 @@ class FakeFal:
             self.counts[endpoint] += 1
             self._fill(now)
         if failure is None:
-            job.video = _video_future(frames, size)
+            audio = self.file_bytes(str(payload["audio_url"]))
+            job.video = _video_future(frames, size, audio, face=not self.faults.faceless)
         return job
 
     def _scripted_failure(self) -> tuple[int, dict[str, Any]]:
@@ -478,21 +611,22 @@ class FakeFal:
         if self._take("status_5xx"):
             return _reply(h, 503, {"detail": "Service unavailable", "error_type": "internal_error"})
         with self._lock:
-            answer = {"status": job.state, "request_id": job.id, **self._urls(job), "logs": None}
-            if job.state == "IN_QUEUE":
+            state = _visible_state(job)
+            answer = {"status": state, "request_id": job.id, **self._urls(job), "logs": None}
+            if state == "IN_QUEUE":
                 answer["queue_position"] = self._queue.index(job)
-            if job.state == "COMPLETED":
+            if state == "COMPLETED":
                 run_s = (job.completed_at or 0.0) - (job.started_at or 0.0)
                 answer["metrics"] = {"inference_time": run_s}
                 if job.failure is not None:
                     answer["error"] = str(job.failure[1]["detail"])[:200]
                     answer["error_type"] = job.failure[1].get("error_type", "validation_error")
-        _reply(h, 200 if job.state == "COMPLETED" else 202, answer)
+        _reply(h, 200 if state == "COMPLETED" else 202, answer)
 
     def _result(self, h: BaseHTTPRequestHandler, body: bytes, request_id: str) -> None:
         if (job := self._job(h, request_id)) is None:
             return
-        if job.state != "COMPLETED":
+        if _visible_state(job) != "COMPLETED":
             return _reply(h, 400, {"detail": "Request is still in progress"})
         if self._take("result_expired"):
             self.expire(job.id)

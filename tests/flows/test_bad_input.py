@@ -19,7 +19,7 @@ from tasks.config import BatchConfig
 from tasks.manifest import read_manifest, validate_manifest
 from tasks.plan import PlanError, prepare
 from tests.cli import flat, invoke
-from tests.factories import NO_FACE_ARGS, write_manifest
+from tests.factories import write_manifest
 from tests.fakes.fal_server import FakeFal
 from tests.media_factory import (
     write_corrupt_audio,
@@ -156,7 +156,7 @@ def test_every_bad_row_fails_alone_with_its_column_and_kind(tmp_path: Path, fake
         (i, c.column, c.kind) for i, c in expected.items() if c.stage == "validate"
     )
     errors = {e.row: str(e) for e in check.errors}
-    args = ["--backend", "fal", "--target", str(target), "--work-dir", str(work), *NO_FACE_ARGS]
+    args = ["--backend", "fal", "--target", str(target), "--work-dir", str(work)]
     result = invoke("run", manifest, *args)
     assert result.exit_code == 1, result.output
     assert fake.submissions == len(VALID)  # one chunk each: nothing paid for a broken row

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli import flat, invoke
-from tests.factories import NO_FACE_ARGS, TINY_NOISE, qc_skip_args, write_manifest
+from tests.factories import TINY_NOISE, qc_skip_args, write_manifest
 from tests.fakes.fal_server import FakeFal
 from tests.media_factory import write_narration
 
@@ -100,7 +100,7 @@ def test_run_exit_code_is_1_when_a_row_fails_and_0_when_all_publish(
     write_narration(tmp_path / "a.wav", 3.0)
     rows = [{"id": "a", "audio": "a.wav"}, {"id": "b", "audio": "missing.wav"}]
     args = ["--backend", "fal", "--target", str(tmp_path / "out")]
-    args += ["--work-dir", str(tmp_path / "w"), *NO_FACE_ARGS]
+    args += ["--work-dir", str(tmp_path / "w")]
     failing = invoke("run", write_manifest(tmp_path / "m1.parquet", rows), *args)
     assert failing.exit_code == 1, failing.output
     assert fake.key not in failing.output

@@ -25,8 +25,6 @@ REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 POOL, DEPLOYMENT = "avatarflow-cpu", "produce-batch/nightly-fal"
 SECRET = "fal-key"
-# The loopback fal service renders noise: no face to find, no identity across seams.
-NOISE = {"qc_skip": ["face", "lipsync", "seams"]}
 pytestmark = pytest.mark.slow
 
 
@@ -226,7 +224,7 @@ def test_the_fal_deployment_runs_on_a_worker_as_users_run_it(stack: Stack, tmp_p
     _save_secret(stack, SECRET, fal.key)
     stack.start_worker(fal_key=False)
     try:
-        _fal_deployment_scenarios(stack, tmp_path, {**NOISE, "fal_key_secret": SECRET})
+        _fal_deployment_scenarios(stack, tmp_path, {"fal_key_secret": SECRET})
     finally:
         stack.start_worker()
 
@@ -241,7 +239,7 @@ def _fal_deployment_scenarios(stack: Stack, tmp_path: Path, common: dict[str, ob
     )
     target = tmp_path / "out"
 
-    # 1. Override manifest, target (and the QC gates noise cannot pass): backend, budget and the
+    # 1. Override manifest, target: backend, budget and the
     #    rest stay the deployment's.
     run = _run(stack, {"manifest": good, "target": str(target), **common})
     assert run.state.is_completed(), run.state.message
@@ -311,7 +309,7 @@ def test_a_run_whose_worker_is_killed_keeps_running_and_publishes(
     fal.latency_s = 8.0
     rows = [{"id": f"k{i}", "audio": f"k{i}.wav"} for i in range(3)]
     manifest, target = _manifest(tmp_path / "kill", rows), tmp_path / "kill-out"
-    run = _run(stack, {"manifest": manifest, "target": str(target), **NOISE}, timeout=0)
+    run = _run(stack, {"manifest": manifest, "target": str(target)}, timeout=0)
     try:
         _wait(lambda: fal.submissions == 3, "3 fal requests in flight")
         stack.stop_worker(kill=True)
@@ -336,7 +334,7 @@ def test_a_sharded_run_lists_every_row_resumes_and_never_pays_twice(
     rows = [{"id": f"row-{i:02d}", "audio": f"a{i:02d}.wav"} for i in range(40)]
     rows[13] = {"id": "broken-13", "audio": "a13.wav"}  # its child run ends Failed
     manifest = _manifest(folder, rows, seconds=1.0)
-    parent = {"manifest": manifest, "target": str(target), "rows": 10, **NOISE}
+    parent = {"manifest": manifest, "target": str(target), "rows": 10}
     parent["deployment"] = "produce-batch/on-demand-fal"
 
     run = _run(stack, parent, timeout=400, name="produce-sharded/sharded-local-gpu")
@@ -360,7 +358,7 @@ def test_a_sharded_run_lists_every_row_resumes_and_never_pays_twice(
 
     # A plain run of the same manifest to the same target finds everything paid for.
     fal.reset()
-    plain = _run(stack, {"manifest": manifest, "target": str(target), **NOISE})
+    plain = _run(stack, {"manifest": manifest, "target": str(target)})
     assert plain.state.is_completed(), plain.state.message
     assert fal.submissions == 0
 

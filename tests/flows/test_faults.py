@@ -28,7 +28,7 @@ from tasks.config import BatchConfig
 from tasks.ledger import Ledger
 from tasks.media import count_audio_samples, probe_video
 from tasks.publish import RetryPolicy
-from tests.factories import NO_FACE, narrated_manifest
+from tests.factories import narrated_manifest
 from tests.fakes.fal_server import FakeFal, Faults
 from tests.fakes.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
 
@@ -52,7 +52,6 @@ def _config(manifest: str, target: str, work: Path, fal: FakeFal, **update: Any)
         backend="fal",
         work_dir=str(work),
         fal=fal.settings(),
-        qc_skip=NO_FACE,
         **update,
     )
 

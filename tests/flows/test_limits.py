@@ -19,7 +19,6 @@ from tests.fakes.s3_server import S3Server
 from tests.media_factory import write_narration
 
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
-SKIP = ("face", "lipsync", "seams")
 
 
 def _manifest(folder: Path, rows: int, prefix: str) -> str:
@@ -40,7 +39,6 @@ def _config(fake: FakeFal, manifest: str, target: str, work: Path) -> BatchConfi
         work_dir=str(work),
         max_concurrency=8,
         fal=fake.settings(),
-        qc_skip=SKIP,
     )
 
 

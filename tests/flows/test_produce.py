@@ -14,7 +14,7 @@ import s3fs
 from flows.produce import run_batch
 from tasks.config import BatchConfig, LocalSettings
 from tasks.media import count_audio_samples, probe_video
-from tests.factories import NO_FACE, TINY_NOISE, narrated_manifest, write_manifest, write_narrations
+from tests.factories import TINY_NOISE, narrated_manifest, write_manifest, write_narrations
 from tests.fakes.fal_server import FakeFal
 from tests.fakes.s3_server import S3Server
 
@@ -59,7 +59,6 @@ def test_fal_batch_publishes_every_valid_row_and_resumes_without_paying_twice(
         backend="fal",
         work_dir=str(tmp_path / "work"),
         fal=fake.settings(),
-        qc_skip=NO_FACE,
     )
 
     outcome = run_batch(config)
@@ -118,7 +117,6 @@ def test_fal_batch_publishes_to_s3(
             backend="fal",
             work_dir=str(tmp_path / "w"),
             fal=fake.settings(),
-            qc_skip=NO_FACE,
         )
         outcome = run_batch(config)
         assert outcome.exit_code == 0, outcome.results

@@ -1,6 +1,6 @@
-"""QC in the flow against the loopback fal: faceless renders are rejected but kept (and paid for),
-re-rendered once when asked, and results.parquet remembers every row's status and cost on reruns;
-the manifest edge cases (duplicate ids, no rows) at the command line."""
+"""QC in the flow against the loopback fal: faceless renders (Faults(faceless=True)) are rejected
+but kept (and paid for), re-rendered once when asked, and results.parquet remembers every row's
+status and cost on reruns; the manifest edge cases (duplicate ids, no rows) at the command line."""
 
 from __future__ import annotations
 
@@ -17,12 +17,11 @@ from tasks.publish import RESULTS_SCHEMA
 from tasks.rerender import rerender_seed
 from tests.cli import flat, invoke
 from tests.factories import narrated_manifest, write_manifest, write_narrations
-from tests.fakes.fal_server import FakeFal
+from tests.fakes.fal_server import FakeFal, Faults
 from tests.tasks.test_notify import WebHook
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
-NO_FACE = frozenset({"face", "lipsync"})  # the fake renders moving stripes: there is no face
 USD_PER_S = 0.15  # fal's 480p price; one 93-frame segment is 5.8125 s
 ONE_SEGMENT_USD = 93 / 16 * USD_PER_S
 
@@ -45,6 +44,7 @@ def _table(tmp_path: Path) -> dict[str, dict]:
 def test_faceless_renders_are_rejected_kept_under_rejected_and_their_cost_recorded(
     fake: FakeFal, tmp_path: Path
 ) -> None:
+    fake.reset(Faults(faceless=True))
     manifest = narrated_manifest(tmp_path, {"intro": 3.0, "outro": 4.0})
     config = _config(tmp_path, manifest, fake)
 
@@ -101,13 +101,13 @@ def test_faceless_renders_are_rejected_kept_under_rejected_and_their_cost_record
 def test_a_rerun_keeps_every_rows_status_url_qc_and_cost(fake: FakeFal, tmp_path: Path) -> None:
     rows = write_narrations(tmp_path, {"intro": 3.0, "outro": 3.5})
     manifest = write_manifest(tmp_path / "m.parquet", rows)
-    config = _config(tmp_path, manifest, fake, qc_skip=NO_FACE)
+    config = _config(tmp_path, manifest, fake)
 
     first = run_batch(config)
     assert first.exit_code == 0, first.results
     before = _table(tmp_path)
     assert [before[i]["run_action"] for i in ("intro", "outro")] == ["rendered", "rendered"]
-    assert before["intro"]["qc_face_status"] == "skipped"
+    assert before["intro"]["qc_face_status"] == "passed"
     assert before["intro"]["qc_seams_status"] == "passed"
     assert before["intro"]["first_published_at"] is not None
     assert before["intro"]["video_url"].endswith("/out/intro.mp4")
@@ -140,6 +140,7 @@ def test_a_rerun_keeps_every_rows_status_url_qc_and_cost(fake: FakeFal, tmp_path
 def test_rerender_on_qc_fail_renders_once_more_with_a_derived_seed_and_never_repays(
     fake: FakeFal, tmp_path: Path
 ) -> None:
+    fake.reset(Faults(faceless=True))
     manifest = narrated_manifest(tmp_path, {"intro": 3.0})
     config = _config(tmp_path, manifest, fake, rerender_on_qc_fail=True)
 
@@ -165,6 +166,7 @@ def test_rerender_on_qc_fail_renders_once_more_with_a_derived_seed_and_never_rep
 
 
 def test_a_rerender_the_budget_cannot_pay_for_is_not_made(fake: FakeFal, tmp_path: Path) -> None:
+    fake.reset(Faults(faceless=True))
     manifest = narrated_manifest(tmp_path, {"intro": 3.0})
     budget = round(ONE_SEGMENT_USD, 4) + 0.01  # the first render fits, a second does not
     config = _config(tmp_path, manifest, fake, rerender_on_qc_fail=True, budget_usd=budget)
@@ -218,7 +220,7 @@ def test_cli_refuses_every_row_of_a_duplicate_id_and_runs_the_rest(
         "--work-dir",
         str(tmp_path / "w"),
     ]
-    ran = invoke("run", manifest, *args, "--qc-skip", "face,lipsync")
+    ran = invoke("run", manifest, *args)
     assert ran.exit_code == 1, ran.output
     assert fake.submissions == 1  # b only
     table = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()

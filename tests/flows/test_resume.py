@@ -30,7 +30,7 @@ from tasks.config import FalSettings
 from tasks.ledger import Ledger
 from tasks.media import probe_video
 from tests.cli import flat, invoke
-from tests.factories import NO_FACE_ARGS, write_manifest, write_narrations
+from tests.factories import write_manifest, write_narrations
 from tests.fakes.fal_server import APP, FakeFal, Faults
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -92,7 +92,6 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory, fal: FakeFal) -> Sandbox:
 
 def _start(sandbox: Sandbox, trial: Path, *extra: str) -> subprocess.Popen[bytes]:
     args = [AVATARFLOW, "run", sandbox.manifest, "--backend", "fal", "--chunk-target-s", "11"]
-    args += NO_FACE_ARGS
     args += ["--target", str(trial / "out"), "--work-dir", str(trial / "work"), *extra]
     with (trial / "log.txt").open("ab") as log:  # the test's own file, beside the trial's
         return subprocess.Popen(
@@ -322,7 +321,7 @@ def test_a_second_run_on_a_busy_target_exits_2_and_dispatches_nothing(
         monkeypatch.setenv(key, value)
     fal.reset()
     target = tmp_path / "out"
-    args = ["run", sandbox.manifest, "--backend", "fal", "--target", str(target), *NO_FACE_ARGS]
+    args = ["run", sandbox.manifest, "--backend", "fal", "--target", str(target)]
     with Ledger(str(target / ".avatarflow")).lock():  # the run already going on
         result = invoke(*args, "--work-dir", str(tmp_path / "work"))
     assert result.exit_code == 2, result.output

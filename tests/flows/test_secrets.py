@@ -28,7 +28,7 @@ from tasks.ledger import Ledger
 from tasks.plan import PlanError, prepare
 from tasks.records import Row
 from tests.cli import invoke
-from tests.factories import NO_FACE, NO_FACE_ARGS, write_manifest
+from tests.factories import write_manifest
 from tests.fakes.fal_server import APP, FakeFal, Faults
 from tests.media_factory import write_image, write_narration
 
@@ -101,7 +101,7 @@ def test_the_fal_key_is_in_no_file_log_error_or_output(
         for name, value in fal.env().items():
             monkeypatch.setenv(name, value)
         args = ["--backend", "fal", "--target", str(tmp_path / "out-422")]
-        cli = invoke("run", manifest, *args, *NO_FACE_ARGS, "--work-dir", str(tmp_path / "w1"))
+        cli = invoke("run", manifest, *args, "--work-dir", str(tmp_path / "w1"))
         assert cli.exit_code == 1, cli.output  # one row published, one rejected by fal
         assert fal.submissions == 2
     with FakeFal(latency_s=0.02, key="the-right-key") as fal:
@@ -112,7 +112,6 @@ def test_the_fal_key_is_in_no_file_log_error_or_output(
             target=str(tmp_path / "out-401"),
             backend="fal",
             work_dir=str(tmp_path / "w2"),
-            qc_skip=NO_FACE,
         )
         outcome = run_batch(config)
         assert fal.submissions == 0

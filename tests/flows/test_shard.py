@@ -15,10 +15,11 @@ from flows.produce import batch_config, run_batch
 from flows.shard import _child_parameters, merge_results, write_shards
 from tasks.config import BatchConfig
 from tasks.manifest import ManifestCheck, read_manifest, validate_manifest
-from tests.factories import NO_FACE, write_manifest, write_narrations
+from tests.factories import write_manifest, write_narrations
 from tests.fakes.fal_server import FakeFal
 
-CHILD = {"deployment": "produce-batch/test", "qc_skip": sorted(NO_FACE)}
+QC_SKIP = frozenset({"black"})  # any gate: children must get the parent's qc_skip
+CHILD = {"deployment": "produce-batch/test", "qc_skip": sorted(QC_SKIP)}
 
 
 def _manifest(folder: Path, count: int) -> str:
@@ -63,14 +64,14 @@ def test_children_publish_to_one_target_and_the_parent_merges_results(
     tmp_path: Path, fake: FakeFal
 ) -> None:
     config = BatchConfig(
-        manifest=_manifest(tmp_path, 3), target=str(tmp_path / "out"), qc_skip=NO_FACE
+        manifest=_manifest(tmp_path, 3), target=str(tmp_path / "out"), qc_skip=QC_SKIP
     )
     check = _check(config)
     shards = write_shards(config, check.rows, 2, CHILD)
     own: dict[str, Any] = {"backend": "fal", "work_dir": str(tmp_path / "work")}
     for shard in shards:  # what each child deployment run does, with its deployment's settings
         child = batch_config(**_child_parameters(config, shard), **own, fal=fake.settings())
-        assert child.qc_skip == NO_FACE
+        assert child.qc_skip == QC_SKIP
         assert run_batch(child).exit_code == 0
     assert fake.submissions == 3
     runs = [cast(FlowRun, SimpleNamespace(name=f"child-{s.id}", state=None)) for s in shards]

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.ledger import Ledger
-from tests.factories import NO_FACE_ARGS, write_manifest, write_narrations
+from tests.factories import write_manifest, write_narrations
 from tests.fakes.fal_server import FakeFal
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -79,7 +79,7 @@ def _env(fal: FakeFal, root: Path) -> dict[str, str]:
 
 
 def _start(manifest: str, root: Path, env: dict[str, str], stage: Stage) -> subprocess.Popen[bytes]:
-    args = [AVATARFLOW, "run", manifest, *stage.args, *NO_FACE_ARGS]
+    args = [AVATARFLOW, "run", manifest, *stage.args]
     args += ["--target", str(root / "out"), "--work-dir", str(root / "work")]
     with (root / "log.txt").open("ab") as log:
         return subprocess.Popen(args, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
