@@ -119,7 +119,7 @@ def finish_row(plan: RowPlan, videos: list[ChunkVideo], config: BatchConfig) -> 
         try:
             return keep_rejected(*kept, rerender=row.rerender, reason=reason)
         except Exception as exc:  # e.g. the target is unreachable: the ledger still has them
-            reason += f"; not kept under _rejected/ ({type(exc).__name__}: {exc})"
+            reason += f" (nor kept under _rejected/: {type(exc).__name__})"
     progress.emit(RowFinished(plan.row.id, "failed"))
     return RowResult.failure(plan.row.id, f"{reason}; {CHUNKS_KEPT}", plan.row.extra)
 
@@ -283,7 +283,7 @@ class _Batch:
 
     def _on_finished(self, plan: RowPlan, future: PrefectFuture[RowResult]) -> None:
         if future.state.is_completed():
-            self.results[plan.row.index] = future.result()  # publish_row told the listeners
+            self.results[plan.row.index] = future.result()  # finish_row told the listeners
             return
         error = RowResult.failure(plan.row.id, first_error([future]), plan.row.extra)
         self._finish(plan.row.id, plan.row.index, error)

@@ -290,21 +290,6 @@ def _publish_error(
     return PublishError(redact(text, option_secrets(options)))
 
 
-def _publish_outputs(
-    row_id: str, video_path: str, sidecar: Sidecar, target: str
-) -> tuple[str, str]:
-    """Publish a row's video, then its sidecar; return both URLs."""
-    try:
-        video_url = publish_file(video_path, target, f"{row_id}.mp4")
-        sidecar_url = publish_bytes(json_bytes(sidecar), target, f"{row_id}.json")
-    except PublishError as exc:
-        # Rendered chunks are in the run's ledger by now: tell the user a rerun costs nothing.
-        raise PublishError(
-            f"{exc}; the rendered chunks are kept, so a rerun publishes without paying again"
-        ) from None
-    return video_url, sidecar_url
-
-
 @task(name="publish-row")
 def publish_row(
     plan: RowPlan,
@@ -382,7 +367,9 @@ def _publish_video(
     model = renderer_class(config.backend).model_name(config)
     sidecar = build_sidecar(plan, videos, qc, config.backend, model, rerender)
     target = config.target if qc.final.passed else rejected_target(config.target)
-    video_url, sidecar_url = _publish_outputs(row.id, video_path, sidecar, target)
+    # Video, then sidecar. On an error finish_row says the chunks are kept (a rerun is free).
+    video_url = publish_file(video_path, target, f"{row.id}.mp4")
+    sidecar_url = publish_bytes(json_bytes(sidecar), target, f"{row.id}.json")
     return RowResult(
         id=row.id,
         status="published" if qc.final.passed else "rejected",
