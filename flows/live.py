@@ -60,10 +60,6 @@ def run_with_progress(config: BatchConfig, console: Console) -> BatchOutcome:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as bars:
-        display = _Display(bars)
-        unsubscribe = progress.subscribe(display)
-        try:
-            return run_batch(config)
-        finally:
-            unsubscribe()
+    bars = Progress(*columns, console=console, transient=False)
+    with bars, progress.listening(_Display(bars)):
+        return run_batch(config)

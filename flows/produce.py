@@ -12,8 +12,10 @@ import os
 import queue
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, cast
+from uuid import uuid4
 
 from prefect import flow, get_run_logger, task
 from prefect.blocks.system import Secret
@@ -34,7 +36,13 @@ from tasks.ledger import Ledger
 from tasks.manifest import load_rows
 from tasks.notify import notify_batch
 from tasks.plan import Admission, prepare_row
-from tasks.publish import publish_results, publish_row, settle_results
+from tasks.publish import (
+    keep_rejected,
+    publish_results,
+    publish_row,
+    rejected_target,
+    settle_results,
+)
 from tasks.records import (
     BatchOutcome,
     ChunkVideo,
@@ -44,12 +52,14 @@ from tasks.records import (
     RowResult,
     RowsPlanned,
     RunAction,
+    SidecarRerender,
+    Verdict,
 )
 from tasks.render import render_chunk, render_row
 from tasks.report import ProgressArtifact, publish_artifacts, save_thumbnail, write_report
 from tasks.rerender import rerender_row
-from tasks.stop import request_stop
-from tasks.verify import verify_chunks, verify_video
+from tasks.stop import owned, request_stop
+from tasks.verify import FinalCheck, verify_chunks, verify_video
 
 # Our modules log through these; the flow copies Prefect's API handler onto them so their lines
 # (resubmits, ambiguous submits, storage retries) show in the flow run's logs on the server.
@@ -70,30 +80,75 @@ def first_error(futures: list[PrefectFuture[Any]]) -> str:
     return "did not finish"
 
 
+# What a row's error says when a stage after rendering raised before a joined video existed.
+CHUNKS_KEPT = "rendered chunks kept in the ledger; a rerun re-checks them without paying"
+
+
+@dataclass
+class _Finishing:
+    """What finish_row has made of a row so far: what a stage that raises must not throw away."""
+
+    plan: RowPlan  # the render the videos came from (a re-render's, once there is one)
+    videos: list[ChunkVideo]
+    action: RunAction
+    stage: str = "master audio"
+    verdicts: list[Verdict] = field(default_factory=list)
+    video: str | None = None  # the joined video, once concat made it
+    final: FinalCheck | None = None
+    rerender: SidecarRerender | None = None
+
+
 @task(name="finish-row")
 def finish_row(plan: RowPlan, videos: list[ChunkVideo], config: BatchConfig) -> RowResult:
     """master audio → verify chunks → concat + mux → verify video + QC → publish (or keep as
     rejected); with rerender_on_qc_fail, a QC failure is rendered once more first.
 
     The stages run inline (their task bodies): one task run per row instead of six keeps
-    Prefect's per-task bookkeeping from being the per-row cost of a 10,000-row batch.
+    Prefect's per-task bookkeeping from being the per-row cost of a 10,000-row batch. The chunks
+    were paid for: when a stage raises, the joined video is kept under _rejected/ with the
+    error as its reason (or, before there is one, the row fails and says its chunks are kept).
     """
+    row = _Finishing(plan, videos, "reused" if all(v.reused for v in videos) else "rendered")
+    try:
+        return _finish(row, config)
+    except Exception as exc:  # any stage's own error: keep what was paid for
+        reason = f"{row.stage} error: {type(exc).__name__}: {exc}"
+        get_run_logger().error("row %s: %s", plan.row.id, reason, exc_info=True)
+    if row.video is not None:
+        kept = (row.plan, row.video, row.videos, row.verdicts, row.final, config, row.action)
+        try:
+            return keep_rejected(*kept, rerender=row.rerender, reason=reason)
+        except Exception as exc:  # e.g. the target is unreachable: the ledger still has them
+            reason += f" (nor kept under _rejected/: {type(exc).__name__})"
+    progress.emit(RowFinished(plan.row.id, "failed"))
+    return RowResult.failure(plan.row.id, f"{reason}; {CHUNKS_KEPT}", plan.row.extra)
+
+
+def _finish(row: _Finishing, config: BatchConfig) -> RowResult:
+    """finish_row's stages in order, noting in `row` each one's name and what it made."""
+    plan, videos = row.plan, row.videos
     master = prepare_master_audio.fn(plan, config)
-    verdicts = verify_chunks.fn(plan, videos, config)
-    video = concat_chunks.fn(plan, videos, master, config)
-    final = verify_video.fn(plan, video, config)
-    rendered, rerender, reused = plan, None, all(v.reused for v in videos)
-    if config.rerender_on_qc_fail and final.gates.failed:
-        second = rerender_row(plan, videos, final, master, config)
+    row.stage = "chunk verification"
+    row.verdicts = verify_chunks.fn(plan, videos, config)
+    row.stage = "concat"
+    row.video = concat_chunks.fn(plan, videos, master, config)
+    row.stage = "qc"
+    row.final = verify_video.fn(plan, row.video, config)
+    if config.rerender_on_qc_fail and row.final.gates.failed:
+        second = rerender_row(plan, videos, row.final, master, config)
         if isinstance(second, str):  # why not: the first render is kept as the rejected video
-            final = final.with_reason(second)
+            row.final = row.final.with_reason(second)
         else:
-            rendered, videos, verdicts = second.plan, second.videos, second.verdicts
-            video, final, rerender = second.video, second.final, second.record
-            reused = reused and all(v.reused for v in videos)
-    save_thumbnail(plan, video, config)  # under the manifest's plan: the report looks there
-    action: RunAction = "reused" if reused else "rendered"
-    return publish_row.fn(rendered, video, videos, verdicts, final, config, action, rerender)
+            row.plan, row.videos, row.verdicts = second.plan, second.videos, second.verdicts
+            row.video, row.final, row.rerender = second.video, second.final, second.record
+            if not all(v.reused for v in second.videos):
+                row.action = "rendered"
+    row.stage = "thumbnail"
+    save_thumbnail(plan, row.video, config)  # under the manifest's plan: the report looks there
+    row.stage = "publish"
+    return publish_row.fn(
+        row.plan, row.video, row.videos, row.verdicts, row.final, config, row.action, row.rerender
+    )
 
 
 class _RowRenders:
@@ -228,7 +283,7 @@ class _Batch:
 
     def _on_finished(self, plan: RowPlan, future: PrefectFuture[RowResult]) -> None:
         if future.state.is_completed():
-            self.results[plan.row.index] = future.result()  # publish_row told the listeners
+            self.results[plan.row.index] = future.result()  # finish_row told the listeners
             return
         error = RowResult.failure(plan.row.id, first_error([future]), plan.row.extra)
         self._finish(plan.row.id, plan.row.index, error)
@@ -245,7 +300,7 @@ def _cancel_paid_requests(flow: FlowSchema, flow_run: FlowRun, state: State) -> 
     subprocess with the worker's environment), so the key is found the way the run found it:
     the Secret block the run names, else FAL_KEY here. It goes to the client, not os.environ.
     """
-    request_stop()
+    request_stop(flow_run.id)  # this run only: others in the same process go on
     parameters = dict(flow_run.parameters)
     secret_name = parameters.get("fal_key_secret")
     config = batch_config(**parameters)
@@ -327,9 +382,12 @@ def produce_batch(
     if problem is not None:
         return Failed(message=f"cannot run: {problem}")
     ledger = Ledger.for_run(config)
+    context = FlowRunContext.get()  # none when the body is called as produce_batch.fn
+    run_id = context.flow_run.id if context and context.flow_run else uuid4()
     # One run per target (or per shard of a sharded run): two could pay for one chunk.
-    with ledger.run_slot(config.shard), ledger.lock(config.shard):
-        ledger.sweep_temp_files(config.target)  # what a killed run left; nothing else writes now
+    with ledger.run_slot(config.shard), ledger.lock(config.shard), owned(run_id):
+        # What a killed run left; nothing else writes now.
+        ledger.sweep_temp_files(config.target, rejected_target(config.target))
         with ProgressArtifact.tracking(config):
             outcome = _produce(config)
     publish_artifacts(outcome, config, time.monotonic() - started)

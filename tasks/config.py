@@ -36,8 +36,15 @@ class FalSettings(BaseSettings):
     """
 
     # env_ignore_empty: a deployment that pins FAL_QUEUE_URL="" means "the default host".
+    # extra="forbid": a stray field (`fal: {key: ...}`) is refused, never kept in a run's
+    # parameters, and errors never echo what was given. Environment variables are read per field
+    # only, so FAL_KEY and other FAL_* names that are no field are left alone.
     model_config = SettingsConfigDict(
-        env_prefix="FAL_", frozen=True, extra="ignore", env_ignore_empty=True
+        env_prefix="FAL_",
+        frozen=True,
+        extra="forbid",
+        env_ignore_empty=True,
+        hide_input_in_errors=True,
     )
 
     queue_url: str = "https://queue.fal.run"
@@ -72,7 +79,7 @@ class LocalSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="AVATARFLOW_LOCAL_",
         frozen=True,
-        extra="ignore",
+        extra="forbid",
         env_ignore_empty=True,
         protected_namespaces=(),
     )
@@ -120,7 +127,8 @@ class QCSettings(BaseModel):
 class BatchConfig(BaseModel):
     """All options of one batch run."""
 
-    model_config = ConfigDict(frozen=True)
+    # A misspelt option is an error, not a silently ignored one.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     manifest: str
     target: str = "./out"

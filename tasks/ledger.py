@@ -179,13 +179,14 @@ class Ledger:
         with concurrency(name, occupy=1, lease_duration=RUN_SLOT_LEASE_S, strict=True):
             yield
 
-    def sweep_temp_files(self, target: str | None = None) -> list[str]:
-        """Delete what killed writers left in a local ledger and a local target folder (call it
-        while holding lock(), so no other run is writing)."""
+    def sweep_temp_files(self, *outputs: str) -> list[str]:
+        """Delete what killed writers left in a local ledger and in local output folders (the
+        target, its _rejected/; call it while holding lock(), so no other run is writing)."""
         swept = sweep_temp_files(self.root) if self.is_local else []
-        fs, folder = fsspec.core.url_to_fs(target) if target else (None, "")
-        if isinstance(fs, LocalFileSystem):
-            swept += sweep_temp_files(folder, recursive=False)
+        for url in outputs:
+            fs, folder = fsspec.core.url_to_fs(url)
+            if isinstance(fs, LocalFileSystem):
+                swept += sweep_temp_files(folder, recursive=False)
         return swept
 
     # --- paid requests -------------------------------------------------------------------------

@@ -290,21 +290,6 @@ def _publish_error(
     return PublishError(redact(text, option_secrets(options)))
 
 
-def _publish_outputs(
-    row_id: str, video_path: str, sidecar: Sidecar, target: str
-) -> tuple[str, str]:
-    """Publish a row's video, then its sidecar; return both URLs."""
-    try:
-        video_url = publish_file(video_path, target, f"{row_id}.mp4")
-        sidecar_url = publish_bytes(json_bytes(sidecar), target, f"{row_id}.json")
-    except PublishError as exc:
-        # Rendered chunks are in the run's ledger by now: tell the user a rerun costs nothing.
-        raise PublishError(
-            f"{exc}; the rendered chunks are kept, so a rerun publishes without paying again"
-        ) from None
-    return video_url, sidecar_url
-
-
 @task(name="publish-row")
 def publish_row(
     plan: RowPlan,
@@ -322,34 +307,81 @@ def publish_row(
     plan is the render the video came from; for a re-render the ledger records the row under its
     first input hash (the manifest's), so a rerun of the same manifest finds it published.
     """
+    if not final.passed:
+        return keep_rejected(
+            plan, video_path, videos, verdicts, final, config, run_action, rerender
+        )
+    qc = SidecarQC(chunks=tuple(verdicts), final=final.verdict, gates=final.gates)
+    result = _publish_video(plan, video_path, videos, qc, config, run_action, rerender)
+    ledger = Ledger.for_run(config)
+    prior = ledger.published(plan.row.id)
+    first = prior.result.first_published_at if prior else None
+    result = dataclasses.replace(
+        result, qc=final.columns, first_published_at=first or datetime.now(UTC)
+    )
+    ledger.record_published(result, rerender.first_input_hash if rerender else plan.input_hash)
+    progress.emit(RowFinished(plan.row.id, result.status))
+    return result
+
+
+def keep_rejected(
+    plan: RowPlan,
+    video_path: str,
+    videos: list[ChunkVideo],
+    verdicts: list[Verdict],
+    final: FinalCheck | None,
+    config: BatchConfig,
+    run_action: RunAction = "rendered",
+    rerender: SidecarRerender | None = None,
+    reason: str | None = None,
+) -> RowResult:
+    """Keep a paid video that is not published under _rejected/<id>.mp4, with its sidecar and
+    cost, for a person to judge and for the next run to re-check without paying.
+
+    reason: the error of a stage after rendering (QC that raised, a thumbnail, the publish); None
+    when the video failed its checks (final says why).
+    """
+    verdict = final.verdict if final else Verdict(False)
+    if reason is not None:
+        verdict = dataclasses.replace(verdict, passed=False, reasons=(*verdict.reasons, reason))
+    qc = SidecarQC(chunks=tuple(verdicts), final=verdict, gates=final.gates if final else None)
+    result = _publish_video(plan, video_path, videos, qc, config, run_action, rerender)
+    error = reason or "QC: " + "; ".join(verdict.reasons)
+    result = dataclasses.replace(result, error=error, qc=final.columns if final else {})
+    progress.emit(RowFinished(plan.row.id, result.status))
+    return result
+
+
+def _publish_video(
+    plan: RowPlan,
+    video_path: str,
+    videos: list[ChunkVideo],
+    qc: SidecarQC,
+    config: BatchConfig,
+    run_action: RunAction,
+    rerender: SidecarRerender | None,
+) -> RowResult:
+    """Publish a video and its sidecar, at the target when its verdict passed, else under
+    _rejected/; the row's result, as published."""
     row = plan.row
     model = renderer_class(config.backend).model_name(config)
-    qc = SidecarQC(chunks=tuple(verdicts), final=final.verdict, gates=final.gates)
     sidecar = build_sidecar(plan, videos, qc, config.backend, model, rerender)
-    target = config.target if final.passed else rejected_target(config.target)
-    video_url, sidecar_url = _publish_outputs(row.id, video_path, sidecar, target)
-    ledger = Ledger.for_run(config)
-    result = RowResult(
+    target = config.target if qc.final.passed else rejected_target(config.target)
+    # Video, then sidecar. On an error finish_row says the chunks are kept (a rerun is free).
+    video_url = publish_file(video_path, target, f"{row.id}.mp4")
+    sidecar_url = publish_bytes(json_bytes(sidecar), target, f"{row.id}.json")
+    return RowResult(
         id=row.id,
-        status="published" if final.passed else "rejected",
+        status="published" if qc.final.passed else "rejected",
         video_url=video_url,
         sidecar_url=sidecar_url,
         duration_s=plan.audio.duration_s,
         segments=plan.num_segments,
         cost_usd=sidecar.cost_usd,
-        error=None if final.passed else "QC: " + "; ".join(final.verdict.reasons),
         extra=row.extra,
         run_action=run_action,
         billable_units=sidecar.billable_units,
-        qc=final.columns,
     )
-    if final.passed:
-        prior = ledger.published(row.id)
-        first = prior.result.first_published_at if prior else None
-        result = dataclasses.replace(result, first_published_at=first or datetime.now(UTC))
-        ledger.record_published(result, rerender.first_input_hash if rerender else plan.input_hash)
-    progress.emit(RowFinished(row.id, result.status))
-    return result
 
 
 def paid_per_row(ledger: Ledger) -> dict[str, tuple[float, float]]:

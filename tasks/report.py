@@ -367,9 +367,8 @@ class ProgressArtifact:
     def tracking(cls, config: BatchConfig) -> Iterator[ProgressArtifact]:
         """Keep a progress artifact updated from the progress events inside the block."""
         artifact = cls(config)
-        unsubscribe = progress.subscribe(artifact)
         try:
-            yield artifact
+            with progress.listening(artifact):
+                yield artifact
         finally:
-            unsubscribe()
             update_progress_artifact(artifact.id, progress=100.0)

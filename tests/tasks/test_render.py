@@ -4,7 +4,7 @@ failed-completion retry and Ctrl-C — never a paid request twice unless the use
 from __future__ import annotations
 
 import logging
-import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -175,13 +175,11 @@ def test_a_rejected_input_fails_with_the_field_and_is_not_resubmitted(
     assert fake.submissions == 1
 
 
-def test_a_stop_request_submits_nothing(
-    fake: FakeFal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    event = threading.Event()
-    monkeypatch.setattr(stop, "_STOP", event)
-    stop.request_stop()
+def test_a_stop_request_submits_nothing(fake: FakeFal, tmp_path: Path) -> None:
+    run_id = uuid.uuid4()
     config = make_config(fake, tmp_path)
-    with pytest.raises(RenderStopped):
-        render_chunk.fn(make_plan(config), 0, config)
+    with stop.owned(run_id):
+        stop.request_stop(run_id)
+        with pytest.raises(RenderStopped):
+            render_chunk.fn(make_plan(config), 0, config)
     assert fake.counts["submit"] == 0
