@@ -26,11 +26,11 @@ pull in a second OpenCV distribution) and scikit-image's LBP cascade (~64 ms for
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -273,13 +273,26 @@ def _histograms(luma: np.ndarray, chroma: np.ndarray) -> np.ndarray:
     return normalised
 
 
-@cache
+_THREAD = threading.local()
+
+
 def _face_cascade() -> cv2.CascadeClassifier:
-    """OpenCV's frontal-face Haar cascade, read from inside the opencv wheel (loaded once)."""
-    folder = cv2.data.haarcascades  # type: ignore[attr-defined]  # cv2's stubs miss `data`
-    cascade = cv2.CascadeClassifier(folder + "haarcascade_frontalface_default.xml")
-    if cascade.empty():
-        raise RuntimeError("OpenCV's frontal-face cascade is missing (opencv-python-headless<5)")
+    """This thread's frontal-face Haar cascade, read from inside the opencv wheel once per thread.
+
+    A CascadeClassifier keeps its scratch state (the scale pyramid) in the object, so threads that
+    share one corrupt each other's searches (``getScaleData`` assertions, wrong boxes). A copy
+    costs ~23 ms and ~0.5 MB once per thread (the flow's pool keeps its threads). A shared copy
+    behind a lock cost the same on 2 cores, but would serialise every search on a larger machine.
+    """
+    cascade: cv2.CascadeClassifier | None = getattr(_THREAD, "face_cascade", None)
+    if cascade is None:
+        folder = cv2.data.haarcascades  # type: ignore[attr-defined]  # cv2's stubs miss `data`
+        cascade = cv2.CascadeClassifier(folder + "haarcascade_frontalface_default.xml")
+        if cascade.empty():
+            raise RuntimeError(
+                "OpenCV's frontal-face cascade is missing (opencv-python-headless<5)"
+            )
+        _THREAD.face_cascade = cascade
     return cascade
 
 
