@@ -559,7 +559,7 @@ def _lipsync_gate(video: _Scan, narration: _Audio | None, settings: QCSettings) 
             _lag_scores(mouth[frames], _jaw_motion(loud, width), frames, search)
             for width in _jaw_widths(video.fps)
         ),
-        key=lambda f: f.best_r,
+        key=lambda f: -np.inf if np.isnan(f.best_r) else f.best_r,
     )
     if np.isnan(fit.best_r):
         detail = "the mouth region never moves while there is sound"
