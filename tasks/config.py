@@ -119,6 +119,7 @@ class QCSettings(BaseModel):
     lipsync_search_frames: int = Field(8, ge=1)  # offsets tried: -N..+N frames
     lipsync_max_offset_frames: int = Field(2, ge=0)  # |best offset| allowed
     lipsync_min_corr: float = Field(0.2, ge=-1, le=1)  # correlation needed at the best offset
+    lipsync_min_offset_t: float = Field(3.0, ge=0)  # an offset counts when it beats lag 0 by this t
     seam_window_frames: int = Field(2, ge=1)  # frames averaged on each side of a join
     seam_max_distance: float = Field(0.25, ge=0, le=1)  # Hellinger distance allowed at a join
     jump_max_distance: float = Field(0.4, ge=0, le=1)  # ... between any two consecutive frames

@@ -9,7 +9,7 @@ Gates, in report order (the names are stable: they key JSON, results columns and
 - ``freeze``: the longest stretch of frozen (unchanging) frames, in seconds; black is not frozen.
 - ``face``: the share of sampled frames in which a face is found.
 - ``lipsync``: the A/V offset, in frames, at which mouth-region motion correlates best with the
-  narration's loudness changes, and that correlation.
+  narration's loudness changes (when it beats lag 0 clearly; else 0), and that correlation.
 - ``seams``: the colour-histogram distance across each join (whole frame and face crop), plus the
   largest jump between any two consecutive frames.
 
@@ -26,11 +26,11 @@ pull in a second OpenCV distribution) and scikit-image's LBP cascade (~64 ms for
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -273,13 +273,26 @@ def _histograms(luma: np.ndarray, chroma: np.ndarray) -> np.ndarray:
     return normalised
 
 
-@cache
+_THREAD = threading.local()
+
+
 def _face_cascade() -> cv2.CascadeClassifier:
-    """OpenCV's frontal-face Haar cascade, read from inside the opencv wheel (loaded once)."""
-    folder = cv2.data.haarcascades  # type: ignore[attr-defined]  # cv2's stubs miss `data`
-    cascade = cv2.CascadeClassifier(folder + "haarcascade_frontalface_default.xml")
-    if cascade.empty():
-        raise RuntimeError("OpenCV's frontal-face cascade is missing (opencv-python-headless<5)")
+    """This thread's frontal-face Haar cascade, read from inside the opencv wheel once per thread.
+
+    A CascadeClassifier keeps its scratch state (the scale pyramid) in the object, so threads that
+    share one corrupt each other's searches (``getScaleData`` assertions, wrong boxes). A copy
+    costs ~23 ms and ~0.5 MB once per thread (the flow's pool keeps its threads). A shared copy
+    behind a lock cost the same on 2 cores, but would serialise every search on a larger machine.
+    """
+    cascade: cv2.CascadeClassifier | None = getattr(_THREAD, "face_cascade", None)
+    if cascade is None:
+        folder = cv2.data.haarcascades  # type: ignore[attr-defined]  # cv2's stubs miss `data`
+        cascade = cv2.CascadeClassifier(folder + "haarcascade_frontalface_default.xml")
+        if cascade.empty():
+            raise RuntimeError(
+                "OpenCV's frontal-face cascade is missing (opencv-python-headless<5)"
+            )
+        _THREAD.face_cascade = cascade
     return cascade
 
 
@@ -507,50 +520,123 @@ def _face_gate(video: _Scan, settings: QCSettings) -> GateResult:
 
 
 def _lipsync_gate(video: _Scan, narration: _Audio | None, settings: QCSettings) -> GateResult:
-    """Cross-correlate mouth motion with loudness changes; report the best offset and its r.
+    """Cross-correlate mouth motion with the narration's loudness changes over -N..+N frames.
 
-    A positive offset means the sound comes after the mouth moves (audio late).
+    A positive offset means the sound comes after the mouth moves (audio late). Three things keep
+    a good render from being called out of sync:
+
+    - A jaw cannot follow loudness frame by frame: the sound side is the change of the loudness
+      as seen through a few jaw responses (none, ~0.19 s, ~0.31 s moving averages), and the one
+      that fits the mouth best is used.
+    - Every lag is scored on the same mouth frames (the middle of the clip), so no lag wins by
+      leaving out the frames that fit worst.
+    - An offset other than 0 counts only when its r beats lag 0's by lipsync_min_offset_t
+      standard errors (Williams' t for two correlations that share the mouth series, which
+      knows how alike the sound is at the two lags). Speech is rhythmic: in a single sentence
+      a few syllables later looks much like now, and a short clip cannot tell them apart, so
+      its near-ties are read as in sync rather than as an offset. A clip too short to score
+      passes with a note.
     """
     name = "lipsync"
+    limit = settings.lipsync_max_offset_frames
     if narration is None:
         return GateResult(name, "skipped", detail="no audio")
     mouth = np.asarray(video.mouth)
     if np.count_nonzero(~np.isnan(mouth)) < _MIN_LIPSYNC_FRAMES:
         return GateResult(name, "skipped", detail="no face to find the mouth in")
-    # The mouth moves when the sound changes: onsets and ends of syllables, not steady vowels.
-    loud = _loudness(narration, video.fps, video.frames)
-    change = np.abs(np.diff(loud, prepend=loud[:1]))
-    if not change.any():
-        return GateResult(name, "skipped", detail="the audio is silent")
     search = settings.lipsync_search_frames
-    scores = {lag: _correlation(mouth, change, lag) for lag in range(-search, search + 1)}
-    scores = {lag: r for lag, r in scores.items() if not np.isnan(r)}
-    if not scores:
+    window = mouth[search : len(mouth) - search]  # frames every lag can be scored on
+    frames = np.flatnonzero(~np.isnan(window)) + search
+    if len(frames) < _MIN_LIPSYNC_FRAMES:
+        detail = f"{len(frames)} frames with a mouth once ±{search} frames of search are set"
+        detail += f" aside; {_MIN_LIPSYNC_FRAMES} needed: too little to judge, passed"
+        return GateResult(name, "passed", None, limit, detail, {"frames": len(frames)})
+    loud = _loudness(narration, video.fps, video.frames)
+    if not np.abs(np.diff(loud)).any():
+        return GateResult(name, "skipped", detail="the audio is silent")
+    fit = max(
+        (
+            _lag_scores(mouth[frames], _jaw_motion(loud, width), frames, search)
+            for width in _jaw_widths(video.fps)
+        ),
+        key=lambda f: -np.inf if np.isnan(f.best_r) else f.best_r,
+    )
+    if np.isnan(fit.best_r):
         detail = "the mouth region never moves while there is sound"
-        return GateResult(name, "failed", None, settings.lipsync_max_offset_frames, detail)
-    offset = max(scores, key=lambda lag: scores[lag])
-    corr = scores[offset]
-    ok = abs(offset) <= settings.lipsync_max_offset_frames and corr >= settings.lipsync_min_corr
+        return GateResult(name, "failed", None, limit, detail)
+    t = fit.t_vs_zero(len(frames))
+    offset = fit.best if t >= settings.lipsync_min_offset_t else 0
+    ok = abs(offset) <= limit and fit.best_r >= settings.lipsync_min_corr
+    ms = 1000 / video.fps
+    detail = f"best offset {fit.best:+d} frames ({fit.best * ms:+.0f} ms), r = {fit.best_r:.2f}"
+    detail += f" (min {settings.lipsync_min_corr})"
+    if fit.best:
+        verdict = "counts" if offset else "is no clear offset: read as in sync"
+        detail += f"; against lag 0 (r = {fit.r[0]:.2f}) t = {t:.1f}"
+        detail += f" (min {settings.lipsync_min_offset_t}): {verdict}"
     return GateResult(
         name,
         "passed" if ok else "failed",
         offset,
-        settings.lipsync_max_offset_frames,
-        f"best offset {offset:+d} frames ({offset / video.fps * 1000:+.0f} ms), "
-        f"r = {corr:.2f} (min {settings.lipsync_min_corr})",
-        {"corr": round(corr, 4), "min_corr": settings.lipsync_min_corr},
+        limit,
+        detail,
+        {
+            "corr": round(fit.best_r, 4),
+            "min_corr": settings.lipsync_min_corr,
+            "best_offset": fit.best,
+            "corr_at_0": round(fit.r[0], 4),
+            "t": round(t, 2),
+            "frames": len(frames),
+        },
     )
 
 
-def _correlation(mouth: np.ndarray, sound: np.ndarray, lag: int) -> float:
-    """Pearson r of mouth[t] and sound[t + lag] where both exist; nan when either is flat."""
-    if lag >= 0:
-        a, b = mouth[: len(mouth) - lag], sound[lag:]
-    else:
-        a, b = mouth[-lag:], sound[: len(sound) + lag]
-    valid = ~np.isnan(a)
-    a, b = a[valid], b[valid]
-    if len(a) < _MIN_LIPSYNC_FRAMES or a.std() == 0 or b.std() == 0:
+def _jaw_widths(fps: float) -> list[int]:
+    """Odd moving-average widths, in frames, for jaw responses of 0, ~0.19 and ~0.31 s."""
+    return sorted({max(1, round(s * fps)) | 1 for s in (0.0, 0.1875, 0.3125)})
+
+
+def _jaw_motion(loud: np.ndarray, width: int) -> np.ndarray:
+    """How much a jaw following loudness through a centred moving average moves each frame."""
+    level = np.convolve(loud, np.ones(width) / width, mode="same") if width > 1 else loud
+    motion: np.ndarray = np.abs(np.diff(level, prepend=level[:1]))
+    return motion
+
+
+@dataclass(frozen=True)
+class _LagFit:
+    """Pearson r of the mouth and the sound at each lag, and the sound's self-similarity."""
+
+    r: dict[int, float]
+    best: int
+    sound_r: float  # r of the sound at lag `best` with the sound at lag 0, over the same frames
+
+    @property
+    def best_r(self) -> float:
+        return self.r[self.best]
+
+    def t_vs_zero(self, n: int) -> float:
+        """Williams' t that r at the best lag exceeds r at lag 0 (dependent correlations)."""
+        r12, r13, r23 = self.best_r, self.r[0], self.sound_r
+        if self.best == 0 or r23 >= 1:
+            return 0.0
+        det = max(0.0, 1 - r12**2 - r13**2 - r23**2 + 2 * r12 * r13 * r23)
+        mean = (r12 + r13) / 2
+        spread = 2 * (n - 1) / (n - 3) * det + mean**2 * (1 - r23) ** 3
+        return float((r12 - r13) * np.sqrt((n - 1) * (1 + r23) / spread)) if spread > 0 else 0.0
+
+
+def _lag_scores(mouth: np.ndarray, sound: np.ndarray, frames: np.ndarray, search: int) -> _LagFit:
+    """Score mouth (at `frames`) against sound[frames + lag] for every lag in -search..+search."""
+    lagged = {lag: sound[frames + lag] for lag in range(-search, search + 1)}
+    r = {lag: _pearson(mouth, s) for lag, s in lagged.items()}
+    best = max(r, key=lambda lag: -np.inf if np.isnan(r[lag]) else r[lag])
+    return _LagFit(r, best, _pearson(lagged[best], lagged[0]))
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r of a and b; nan when either is flat."""
+    if a.std() == 0 or b.std() == 0:
         return float("nan")
     return float(np.corrcoef(a, b)[0, 1])
 

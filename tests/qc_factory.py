@@ -40,9 +40,17 @@ class Render:
         return len(self.frames) / self.fps
 
 
-def narration(duration_s: float, sample_rate: int = 16000, seed: int = 0) -> np.ndarray:
-    """Speech-like audio: syllables in words of 0.5-2 s separated by 0.15-0.6 s pauses."""
+def narration(
+    duration_s: float, sample_rate: int = 16000, seed: int = 0, single_phrase: bool = False
+) -> np.ndarray:
+    """Speech-like audio: syllables in words of 0.5-2 s separated by 0.15-0.6 s pauses, or with
+    single_phrase one unbroken sentence between a short lead-in and tail of silence."""
     rng = np.random.default_rng(seed)
+    if single_phrase:
+        lead, tail = rng.uniform(0.1, 0.3), rng.uniform(0.2, 0.4)
+        return speechlike(
+            duration_s, sample_rate, [(0.0, lead), (duration_s - tail, duration_s)], seed=seed
+        )
     pauses, t = [], rng.uniform(0.5, 2.0)
     while t < duration_s:
         gap = rng.uniform(0.15, 0.6)
@@ -58,9 +66,17 @@ def talking_head(
     sample_rate: int = 16000,
     seed: int = 0,
     face: bool = True,
+    single_phrase: bool = False,
+    jaw_s: float = 0.0,
 ) -> Render:
-    """A render of size (w, h): the portrait (or with face=False a faceless photo) lip-syncing."""
-    audio = narration(duration_s, sample_rate, seed)
+    """A render of size (w, h): the portrait (or with face=False a faceless photo) lip-syncing
+    to narration(duration_s, sample_rate, seed, single_phrase).
+
+    The mouth opens with the loudness of each frame; jaw_s > 0 smooths that loudness over time
+    (a Gaussian of that many seconds, centred, so still in sync) like a real jaw or model, which
+    cannot open and close fully on every 60-ms frame.
+    """
+    audio = narration(duration_s, sample_rate, seed, single_phrase)
     width, height = size
     photo = data.astronaut()[_HEAD_CROP] if face else data.coffee()[:, 100:500]
     scale = height / photo.shape[0]
@@ -73,7 +89,7 @@ def talking_head(
     canvas[:, x0 + lo : x0 + hi] = portrait[:, lo:hi]
     mouth = (round(x0 + _MOUTH_XY[0] * scale), round(_MOUTH_XY[1] * scale))
     half_width = max(2, round(_MOUTH_HALF_WIDTH * scale))
-    openness = _openness(audio, sample_rate, fps, round(duration_s * fps))
+    openness = _openness(audio, sample_rate, fps, round(duration_s * fps), jaw_s)
     frames = np.empty((len(openness), height, width, 3), np.uint8)
     for i, amount in enumerate(openness):
         image = canvas.copy()
@@ -86,12 +102,20 @@ def talking_head(
     return Render(frames, audio, sample_rate, fps)
 
 
-def _openness(audio: np.ndarray, sample_rate: int, fps: int, count: int) -> np.ndarray:
-    """Mouth opening 0..1 per frame: the frame's RMS loudness against the loud frames'."""
+def _openness(
+    audio: np.ndarray, sample_rate: int, fps: int, count: int, jaw_s: float = 0.0
+) -> np.ndarray:
+    """Mouth opening 0..1 per frame: the frame's RMS loudness (smoothed over jaw_s seconds)
+    against the loud frames'."""
     edges = np.round(np.arange(count + 1) * sample_rate / fps).astype(int)
     rms = np.array(
         [np.sqrt(np.mean(audio[a:b] ** 2)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
     )
+    if jaw_s > 0:
+        sigma = jaw_s * fps
+        taps = np.arange(-round(3 * sigma), round(3 * sigma) + 1)
+        kernel = np.exp(-0.5 * (taps / sigma) ** 2)
+        rms = np.convolve(rms, kernel / kernel.sum(), mode="same")
     return np.clip(rms / (np.percentile(rms, 95) + 1e-9), 0.0, 1.0)
 
 

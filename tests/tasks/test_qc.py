@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -294,3 +295,92 @@ def test_cli_exits_2_with_one_line_for_bad_input(
     assert "Traceback" not in output
     assert len(output.strip().splitlines()) == 1
     assert output.startswith("qc error")
+
+
+# --- concurrency and lip-sync judgement ---------------------------------------------------------
+
+# Varied talking heads (seconds, size, seed, single phrase, jaw smoothing): the flow's thread pool
+# QCs rows like these side by side.
+_HEADS = [
+    (3.0, (256, 256), 1, True, 0.0),
+    (3.5, (192, 256), 2, False, 0.0),
+    (4.0, (320, 192), 3, True, 0.0625),
+    (4.5, (224, 224), 4, False, 0.0),
+    (3.0, (288, 256), 5, False, 0.0625),
+    (5.0, (256, 192), 6, True, 0.0),
+    (3.5, (160, 224), 7, True, 0.0),
+    (4.0, (256, 320), 8, False, 0.0625),
+]
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("heads")
+    return [
+        write_render(
+            folder / f"head{i}.mp4",
+            talking_head(s, size, seed=seed, single_phrase=single, jaw_s=jaw),
+        )
+        for i, (s, size, seed, single, jaw) in enumerate(_HEADS)
+    ]
+
+
+def _judged(path: Path) -> dict[str, object]:
+    """A report without its timing, for comparing runs."""
+    data = run_gates(path).to_json()
+    del data["elapsed_s"]
+    return data
+
+
+def test_gates_on_many_videos_at_once_match_a_serial_run(heads: list[Path]) -> None:
+    """OpenCV's face cascade is not thread-safe: one shared by the pool's threads crashed
+    (`getScaleData` assertions) or found wrong boxes. Each thread now has its own."""
+    serial = [_judged(path) for path in heads]
+    assert all(report["passed"] for report in serial), [r["gates"] for r in serial]
+    with ThreadPoolExecutor(max_workers=len(heads)) as pool:
+        for _ in range(2):  # a shared cascade failed in the first round, every time
+            assert list(pool.map(_judged, heads)) == serial
+
+
+@pytest.mark.parametrize("single", [True, False], ids=["one sentence", "phrases"])
+@pytest.mark.parametrize("seconds", [3.0, 5.0, 12.0])
+def test_good_renders_with_a_smooth_jaw_are_not_called_out_of_sync(
+    seconds: float, single: bool, tmp_path: Path
+) -> None:
+    """A jaw that follows loudness a little smoothly (as a model does) moves less on every frame;
+    the old measure then found near-ties at other lags and rejected all of these renders."""
+    render = talking_head(seconds, seed=0, single_phrase=single, jaw_s=0.09)
+    lipsync = run_gates(write_render(tmp_path / "good.mp4", render)).gate("lipsync")
+    assert lipsync.status == "passed", lipsync.detail
+    assert lipsync.value == 0
+    assert lipsync.measured["corr"] >= QCSettings().lipsync_min_corr
+
+
+@pytest.mark.parametrize("single", [True, False], ids=["one sentence", "phrases"])
+def test_a_five_frame_shift_is_caught_on_a_12_s_render_with_a_smooth_jaw(
+    single: bool, tmp_path: Path
+) -> None:
+    render = with_audio_delay(talking_head(12.0, seed=0, single_phrase=single, jaw_s=0.09), 5)
+    lipsync = run_gates(write_render(tmp_path / "late.mp4", render)).gate("lipsync")
+    assert (lipsync.status, lipsync.value) == ("failed", 5), lipsync.detail
+    assert lipsync.measured["t"] >= QCSettings().lipsync_min_offset_t
+    assert "counts" in lipsync.detail
+
+
+def test_a_weak_offset_is_read_as_in_sync_and_says_so(videos: dict[str, Path]) -> None:
+    """The same late video passes when the evidence bar is set above what it shows."""
+    late = videos["audio_late"]
+    strict = run_gates(late).gate("lipsync")
+    assert strict.measured["t"] > 3
+    lenient = QCSettings(lipsync_min_offset_t=strict.measured["t"] + 1)  # type: ignore[operator]
+    lipsync = run_gates(late, settings=lenient).gate("lipsync")
+    assert (lipsync.status, lipsync.value) == ("passed", 0)
+    assert lipsync.measured["best_offset"] == 5
+    assert "no clear offset: read as in sync" in lipsync.detail
+
+
+def test_a_clip_too_short_to_judge_passes_lipsync_with_a_note(tmp_path: Path) -> None:
+    """2.5 s = 40 frames: once ±8 frames of search are set aside, 24 remain (32 needed)."""
+    lipsync = run_gates(write_render(tmp_path / "short.mp4", talking_head(2.5))).gate("lipsync")
+    assert (lipsync.status, lipsync.value) == ("passed", None)
+    assert "too little to judge" in lipsync.detail
