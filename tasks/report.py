@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import html
 import io
+import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from fractions import Fraction
@@ -342,6 +343,9 @@ class ProgressArtifact:
 
     def __init__(self, config: BatchConfig) -> None:
         self.done, self.total, self.shown = 0, 0, 0
+        # Rows finish on the task runner's threads: count and decide under one lock, so no
+        # finish is lost and no percentage is shown twice or out of order.
+        self._lock = threading.Lock()
         self.id = cast(  # a UUID, in this sync code
             UUID,
             create_progress_artifact(
@@ -350,15 +354,17 @@ class ProgressArtifact:
         )
 
     def __call__(self, event: ProgressEvent) -> None:
-        match event:
-            case RowsPlanned():
-                self.total += event.rows
-            case RowFinished():
-                self.done += 1
-            case _:
+        with self._lock:
+            match event:
+                case RowsPlanned():
+                    self.total += event.rows
+                case RowFinished():
+                    self.done += 1
+                case _:
+                    return
+            percent = 100 * self.done // max(self.total, 1)
+            if percent <= self.shown:  # at most 100 updates, however many rows
                 return
-        percent = 100 * self.done // max(self.total, 1)
-        if percent > self.shown:  # at most 100 updates, however many rows
             self.shown = percent
             update_progress_artifact(self.id, progress=float(percent))
 

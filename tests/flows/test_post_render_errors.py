@@ -15,7 +15,7 @@ import pytest
 from flows import produce
 from flows.produce import CHUNKS_KEPT, run_batch
 from tasks.config import BatchConfig
-from tests.factories import NO_FACE, narrated_manifest
+from tests.factories import narrated_manifest
 from tests.fakes.fal_server import FakeFal
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -76,7 +76,6 @@ def test_an_error_after_rendering_keeps_the_paid_render_and_the_rerun_publishes_
         backend="fal",
         work_dir=str(tmp_path / "work"),
         fal=fake.settings(),
-        qc_skip=NO_FACE,  # the fake renders stripes: no face, no lips
     )
     reason = f"{stage} error: RuntimeError: injected {stage} failure"
 

@@ -17,7 +17,7 @@ from flows.produce import run_batch
 from tasks import progress, stop
 from tasks.config import BatchConfig
 from tasks.records import ChunkRendered, ProgressEvent, RowFinished
-from tests.factories import NO_FACE, narrated_manifest
+from tests.factories import narrated_manifest
 from tests.fakes.fal_server import FakeFal
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -38,7 +38,6 @@ def _config(fake: FakeFal, manifest: str, folder: Path, **options: object) -> Ba
         backend="fal",
         work_dir=str(folder / "work"),
         fal=fake.settings(),
-        qc_skip=NO_FACE,
         **options,
     )
 
