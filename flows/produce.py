@@ -410,8 +410,15 @@ def batch_config(**parameters: Any) -> BatchConfig:
 
 
 def flow_parameters(config: BatchConfig) -> dict[str, Any]:
-    """produce_batch's parameters for a BatchConfig (the CLI's and Python callers' way in)."""
+    """produce_batch's parameters for a BatchConfig (the CLI's and Python callers' way in).
+
+    A field the flow has no parameter for would be dropped on the way in: refuse it instead of
+    running with a setting the caller did not ask for.
+    """
     names = set(produce_batch.parameters.properties) - {*LOCAL_SHORTCUTS, "fal_key_secret"}
+    dropped = sorted(config.model_fields_set - names)
+    if dropped:
+        raise ValueError(f"produce_batch has no parameter for {', '.join(dropped)}")
     return {name: getattr(config, name) for name in names}
 
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from flows.produce import run_batch
+from flows.produce import flow_parameters, run_batch
 from tasks.config import BatchConfig, LocalSettings
 from tasks.media import count_audio_samples, probe_video
 from tests.factories import TINY_NOISE, narrated_manifest, write_manifest, write_narrations
@@ -142,3 +142,10 @@ def test_local_v15_checkpoint_renders_and_publishes_at_its_25_fps(
     assert outcome.exit_code == 0, outcome.results
     probe = probe_video(str(tmp_path / "out" / "a.mp4"))
     assert (probe.fps, probe.frames) == (25, 175)  # 7 s at 25 fps, trimmed from 2 segments
+
+
+def test_a_setting_the_flow_cannot_take_is_refused_not_dropped() -> None:
+    config = BatchConfig(manifest="m.parquet", chunk_target_s=20.0, chunk_min_s=2.5)
+    with pytest.raises(ValueError, match="no parameter for chunk_min_s"):
+        flow_parameters(config)
+    assert flow_parameters(BatchConfig(manifest="m.parquet"))["chunk_target_s"] == 60.0
