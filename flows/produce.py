@@ -309,7 +309,7 @@ def produce_batch(
         return Failed(message=f"cannot run: {problem}")
     ledger = Ledger.for_run(config)
     # One run per target (or per shard of a sharded run): two could pay for one chunk.
-    with ledger.run_slot(config.shard), ledger.lock(config.shard):
+    with ledger.lock(config.shard):
         ledger.sweep_temp_files(config.target)  # what a killed run left; nothing else writes now
         with ProgressArtifact.tracking(config):
             outcome = _produce(config)
