@@ -49,7 +49,7 @@ POLL_S = 2.0  # how often a waiting run looks again
 # Stores whose conditional create and If-Match overwrite avatarflow uses (tested on S3's API).
 CONDITIONAL_PROTOCOLS = frozenset({"s3", "s3a"})
 # Errors a store answers when a condition did not hold, or another conditional write raced ours.
-_CONDITION_FAILED = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+_CONDITION_FAILED = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
 
 
 class LedgerBusyError(RuntimeError):
@@ -283,8 +283,10 @@ class StoreLease(Lease):
         renewed = dataclasses.replace(self.mine, expires_at=time.time() + self.ttl_s)
         etag = self._replace(renewed, self.etag)
         if etag is None:
-            current = self._read()
-            holder = current[0] if current else None
+            holder, current_etag = self._read() or (None, "")
+            if holder is not None and holder.token == self.mine.token:
+                self.mine, self.etag = holder, current_etag  # our last renewal landed unanswered
+                return
             self.lost = True
             log.error(
                 "%s: lost the lease to %s; no new paid submit from this run",
@@ -365,9 +367,16 @@ class StoreLease(Lease):
         return doc.token if current is not None and current[0] == doc else None
 
 
-def _condition_failed(exc: OSError) -> bool:
-    text = f"{exc} {exc.__cause__!r}"
-    return "pre-condition" in text or any(code in text for code in _CONDITION_FAILED)
+def _condition_failed(exc: BaseException) -> bool:
+    """True when the store refused a conditional request: s3fs wraps botocore's error once or
+    twice (a read whose object changed under it raises FileExpired from it)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        response: dict[str, Any] = getattr(cause, "response", None) or {}
+        if response.get("Error", {}).get("Code") in _CONDITION_FAILED:
+            return True
+        cause = cause.__cause__
+    return False
 
 
 _active: set[Lease] = set()

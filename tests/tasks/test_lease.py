@@ -210,3 +210,19 @@ def test_the_wait_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv(lease.WAIT_ENV, "soon")
     with pytest.raises(ValueError, match="AVATARFLOW_TARGET_WAIT"):
         lease.wait_limit()
+
+
+def test_a_renewal_whose_answer_was_lost_keeps_the_lease(s3_target: Target) -> None:
+    held = s3_target.lease()
+    assert isinstance(held, StoreLease)
+    held.acquire(None)
+    try:
+        landed = held.etag
+        held.etag = '"an-etag-from-before-the-lost-answer"'
+        held.renew()  # If-Match fails, but the lease read back is still this run's
+        assert not held.lost
+        assert held.etag == landed
+        held.renew()
+        assert not held.lost
+    finally:
+        held.release()
