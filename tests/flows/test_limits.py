@@ -109,7 +109,7 @@ def test_two_cli_runs_started_together_on_one_s3_target_without_a_server_pay_onc
     env |= {"COLUMNS": "1000", "PYTHONUNBUFFERED": "1"}
     env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "240"  # two at once on 2 cores
     with S3Server() as s3:
-        target = f"{s3.url}/videos"
+        target = f"{s3.url}/{tmp_path.name}"  # moto keeps objects across servers in a process
         env |= s3.env
         args = [sys.executable, "-m", "flows.cli", "run", manifest, "--backend", "fal"]
         args += ["--target", target, *qc_skip_args(frozenset(SKIP))]
