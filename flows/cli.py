@@ -217,20 +217,22 @@ def run(
 
 
 def _run_locked(config: BatchConfig) -> BatchOutcome:
-    """Run the batch with live progress; Ctrl-C → 130, SIGTERM → 143, a busy target → 2."""
+    """Run the batch with live progress; Ctrl-C → 130, SIGTERM → 143, target held past the wait → 2."""
     from flows.live import run_with_progress
-    from tasks.ledger import LedgerBusyError
+    from tasks.lease import LedgerBusyError
 
     interrupt = _Interrupt(
         f"interrupted: in-flight fal request ids are kept in {config.state_url}; run the same "
         f"command again to resume them without paying twice, or `avatarflow cancel {config.target}`"
     )
     log_path = _log_to_file(config)
+    lease_lines = _ConsoleLines()  # "waiting for run X …" must reach the terminal, not only the log
+    logging.getLogger("tasks.lease").addHandler(lease_lines)
     try:
         with interrupt.installed():
-            return run_with_progress(config, console)  # the flow holds the ledger's lock
+            return run_with_progress(config, console)  # the flow holds the target's lease
     except LedgerBusyError as exc:
-        console.print(f"[red]busy[/red]: {exc}; wait for it to finish (or stop it) first")
+        console.print(f"[red]busy[/red]: {escape(str(exc))}")
         raise typer.Exit(EXIT_INVALID) from None
     except BaseException as exc:
         code = interrupt.exit_code_for(exc)
@@ -239,7 +241,18 @@ def _run_locked(config: BatchConfig) -> BatchOutcome:
         interrupt.say()  # the run unwound from the signal in time
         raise typer.Exit(code) from None
     finally:
+        logging.getLogger("tasks.lease").removeHandler(lease_lines)
         console.print(f"log:     {log_path}")
+
+
+class _ConsoleLines(logging.Handler):
+    """Warnings and errors of one logger as plain lines on the console."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console.print(f"[yellow]{escape(record.getMessage())}[/yellow]")
 
 
 def _log_to_file(config: BatchConfig) -> Path:

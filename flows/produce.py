@@ -385,7 +385,7 @@ def produce_batch(
     context = FlowRunContext.get()  # none when the body is called as produce_batch.fn
     run_id = context.flow_run.id if context and context.flow_run else uuid4()
     # One run per target (or per shard of a sharded run): two could pay for one chunk.
-    with ledger.run_slot(config.shard), ledger.lock(config.shard), owned(run_id):
+    with ledger.lock(config.shard), owned(run_id):
         # What a killed run left; nothing else writes now.
         ledger.sweep_temp_files(config.target, rejected_target(config.target))
         with ProgressArtifact.tracking(config):

@@ -235,7 +235,7 @@ def produce_sharded(
     )
     started = datetime.now(UTC)
     ledger = Ledger.for_run(config)
-    with ledger.run_slot(), ledger.lock():  # no plain run on this target overlaps the parent
+    with ledger.lock():  # no plain run on this target overlaps the parent
         check = load_rows(config)
         chosen, parent_rows = _within_budget(check, config)
         child = {"deployment": deployment, "qc_skip": sorted(config.qc_skip)}

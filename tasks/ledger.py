@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,12 +28,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import fsspec
 import pydantic
 from fsspec.implementations.local import LocalFileSystem
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists
-from prefect.settings import PREFECT_API_URL
 
+from tasks import lease
+from tasks.lease import LedgerBusyError
 from tasks.records import (
     Attempt,
     ChunkVideo,
@@ -54,11 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-RUN_SLOT_LEASE_S = 60  # renewed while the run lives; how long a dead run blocks its target
-
-
-class LedgerBusyError(RuntimeError):
-    """Another run holds this ledger: two runs on one target could both pay for a chunk."""
 
 
 @dataclass(frozen=True)
@@ -137,47 +126,15 @@ class Ledger:
         write_fs(self.fs, path, json_bytes(doc))
 
     @contextlib.contextmanager
-    def lock(self, scope: str | None = None) -> Iterator[None]:
-        """Hold the ledger for one run (local state; object stores have no locks to take).
+    def lock(self, scope: str | None = None) -> Iterator[lease.Lease]:
+        """Hold the ledger for one run: a second run on this target waits, then refuses
+        (tasks.lease has the rule, the same on local folders and object stores).
 
-        scope: a shard of a sharded run, whose rows no other shard has: shards lock only
+        scope: a shard of a sharded run, whose rows no other shard has: shards hold only
         themselves and run side by side on one ledger.
         """
-        if not self.is_local:
-            yield
-            return
-        os.makedirs(self.root, exist_ok=True)
-        name = f"run-{scope}.lock" if scope else "run.lock"
-        with open(f"{self.root}/{name}", "a+") as fh:
-            try:
-                # Released by the kernel when the process ends, even on SIGKILL.
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise LedgerBusyError(f"another run is using the ledger at {self.url}") from None
-            yield
-
-    @contextlib.contextmanager
-    def run_slot(self, scope: str | None = None) -> Iterator[None]:
-        """One run per target on object stores, across machines: hold the only slot of a Prefect
-        global concurrency limit named after this ledger, so a second run waits for the first.
-
-        Only for ledgers on object stores and only against a Prefect server (PREFECT_API_URL): a
-        local ledger has lock(), which the kernel releases the moment its process dies, while a
-        slot is a lease that a dead run holds until RUN_SLOT_LEASE_S have passed. scope: as for
-        lock().
-        """
-        if self.is_local or not PREFECT_API_URL.value():
-            yield
-            return
-        key = f"{self.url}#{scope}" if scope else self.url
-        name = "avatarflow-target-" + hashlib.sha256(key.encode()).hexdigest()[:16]
-        with get_client(sync_client=True) as client:
-            limit = GlobalConcurrencyLimitCreate(name=name, limit=1)
-            with contextlib.suppress(ObjectAlreadyExists):
-                client.create_global_concurrency_limit(limit)
-        log.info("waiting for the run slot of %s (limit %s)", self.url, name)
-        with concurrency(name, occupy=1, lease_duration=RUN_SLOT_LEASE_S, strict=True):
-            yield
+        with lease.hold(self.fs, self.root, self.url, scope) as held:
+            yield held
 
     def sweep_temp_files(self, *outputs: str) -> list[str]:
         """Delete what killed writers left in a local ledger and in local output folders (the
@@ -204,6 +161,9 @@ class Ledger:
 
     def record_attempt(self, row_id: str, input_hash: str, chunk: int, endpoint: str) -> int:
         """Note that a paid submit is about to be sent; return its attempt number."""
+        lost = lease.lost(self.url)
+        if lost is not None:  # another run may hold the target now: it could pay for this chunk
+            raise LedgerBusyError(f"this run no longer holds {lost.target}; not submitting")
         previous = self.attempt(row_id, input_hash, chunk)
         n = previous.n + 1 if previous else 1
         path = self._chunk_path(row_id, input_hash, chunk, "attempt.json")

@@ -7,13 +7,16 @@ as an earlier one in the same trial: the same row's same chunk, paid for twice.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections import Counter
@@ -314,16 +317,40 @@ def test_cancel_cancels_every_in_flight_request_and_a_rerun_resubmits_them(
     assert fal.key not in result.output
 
 
-def test_a_second_run_on_a_busy_target_exits_2_and_dispatches_nothing(
+def test_a_second_run_on_a_busy_target_exits_2_naming_the_holder_and_dispatches_nothing(
     fal: FakeFal, sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for key, value in fal.env().items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AVATARFLOW_TARGET_WAIT", "0")  # refuse at once instead of waiting
     fal.reset()
     target = tmp_path / "out"
     args = ["run", sandbox.manifest, "--backend", "fal", "--target", str(target)]
     with Ledger(str(target / ".avatarflow")).lock():  # the run already going on
         result = invoke(*args, "--work-dir", str(tmp_path / "work"))
     assert result.exit_code == 2, result.output
-    assert "another run is using the ledger" in flat(result.output)
+    holder = f"(pid {os.getpid()}) that holds {target / '.avatarflow'}; started"
+    assert holder in flat(result.output)
+    assert "gave up after 0 s (AVATARFLOW_TARGET_WAIT=0)" in flat(result.output)
     assert sum(fal.counts.values()) == 0
+
+
+def test_a_second_run_on_a_local_target_waits_for_the_first_like_on_an_object_store(
+    fal: FakeFal, sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in fal.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AVATARFLOW_TARGET_WAIT", raising=False)  # the default: wait
+    fal.reset()
+    target = tmp_path / "out"
+    args = ["run", sandbox.manifest, "--backend", "fal", "--target", str(target)]
+    args += ["--chunk-target-s", "11"]
+    with contextlib.ExitStack() as first_run:
+        first_run.enter_context(Ledger(str(target / ".avatarflow")).lock())
+        threading.Timer(3.0, first_run.close).start()  # the first run ends 3 s from now
+        result = invoke(*args, "--work-dir", str(tmp_path / "work"))
+    assert result.exit_code == 0, result.output
+    waiting = f"waiting for a run on host {socket.gethostname()} (pid {os.getpid()}) that holds"
+    assert waiting in flat(result.output)
+    assert "lease until its process ends" in flat(result.output)
+    assert fal.submissions == CHUNKS  # then it ran
