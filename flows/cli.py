@@ -217,7 +217,7 @@ def run(
 
 
 def _run_locked(config: BatchConfig) -> BatchOutcome:
-    """Run the batch with live progress; Ctrl-C → 130, SIGTERM → 143, target held past the wait → 2."""
+    """Run the batch with live progress; Ctrl-C → 130, SIGTERM → 143, target held too long → 2."""
     from flows.live import run_with_progress
     from tasks.lease import LedgerBusyError
 
