@@ -22,7 +22,7 @@ from tests.media_factory import write_narration
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
-POOL, DEPLOYMENT = "avatarflow-cpu", "produce-batch/nightly-fal"
+POOL, GPU_POOL, DEPLOYMENT = "avatarflow-cpu", "avatarflow-gpu", "produce-batch/nightly-fal"
 # The loopback fal service renders noise: no face to find, no identity across seams.
 NOISE = {"qc_skip": ["face", "lipsync", "seams"]}
 pytestmark = pytest.mark.slow
@@ -48,7 +48,6 @@ class Stack:
             "PREFECT_WORKER_QUERY_SECONDS": "1",  # pick runs up at once
             "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
             "AVATARFLOW_REPO": str(home / "repo.git"),
-            **{k: v for k, v in fal.env().items() if k != "FAL_KEY"},  # pinned at deploy time
         }
         self.processes: list[subprocess.Popen[bytes]] = []
 
@@ -121,7 +120,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             )
             work = _publish_repo(home)
             stack.wait_healthy()
-            for pool in (POOL, "avatarflow-gpu"):
+            for pool in (POOL, GPU_POOL):
                 assert (
                     stack.prefect("work-pool", "create", pool, "--type", "process").returncode == 0
                 )
@@ -129,9 +128,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "deploy", "--prefect-file", "deploy/prefect.yaml", "--all", cwd=work
             )
             assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-            worker_env = {**stack.env, "FAL_KEY": fal.key}  # the key lives on the worker only
+            worker_env = {**stack.env, **fal.env()}  # fal's key and hosts are the worker's only
             stack.start(
                 PREFECT, "worker", "start", "--pool", POOL, log="worker.log", env=worker_env
+            )
+            stack.start(
+                PREFECT, "worker", "start", "--pool", GPU_POOL, log="gpu-worker.log", env=stack.env
             )
             yield stack
         finally:
@@ -278,6 +280,38 @@ def test_a_sharded_run_lists_every_row_resumes_and_never_pays_twice(
     plain = _run(stack, {"manifest": manifest, "target": str(target), **NOISE})
     assert plain.state.is_completed(), plain.state.message
     assert fal.submissions == 0
+
+
+def test_a_sharded_gpu_run_passes_its_model_folder_to_the_children_and_reports_their_reason(
+    stack: Stack, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """The GPU deployment's model_dir (/models/longcat) is not on this machine: children that
+    keep it fail, and say why; the parent given the folder has every row published."""
+    rows = [{"id": f"g{i}", "audio": f"g{i}.wav"} for i in range(3)]
+    manifest = _manifest(tmp_path / "gpu", rows, seconds=1.0)
+    target = tmp_path / "gpu-out"
+    parent = {
+        "manifest": manifest,
+        "target": str(target),
+        "rows": 2,
+        "work_dir": str(tmp_path / "work"),
+        **NOISE,
+    }
+    name = "produce-sharded/sharded-local-gpu"
+
+    run = _run(stack, parent, timeout=400, name=name)
+    assert run.state.is_failed()
+    assert run.state.message.startswith("3 of 3 rows not published, 2 of 2 shards")
+    errors = pq.read_table(target / "results.parquet").column("error").to_pylist()
+    assert all(
+        e.endswith("cannot run: model folder /models/longcat does not exist") for e in errors
+    )
+    assert not any("TypeError" in line for line in _logs(stack, run.id))
+
+    run = _run(stack, {**parent, "model_dir": str(tiny_checkpoint)}, timeout=600, name=name)
+    assert run.state.is_completed(), run.state.message
+    results = pq.read_table(target / "results.parquet").to_pylist()
+    assert [(r["id"], r["status"]) for r in results] == [(f"g{i}", "published") for i in range(3)]
 
 
 def _logs(stack: Stack, flow_run_id: UUID) -> list[str]:
