@@ -158,6 +158,10 @@ def run(
     state: Annotated[str | None, typer.Option(help="Run ledger URL.")] = None,
     work_dir: Annotated[str | None, typer.Option(help="Local scratch folder.")] = None,
     model_dir: Annotated[str | None, typer.Option(help="Local checkpoint folder.")] = None,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(help="Dask scheduler (tcp://host:8786) whose GPU=1 workers keep the model."),
+    ] = None,
     chunk_target_s: Annotated[
         float | None, typer.Option(help="Cut long narration into chunks near this length.")
     ] = None,
@@ -189,7 +193,10 @@ def run(
     from tasks.backends import renderer_class
     from tasks.config import LocalSettings
 
-    local = LocalSettings(model_dir=model_dir) if model_dir else None
+    given = {"model_dir": model_dir, "dask_address": dask_address}
+    local_fields = {name: value for name, value in given.items() if value is not None}
+    # Unset fields still come from AVATARFLOW_LOCAL_*: the update only sets what was given.
+    local = LocalSettings().model_copy(update=local_fields) if local_fields else None
     config = _config(
         manifest,
         target=target,

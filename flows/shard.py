@@ -28,7 +28,7 @@ from prefect.futures import wait
 from prefect.states import Completed, Failed
 
 from flows.produce import first_error
-from tasks.config import BatchConfig
+from tasks.config import BatchConfig, QCSettings
 from tasks.ledger import Ledger
 from tasks.manifest import ManifestCheck, load_rows, read_manifest, resolve_location
 from tasks.plan import Admission, prepare_row
@@ -106,14 +106,18 @@ def _remove_stale(folder: str, keep: set[str], prefix: str = "shard-") -> None:
 
 @task(name="run-shard")
 def run_shard(
-    shard: Shard, deployment: str, config: BatchConfig, parent_started: datetime
+    shard: Shard,
+    deployment: str,
+    config: BatchConfig,
+    given: dict[str, Any],
+    parent_started: datetime,
 ) -> FlowRun:
     """Run one shard as a child flow run of `deployment` and wait for it.
 
     The key is the shard's content: a child that already Completed is reused; one that ended
     otherwise before this parent run started is run again under the next attempt's key.
     """
-    parameters = _child_parameters(config, shard)
+    parameters = _child_parameters(shard, config, given)
     for attempt in range(1, CHILD_ATTEMPTS + 1):
         run = cast(  # a FlowRun, called from this sync task
             FlowRun,
@@ -130,8 +134,9 @@ def run_shard(
     return run
 
 
-def _child_parameters(config: BatchConfig, shard: Shard) -> dict[str, Any]:
-    """The child's own parameters; the rest (backend, model folder ...) are its deployment's."""
+def _child_parameters(shard: Shard, config: BatchConfig, given: dict[str, Any]) -> dict[str, Any]:
+    """The child's parameters: its shard, the parent's target and ledger, and the render
+    parameters given to the parent; the rest (backend ...) are its deployment's."""
     return {
         "manifest": shard.url,
         "target": config.target,
@@ -139,7 +144,7 @@ def _child_parameters(config: BatchConfig, shard: Shard) -> dict[str, Any]:
         "shard": shard.id,
         "results_name": f"results-shard-{shard.id}.parquet",
         "report_name": f"report-shard-{shard.id}.html",
-        "qc_skip": sorted(config.qc_skip) or None,
+        **given,
     }
 
 
@@ -183,8 +188,7 @@ def merge_results(
         found = set(table.column("id").to_pylist()) if table is not None else set()
         if table is not None:
             tables.append(table)
-        state = run.state.name if run.state else "unknown"
-        reason = f"shard {shard.id} did not finish: child flow run {run.name} ended {state}"
+        reason = f"shard {shard.id} did not finish: {_ended(run)}"
         missing += [
             RowResult.failure(i, reason, extras.get(i)) for i in shard.row_ids if i not in found
         ]
@@ -204,6 +208,22 @@ def merge_results(
     return merged.take(positions)
 
 
+def _ended(run: FlowRun) -> str:
+    """How a child run ended, with its state's message (why it failed, when it says)."""
+    if run.state is None:
+        return f"child flow run {run.name} ended in an unknown state"
+    ended = f"child flow run {run.name} ended {run.state.name}"
+    return f"{ended}: {run.state.message}" if run.state.message else ended
+
+
+class ShardsFailed(Exception):
+    """Rows of a sharded run were not published: the Failed parent run's result."""
+
+    def __init__(self, message: str, counts: dict[str, int]) -> None:
+        super().__init__(message)
+        self.counts = counts
+
+
 def _read_table(url: str) -> pa.Table | None:
     fs, path = fsspec.core.url_to_fs(url)
     if not fs.exists(path):
@@ -220,11 +240,21 @@ def produce_sharded(
     rows: int = 200,
     state: str | None = None,
     budget_usd: float | None = None,
+    model_dir: str | None = None,
+    dask_address: str | None = None,
+    work_dir: str | None = None,
+    max_concurrency: int | None = None,
+    chunk_target_s: float | None = None,
+    resubmit_ambiguous: bool | None = None,
+    qc: QCSettings | None = None,
     qc_skip: list[str] | None = None,
+    rerender_on_qc_fail: bool | None = None,
+    fal_key_secret: str | None = None,
 ) -> State[dict[str, int]]:
     """Split the manifest into shards of `rows`, run each as `deployment`, merge the results.
 
-    `qc_skip` is passed on to every child; the children's other parameters are their deployment's.
+    The render parameters from `model_dir` on are passed to every child when given; unset, the
+    child deployment's own values stand. `budget_usd` holds for the whole run.
     """
     config = BatchConfig(
         manifest=manifest,
@@ -233,28 +263,45 @@ def produce_sharded(
         budget_usd=budget_usd,
         qc_skip=frozenset(qc_skip or ()),
     )
+    forwarded = {
+        "model_dir": model_dir,
+        "dask_address": dask_address,
+        "work_dir": work_dir,
+        "max_concurrency": max_concurrency,
+        "chunk_target_s": chunk_target_s,
+        "resubmit_ambiguous": resubmit_ambiguous,
+        "qc": qc.model_dump(mode="json") if qc else None,
+        "qc_skip": sorted(config.qc_skip) if qc_skip is not None else None,
+        "rerender_on_qc_fail": rerender_on_qc_fail,
+        "fal_key_secret": fal_key_secret,  # a block's name, never a key
+    }
+    given = {name: value for name, value in forwarded.items() if value is not None}
     started = datetime.now(UTC)
     ledger = Ledger.for_run(config)
+    logger = get_run_logger()
     with ledger.lock():  # no plain run on this target overlaps the parent
         check = load_rows(config)
         chosen, parent_rows = _within_budget(check, config)
-        child = {"deployment": deployment, "qc_skip": sorted(config.qc_skip)}
-        shards = write_shards(config, chosen, rows, child)
-        futures = run_shard.map(shards, unmapped(deployment), unmapped(config), unmapped(started))
+        shards = write_shards(config, chosen, rows, {"deployment": deployment, **given})
+        futures = run_shard.map(
+            shards, unmapped(deployment), unmapped(config), unmapped(given), unmapped(started)
+        )
         runs = [future.result() for future in futures]
         table = merge_results(config, check, shards, runs, parent_rows)
     results_url = publish_bytes(parquet_bytes(table), config.target, config.results_name)
     _publish_report(config, table, len(shards))
     counts = dict(zip(*_value_counts(table.column("status").to_pylist()), strict=True))
     unfinished = [run for run in runs if not (run.state and run.state.is_completed())]
+    for run in unfinished:
+        logger.warning("%s", _ended(run))
     failed = table.num_rows - counts.get("published", 0)
     message = (
         f"{failed} of {table.num_rows} rows not published, {len(unfinished)} of {len(shards)} "
         f"shards did not complete; see {results_url}"
     )
     if failed or unfinished:
-        get_run_logger().error(message)
-        return Failed(message=message, data=counts)
+        logger.error(message)
+        return Failed(message=message, data=ShardsFailed(message, counts))
     return Completed(
         message=f"{table.num_rows} rows published in {len(shards)} shards", data=counts
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -40,6 +41,7 @@ from tasks.audio import load_pcm
 from tasks.backends.base import NOMINAL_AREA, Renderer, RenderJob
 from tasks.config import TINY_MODEL, BatchConfig, LocalSettings
 from tasks.records import V1_GRID, Chunk, ChunkVideo, FrameGrid, RowPlan, Timings
+from tasks.stop import RenderStopped, stop_requested
 from tasks.storage import sha256_file, writing
 from tasks.workdir import WorkDir
 
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
 
 MODEL_SAMPLE_RATE_HZ = 16_000  # both audio encoders (wav2vec2, Whisper) take 16 kHz mono
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_log = logging.getLogger(__name__)
 TINY_MODEL_NAME = "tiny random-weight checkpoint (renders noise; for demos and tests)"
 
 
@@ -141,6 +144,8 @@ class LocalRenderer(Renderer):
             )
         if not config.local.is_tiny and not Path(model_dir).is_dir():
             return f"model folder {model_dir} does not exist"
+        if config.local.dask_address:  # a scheduler no GPU worker serves would wait forever
+            return dask_problem(config.local.dask_address)
         return None
 
     @classmethod
@@ -336,20 +341,81 @@ def _checkpoint_fps(model_dir: str) -> int:
     return int(checkpoint_fps(model_dir))
 
 
+DASK_CONNECT_TIMEOUT_S = 10  # a scheduler that does not answer within this fails the run
+DASK_POLL_S = 0.5  # a wait on a Dask render looks at the stop flag this often
+DASK_NO_GPU_GRACE_S = 10.0  # how long a render waits for a worker with GPU=1 to (re)appear
+
+
+class DaskWorkersError(RuntimeError):
+    """The Dask scheduler has no worker that can run a render (none offers resources GPU=1)."""
+
+
+def dask_problem(address: str) -> str | None:
+    """Why renders cannot run on the Dask scheduler at address now (one line), or None.
+
+    "local" is this process's own cluster, whose workers always offer GPU=1.
+    """
+    if address == "local":
+        return None
+    try:
+        client = _dask_client(address)
+    except (OSError, TimeoutError) as exc:
+        return f"cannot reach the Dask scheduler at {address}: {exc}"
+    return None if _gpu_workers(client) else _no_gpu_message(address)
+
+
 def render_on_dask(job: RenderJob, settings: LocalSettings) -> list[ChunkVideo]:
     """Render a row on a Dask worker holding a GPU resource, and wait for it.
 
     Each worker process keeps its own LocalRenderer, so the model is loaded once per worker and
-    reused by every row and every flow run sent to that scheduler. Workers read the job's inputs
-    and write its MP4s under the work dir: same machine, or a work dir on shared storage.
+    reused by every row and every flow run sent to that scheduler. Workers run their own installed
+    copy of this module, read the job's inputs and write its MP4s under the run's work dir: same
+    machine, or a work dir on shared storage at the same path.
     """
-    client = _dask_client(settings.dask_address or "")
+    address = settings.dask_address or ""
+    client = _dask_client(address)
     worker_settings = settings.model_copy(update={"dask_address": None})
     future = client.submit(
         _render_here, job, worker_settings, resources=LocalRenderer.resources, pure=False
     )
-    videos: list[ChunkVideo] = future.result()
+    _log.info("row %s: rendering on the Dask scheduler at %s", job.plan.row.id, address)
+    try:
+        videos: list[ChunkVideo] = _wait_for_render(client, future, address, job.plan.row.id)
+    except BaseException:
+        future.cancel()  # a queued render never starts; a running one finishes its segments
+        raise
     return videos
+
+
+def _wait_for_render(client: Any, future: Any, address: str, row_id: str) -> Any:
+    """future's result, waking every DASK_POLL_S: raise RenderStopped once a stop is requested,
+    DaskWorkersError once no worker with GPU=1 has been there for DASK_NO_GPU_GRACE_S."""
+    seen_gpu = time.monotonic()
+    while True:
+        try:
+            return future.result(timeout=DASK_POLL_S)
+        except TimeoutError:
+            pass
+        if stop_requested():
+            raise RenderStopped(f"row {row_id}: Dask render abandoned (stopping)")
+        if _gpu_workers(client) or address == "local":
+            seen_gpu = time.monotonic()
+        elif time.monotonic() - seen_gpu > DASK_NO_GPU_GRACE_S:
+            raise DaskWorkersError(_no_gpu_message(address))
+
+
+def _gpu_workers(client: Any) -> int:
+    """How many of the scheduler's workers offer every resource a render needs (GPU=1)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    needed = LocalRenderer.resources.items()
+    return sum(all(w["resources"].get(k, 0) >= v for k, v in needed) for w in workers)
+
+
+def _no_gpu_message(address: str) -> str:
+    return (
+        f"the Dask scheduler at {address} has no worker with resources GPU=1; start one worker "
+        f"per GPU with `dask worker {address} --resources GPU=1 --nthreads 1`"
+    )
 
 
 def _render_here(job: RenderJob, settings: LocalSettings) -> list[ChunkVideo]:
@@ -360,8 +426,10 @@ def _render_here(job: RenderJob, settings: LocalSettings) -> list[ChunkVideo]:
 
 @functools.cache
 def _dask_client(address: str) -> Any:
-    """One Dask client per scheduler address in this process ("local": a LocalCluster here with
-    one single-threaded worker per visible GPU, each advertising GPU=1)."""
+    """One Dask client per scheduler address in this process. "local": a LocalCluster in this
+    process, one single-threaded worker per visible GPU each offering GPU=1, kept for the life of
+    the process (a CLI run, or one Python session's runs; a deployment's flow run is a process of
+    its own, so a model kept across runs needs a scheduler that outlives them)."""
     from distributed import Client, LocalCluster
 
     if address == "local":
@@ -369,13 +437,20 @@ def _dask_client(address: str) -> Any:
             # dask-cuda pins one GPU per worker (CUDA_VISIBLE_DEVICES); `pip install dask-cuda`.
             from dask_cuda import LocalCUDACluster
 
-            cluster = LocalCUDACluster(threads_per_worker=1, resources=LocalRenderer.resources)
+            cluster = LocalCUDACluster(
+                threads_per_worker=1, resources=LocalRenderer.resources, dashboard_address=None
+            )
         else:
             cluster = LocalCluster(  # type: ignore[no-untyped-call]
-                n_workers=1, threads_per_worker=1, resources=LocalRenderer.resources
+                n_workers=1,
+                threads_per_worker=1,
+                resources=LocalRenderer.resources,
+                dashboard_address=None,  # no dashboard: it would fight other runs for port 8787
             )
         return Client(cluster, set_as_default=False)  # type: ignore[no-untyped-call]
-    return Client(address, set_as_default=False)  # type: ignore[no-untyped-call]
+    return Client(  # type: ignore[no-untyped-call]
+        address, set_as_default=False, timeout=DASK_CONNECT_TIMEOUT_S
+    )
 
 
 def _worker_name() -> str:

@@ -4,6 +4,11 @@ once per worker process and kept across rows and flow runs."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +18,7 @@ import pytest
 from distributed import Client, LocalCluster, get_task_stream
 
 from flows.produce import run_batch
+from tasks.backends import local as local_backend
 from tasks.config import BatchConfig, LocalSettings
 from tests.media_factory import write_narration
 
@@ -78,6 +84,108 @@ def test_renders_run_one_per_gpu_worker_and_the_model_stays_loaded(
     assert {c["worker"] for c in first_chunks} <= workers
     assert sum(c["model_load"] == "loaded" for c in first_chunks) <= len(workers)
     assert {c["model_load"] for c in second_chunks} == {"reused"}  # the second run loads nothing
+
+
+@pytest.fixture
+def gpu_less_cluster() -> Iterator[LocalCluster]:
+    """A scheduler whose only worker was started without `--resources GPU=1`."""
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        yield cluster
+
+
+def test_a_scheduler_without_a_gpu_worker_fails_the_run_at_once(
+    gpu_less_cluster: LocalCluster, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    address = gpu_less_cluster.scheduler_address
+    local = LocalSettings(model_dir=str(tiny_checkpoint), dask_address=address)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError) as refused:
+        run_batch(_config(_manifest(tmp_path / "a", 1), tmp_path / "out", local))
+    assert time.monotonic() - started < 30
+    assert str(refused.value) == (
+        f"cannot run: the Dask scheduler at {address} has no worker with resources GPU=1; start "
+        f"one worker per GPU with `dask worker {address} --resources GPU=1 --nthreads 1`"
+    )
+    assert not (tmp_path / "out" / "results.parquet").exists()  # refused before any row ran
+
+
+def test_a_render_waiting_without_a_gpu_worker_gives_up(
+    gpu_less_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a row sees when its GPU workers leave mid-run: the render is not left queued."""
+    monkeypatch.setattr(local_backend, "DASK_NO_GPU_GRACE_S", 1.0)
+    address = gpu_less_cluster.scheduler_address
+    with Client(address, set_as_default=False) as client:
+        future = client.submit(time.sleep, 60, resources={"GPU": 1}, pure=False)
+        started = time.monotonic()
+        with pytest.raises(local_backend.DaskWorkersError, match="no worker with resources GPU=1"):
+            local_backend._wait_for_render(client, future, address, "r0")
+        assert time.monotonic() - started < 5
+        future.cancel()
+
+
+@pytest.fixture
+def one_gpu_worker() -> Iterator[LocalCluster]:
+    """One worker process offering GPU=1, for a render that is still running when the CLI stops."""
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=True,
+        resources={"GPU": 1},
+        dashboard_address=None,
+    ) as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize(
+    ("signum", "exit_code"),
+    [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+    ids=["SIGINT", "SIGTERM"],
+)
+def test_a_cli_run_waiting_on_dask_stops_soon_after_a_signal(
+    one_gpu_worker: LocalCluster, tiny_checkpoint: Path, tmp_path: Path, signum: int, exit_code: int
+) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    address = one_gpu_worker.scheduler_address
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),  # no temporary server to stop after
+        "AVATARFLOW_LOCAL_DASK_ADDRESS": address,
+        # A render that takes minutes: the tiny model for a hundred thousand denoising steps.
+        "AVATARFLOW_LOCAL_NUM_INFERENCE_STEPS": "100000",
+        "COLUMNS": "200",
+    }
+    command = [
+        sys.executable, "-m", "flows.cli", "run", _manifest(tmp_path / "m", 1),
+        "--backend", "local", "--model-dir", str(tiny_checkpoint),
+        "--target", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
+    ]  # fmt: skip
+    with (
+        Client(address, set_as_default=False) as client,
+        (tmp_path / "log.txt").open("wb") as log,
+    ):
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while not any(client.processing().values()):  # the render is running on the worker
+                assert proc.poll() is None, (tmp_path / "log.txt").read_text()
+                assert time.monotonic() < deadline, "the render never started"
+                time.sleep(0.2)
+            proc.send_signal(signum)
+            sent = time.monotonic()
+            code = proc.wait(timeout=30)
+            stopped_s = time.monotonic() - sent
+        finally:
+            proc.kill()
+            proc.wait()
+    log = (tmp_path / "log.txt").read_text()
+    assert stopped_s < 10, log
+    assert code == exit_code  # 128 + the signal: the CLI's own exit, not a crash
+    assert "interrupted: " in log  # the hint: ids kept, rerun to resume
+    assert not (tmp_path / "out" / "r0.mp4").exists()
 
 
 def _config(manifest: str, target: Path, local: LocalSettings) -> BatchConfig:

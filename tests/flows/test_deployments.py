@@ -18,12 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.factories import TINY_NOISE
 from tests.fakes.fal_server import FakeFal
 from tests.media_factory import write_narration
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
-POOL, DEPLOYMENT = "avatarflow-cpu", "produce-batch/nightly-fal"
+POOL, GPU_POOL, DEPLOYMENT = "avatarflow-cpu", "avatarflow-gpu", "produce-batch/nightly-fal"
 SECRET = "fal-key"
 pytestmark = pytest.mark.slow
 
@@ -48,7 +49,6 @@ class Stack:
             "PREFECT_WORKER_QUERY_SECONDS": "1",  # pick runs up at once
             "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
             "AVATARFLOW_REPO": str(home / "repo.git"),
-            **{k: v for k, v in fal.env().items() if k != "FAL_KEY"},  # pinned at deploy time
         }
         self.processes: list[subprocess.Popen[bytes]] = []
         self.worker: subprocess.Popen[bytes] | None = None
@@ -64,9 +64,12 @@ class Stack:
         return process
 
     def start_worker(self, fal_key: bool = True) -> None:
-        """(Re)start the pool's one process worker, with FAL_KEY in its environment or not."""
+        """(Re)start the pool's one process worker, with FAL_KEY in its environment or not; the
+        fal hosts are the worker's own (nothing is pinned at deploy time)."""
         self.stop_worker()
-        env = {**self.env, "FAL_KEY": self.fal.key} if fal_key else self.env
+        env = {**self.env, **{k: v for k, v in self.fal.env().items() if k != "FAL_KEY"}}
+        if fal_key:
+            env["FAL_KEY"] = self.fal.key
         self.worker = self.start(
             PREFECT, "worker", "start", "--pool", POOL, log="worker.log", env=env
         )
@@ -149,7 +152,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             )
             work = _publish_repo(home)
             stack.wait_healthy()
-            for pool in (POOL, "avatarflow-gpu"):
+            for pool in (POOL, GPU_POOL):
                 assert (
                     stack.prefect("work-pool", "create", pool, "--type", "process").returncode == 0
                 )
@@ -157,7 +160,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "deploy", "--prefect-file", "deploy/prefect.yaml", "--all", cwd=work
             )
             assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-            stack.start_worker()  # the key lives on the worker only
+            stack.start_worker()  # fal's key and hosts are the worker's only
+            stack.start(
+                PREFECT, "worker", "start", "--pool", GPU_POOL, log="gpu-worker.log", env=stack.env
+            )
             yield stack
         finally:
             stack.stop()
@@ -361,6 +367,38 @@ def test_a_sharded_run_lists_every_row_resumes_and_never_pays_twice(
     plain = _run(stack, {"manifest": manifest, "target": str(target)})
     assert plain.state.is_completed(), plain.state.message
     assert fal.submissions == 0
+
+
+def test_a_sharded_gpu_run_passes_its_model_folder_to_the_children_and_reports_their_reason(
+    stack: Stack, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """The GPU deployment's model_dir (/models/longcat) is not on this machine: children that
+    keep it fail, and say why; the parent given the folder has every row published."""
+    rows = [{"id": f"g{i}", "audio": f"g{i}.wav"} for i in range(3)]
+    manifest = _manifest(tmp_path / "gpu", rows, seconds=1.0)
+    target = tmp_path / "gpu-out"
+    parent = {
+        "manifest": manifest,
+        "target": str(target),
+        "rows": 2,
+        "work_dir": str(tmp_path / "work"),
+        "qc_skip": sorted(TINY_NOISE),  # the tiny checkpoint renders noise, not a face
+    }
+    name = "produce-sharded/sharded-local-gpu"
+
+    run = _run(stack, parent, timeout=400, name=name)
+    assert run.state.is_failed()
+    assert run.state.message.startswith("3 of 3 rows not published, 2 of 2 shards")
+    errors = pq.read_table(target / "results.parquet").column("error").to_pylist()
+    assert all(
+        e.endswith("cannot run: model folder /models/longcat does not exist") for e in errors
+    )
+    assert not any("TypeError" in line for line in _logs(stack, run.id))
+
+    run = _run(stack, {**parent, "model_dir": str(tiny_checkpoint)}, timeout=600, name=name)
+    assert run.state.is_completed(), run.state.message
+    results = pq.read_table(target / "results.parquet").to_pylist()
+    assert [(r["id"], r["status"]) for r in results] == [(f"g{i}", "published") for i in range(3)]
 
 
 def _logs(stack: Stack, flow_run_id: UUID) -> list[str]:

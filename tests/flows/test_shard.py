@@ -10,6 +10,7 @@ from typing import Any, cast
 import pyarrow.parquet as pq
 import pytest
 from prefect.client.schemas.objects import FlowRun
+from prefect.states import Failed
 
 from flows.produce import batch_config, run_batch
 from flows.shard import _child_parameters, merge_results, write_shards
@@ -53,10 +54,11 @@ def test_shards_are_named_by_content_and_carry_absolute_audio_paths(tmp_path: Pa
         f"shard-{s.id}.parquet" for s in other
     )
 
-    child = _child_parameters(config, shards[1])
+    child = _child_parameters(shards[1], config, {"model_dir": "/elsewhere"})
     assert child["target"] == config.target
     assert (child["manifest"], child["shard"]) == (shards[1].url, shards[1].id)
     assert child["results_name"] == f"results-shard-{shards[1].id}.parquet"
+    assert child["model_dir"] == "/elsewhere"  # what the parent was given reaches the child
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -70,7 +72,8 @@ def test_children_publish_to_one_target_and_the_parent_merges_results(
     shards = write_shards(config, check.rows, 2, CHILD)
     own: dict[str, Any] = {"backend": "fal", "work_dir": str(tmp_path / "work")}
     for shard in shards:  # what each child deployment run does, with its deployment's settings
-        child = batch_config(**_child_parameters(config, shard), **own, fal=fake.settings())
+        given = {"qc_skip": sorted(QC_SKIP)}
+        child = batch_config(**_child_parameters(shard, config, given), **own, fal=fake.settings())
         assert child.qc_skip == QC_SKIP
         assert run_batch(child).exit_code == 0
     assert fake.submissions == 3
@@ -86,13 +89,24 @@ def test_children_publish_to_one_target_and_the_parent_merges_results(
     }
 
 
-def test_rows_an_unfinished_child_did_not_report_are_failed_in_manifest_order(
+def test_rows_an_unfinished_child_did_not_report_fail_with_its_reason_in_manifest_order(
     tmp_path: Path,
 ) -> None:
     config = BatchConfig(manifest=_manifest(tmp_path, 3), target=str(tmp_path / "out"))
     check = _check(config)
     shards = write_shards(config, check.rows, 2, CHILD)
-    runs = [cast(FlowRun, SimpleNamespace(name=f"child-{s.id}", state=None)) for s in shards]
+    why = "cannot run: model folder /models/longcat does not exist"
+    states = [Failed(message=why), None]
+    runs = [
+        cast(FlowRun, SimpleNamespace(name=f"child-{s.id}", state=state))
+        for s, state in zip(shards, states, strict=True)
+    ]
     merged = merge_results(config, check, shards, runs, []).to_pylist()  # no child reported
     assert [(r["id"], r["status"]) for r in merged] == [(f"row{i}", "failed") for i in range(3)]
-    assert all(f"child flow run child-{shards[0].id}" in r["error"] for r in merged[:2])
+    assert [r["error"] for r in merged] == [
+        f"shard {shards[0].id} did not finish: child flow run child-{shards[0].id} ended "
+        f"Failed: {why}",
+    ] * 2 + [
+        f"shard {shards[1].id} did not finish: child flow run child-{shards[1].id} ended in an "
+        "unknown state"
+    ]
