@@ -424,8 +424,17 @@ def _render_here(job: RenderJob, settings: LocalSettings) -> list[ChunkVideo]:
     return LocalRenderer.shared(config).render(job)
 
 
-@functools.cache
+_DASK_CLIENT_LOCK = threading.Lock()  # rows start on many threads: build each client once
+
+
 def _dask_client(address: str) -> Any:
+    """The process's one Dask client for address (built once, whichever thread asks first)."""
+    with _DASK_CLIENT_LOCK:
+        return _new_dask_client(address)
+
+
+@functools.cache
+def _new_dask_client(address: str) -> Any:
     """One Dask client per scheduler address in this process. "local": a LocalCluster in this
     process, one single-threaded worker per visible GPU each offering GPU=1, kept for the life of
     the process (a CLI run, or one Python session's runs; a deployment's flow run is a process of
