@@ -28,10 +28,14 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto
 
-lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+lint: $(STAMP) typecheck
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# The folders install as avatarflow.flows/.tasks/.model (pyproject's package-dir): mypy reads
+# them through links with those names.
 typecheck: $(STAMP)
+	mkdir -p build/typecheck/avatarflow
+	for p in flows tasks model; do ln -sfn ../../../$$p build/typecheck/avatarflow/$$p; done
 	$(BIN)/mypy
 
 fmt: $(STAMP)
@@ -41,7 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/fal_throughput.py && $(BIN)/python bench/concat_speed.py
 
 schema: $(STAMP)
-	$(BIN)/python -m tasks.manifest --write-schema manifests/schema.json --write-sidecar-schema manifests/sidecar.schema.json
+	$(BIN)/python -m avatarflow.tasks.manifest --write-schema manifests/schema.json --write-sidecar-schema manifests/sidecar.schema.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -23,8 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.concat import concat_row, encode_master_audio  # noqa: E402
-from tasks.verify import verify_final  # noqa: E402
+from avatarflow.tasks.concat import concat_row, encode_master_audio  # noqa: E402
+from avatarflow.tasks.verify import verify_final  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work"
 SEGMENTS, SEGMENT_FRAMES, FPS = 120, 80, 16

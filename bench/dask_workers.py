@@ -28,9 +28,9 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from distributed import LocalCluster  # noqa: E402
 
-from flows.produce import run_batch  # noqa: E402
-from model.tiny import write_tiny_checkpoint  # noqa: E402
-from tasks.config import BatchConfig, LocalSettings  # noqa: E402
+from avatarflow.flows.produce import run_batch  # noqa: E402
+from avatarflow.model.tiny import write_tiny_checkpoint  # noqa: E402
+from avatarflow.tasks.config import BatchConfig, LocalSettings  # noqa: E402
 from tests.media_factory import write_narration  # noqa: E402
 
 

@@ -24,10 +24,10 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fake lives in tests/fakes
 
-from flows.produce import run_batch  # noqa: E402
-from tasks import progress  # noqa: E402
-from tasks.config import BatchConfig, FalSettings  # noqa: E402
-from tasks.records import ChunkRendered, ProgressEvent  # noqa: E402
+from avatarflow.flows.produce import run_batch  # noqa: E402
+from avatarflow.tasks import progress  # noqa: E402
+from avatarflow.tasks.config import BatchConfig, FalSettings  # noqa: E402
+from avatarflow.tasks.records import ChunkRendered, ProgressEvent  # noqa: E402
 from tests.factories import write_manifest, write_narrations  # noqa: E402
 from tests.fakes.fal_server import FakeFal, Faults  # noqa: E402
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fake lives in tests/fakes
 
-from tasks.backends import RenderJob  # noqa: E402
-from tasks.backends.fal.renderer import FalRenderer  # noqa: E402
-from tasks.config import BatchConfig, FalSettings  # noqa: E402
-from tasks.ledger import Ledger  # noqa: E402
+from avatarflow.tasks.backends import RenderJob  # noqa: E402
+from avatarflow.tasks.backends.fal.renderer import FalRenderer  # noqa: E402
+from avatarflow.tasks.config import BatchConfig, FalSettings  # noqa: E402
+from avatarflow.tasks.ledger import Ledger  # noqa: E402
 from tests.factories import make_audio, make_plan, make_row  # noqa: E402
 from tests.fakes.fal_server import FakeFal  # noqa: E402
 

@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fake lives i
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from flows.produce import run_batch  # noqa: E402
-from tasks import progress  # noqa: E402
-from tasks.config import BatchConfig, FalSettings  # noqa: E402
-from tasks.records import RowsPlanned  # noqa: E402
+from avatarflow.flows.produce import run_batch  # noqa: E402
+from avatarflow.tasks import progress  # noqa: E402
+from avatarflow.tasks.config import BatchConfig, FalSettings  # noqa: E402
+from avatarflow.tasks.records import RowsPlanned  # noqa: E402
 from tests.media_factory import write_narration  # noqa: E402
 
 

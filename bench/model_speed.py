@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from model.transformer_longcat_avatar import (  # noqa: E402
+from avatarflow.model.transformer_longcat_avatar import (  # noqa: E402
     LongCatVideoAvatarTransformer3DModel,
 )
 

@@ -1,4 +1,4 @@
-"""Benchmark: CPU cost of the QC gates (tasks.qc.run_gates) per minute of 480p video.
+"""Benchmark: CPU cost of the QC gates (avatarflow.tasks.qc.run_gates) per minute of 480p video.
 
 Renders a 1-minute 832x480 16 fps synthetic talking head (H.264 crf 18 + AAC) once into
 bench/_work/, runs every gate on it (best of 3, CPU seconds of the whole process, decode and
@@ -28,7 +28,7 @@ import imageio_ffmpeg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.qc import run_gates  # noqa: E402
+from avatarflow.tasks.qc import run_gates  # noqa: E402
 from tests.qc_factory import talking_head, write_render  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work"

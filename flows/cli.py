@@ -25,9 +25,9 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from tasks.config import BatchConfig
-    from tasks.manifest import ManifestCheck
-    from tasks.records import BatchOutcome
+    from avatarflow.tasks.config import BatchConfig
+    from avatarflow.tasks.manifest import ManifestCheck
+    from avatarflow.tasks.records import BatchOutcome
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 model_app = typer.Typer(no_args_is_help=True, help="Local model utilities.")
@@ -60,8 +60,8 @@ BackendOpt = Annotated[str, typer.Option("--backend", help="local | fal")]
 
 def _config(manifest: str, **options: Any) -> BatchConfig:
     """Build the BatchConfig or exit 2 naming the bad option."""
-    from tasks.backends import UnknownBackendError, renderer_class
-    from tasks.config import BatchConfig
+    from avatarflow.tasks.backends import UnknownBackendError, renderer_class
+    from avatarflow.tasks.config import BatchConfig
 
     try:
         config = BatchConfig(
@@ -82,7 +82,7 @@ def _config(manifest: str, **options: Any) -> BatchConfig:
 def _checked_rows(config: BatchConfig) -> ManifestCheck:
     """Read and validate the manifest; exit 2 when it is unusable or has rows but no valid one
     (a manifest without rows is a clean no-op)."""
-    from tasks.manifest import ManifestError, read_manifest, validate_manifest
+    from avatarflow.tasks.manifest import ManifestError, read_manifest, validate_manifest
 
     try:
         table = read_manifest(config.manifest)
@@ -118,8 +118,8 @@ def plan(
     work_dir: Annotated[str | None, typer.Option(help="Local scratch folder.")] = None,
 ) -> None:
     """Show chunks, segments, video-seconds and estimated cost per row; spends nothing."""
-    from tasks.plan import plan_manifest_rows
-    from tasks.records import PlanSummary
+    from avatarflow.tasks.plan import plan_manifest_rows
+    from avatarflow.tasks.records import PlanSummary
 
     config = _config(manifest, backend=backend, work_dir=work_dir)
     check = _checked_rows(config)
@@ -190,8 +190,8 @@ def run(
     ] = "json",
 ) -> None:
     """Render, verify and publish every row; live progress; exit 0/1/2/130/143 as documented."""
-    from tasks.backends import renderer_class
-    from tasks.config import LocalSettings
+    from avatarflow.tasks.backends import renderer_class
+    from avatarflow.tasks.config import LocalSettings
 
     given = {"model_dir": model_dir, "dask_address": dask_address}
     local_fields = {name: value for name, value in given.items() if value is not None}
@@ -225,8 +225,8 @@ def run(
 
 def _run_locked(config: BatchConfig) -> BatchOutcome:
     """Run the batch with live progress; Ctrl-C → 130, SIGTERM → 143, target held too long → 2."""
-    from flows.live import run_with_progress
-    from tasks.lease import LedgerBusyError
+    from avatarflow.flows.live import run_with_progress
+    from avatarflow.tasks.lease import LedgerBusyError
 
     interrupt = _Interrupt(
         f"interrupted: in-flight fal request ids are kept in {config.state_url}; run the same "
@@ -234,7 +234,7 @@ def _run_locked(config: BatchConfig) -> BatchOutcome:
     )
     log_path = _log_to_file(config)
     lease_lines = _ConsoleLines()  # "waiting for run X …" must reach the terminal, not only the log
-    logging.getLogger("tasks.lease").addHandler(lease_lines)
+    logging.getLogger("avatarflow.tasks.lease").addHandler(lease_lines)
     try:
         with interrupt.installed():
             return run_with_progress(config, console)  # the flow holds the target's lease
@@ -248,7 +248,7 @@ def _run_locked(config: BatchConfig) -> BatchOutcome:
         interrupt.say()  # the run unwound from the signal in time
         raise typer.Exit(code) from None
     finally:
-        logging.getLogger("tasks.lease").removeHandler(lease_lines)
+        logging.getLogger("avatarflow.tasks.lease").removeHandler(lease_lines)
         console.print(f"log:     {log_path}")
 
 
@@ -284,7 +284,7 @@ def _log_to_file(config: BatchConfig) -> Path:
             logger.removeHandler(console_handler)
         if consoles or logger is logging.getLogger():
             logger.addHandler(handler)
-    for name in ("prefect", "tasks", "flows"):
+    for name in ("prefect", "avatarflow"):
         logging.getLogger(name).setLevel(logging.INFO)
     return path
 
@@ -350,7 +350,7 @@ class _Interrupt:
         raise KeyboardInterrupt
 
     def _note(self, signum: int) -> None:
-        from tasks.stop import request_stop
+        from avatarflow.tasks.stop import request_stop
 
         with self._lock:
             if self.signum is None:
@@ -391,9 +391,9 @@ def cancel(
     backend: Annotated[str, typer.Option(help="The paid backend the run used.")] = "fal",
 ) -> None:
     """Cancel every paid request of a run that is still in flight (submitted, not downloaded)."""
-    from tasks.backends import renderer_class
-    from tasks.config import state_url_for
-    from tasks.ledger import Ledger
+    from avatarflow.tasks.backends import renderer_class
+    from avatarflow.tasks.config import state_url_for
+    from avatarflow.tasks.ledger import Ledger
 
     config = _config("-", target=target, state=state, backend=backend)
     renderer = renderer_class(config.backend)
@@ -433,7 +433,7 @@ def init_tiny(
     version: Annotated[str, typer.Option(help="1.0 (wav2vec2) or 1.5 (Whisper)")] = "1.0",
 ) -> None:
     """Write a tiny random-weight checkpoint in the official layout (tests, demo)."""
-    from model.tiny import write_tiny_checkpoint
+    from avatarflow.model.tiny import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(directory, version=version)
     out.print(f"wrote tiny LongCat-Video-Avatar {version} checkpoint to {path}")
@@ -453,7 +453,7 @@ def qc(
     """Run the QC gates on any MP4: exit 0 all passed, 1 a gate failed, 2 unreadable/bad option."""
     import json
 
-    from tasks.qc import QCInputError, run_gates
+    from avatarflow.tasks.qc import QCInputError, run_gates
 
     skip = {name.strip() for name in qc_skip.split(",") if name.strip()}
     try:

@@ -1,4 +1,4 @@
-"""Live progress for `avatarflow run`: rows, chunks and spend, fed by tasks.progress events."""
+"""Live progress for `avatarflow run`: rows, chunks and spend, fed by progress events."""
 
 from __future__ import annotations
 
@@ -14,10 +14,16 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from flows.produce import run_batch
-from tasks import progress
-from tasks.config import BatchConfig
-from tasks.records import BatchOutcome, ChunkRendered, ProgressEvent, RowFinished, RowsPlanned
+from avatarflow.flows.produce import run_batch
+from avatarflow.tasks import progress
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.records import (
+    BatchOutcome,
+    ChunkRendered,
+    ProgressEvent,
+    RowFinished,
+    RowsPlanned,
+)
 
 
 class _Display:

@@ -27,23 +27,23 @@ from prefect.logging.loggers import flow_run_logger
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.terminal import survive_lost_terminal
-from tasks import progress
-from tasks.backends import renderer_class
-from tasks.concat import concat_chunks, prepare_master_audio
-from tasks.config import BatchConfig, FalSettings, LocalSettings, QCSettings
-from tasks.ledger import Ledger
-from tasks.manifest import load_rows
-from tasks.notify import notify_batch
-from tasks.plan import Admission, prepare_row
-from tasks.publish import (
+from avatarflow.flows.terminal import survive_lost_terminal
+from avatarflow.tasks import progress
+from avatarflow.tasks.backends import renderer_class
+from avatarflow.tasks.concat import concat_chunks, prepare_master_audio
+from avatarflow.tasks.config import BatchConfig, FalSettings, LocalSettings, QCSettings
+from avatarflow.tasks.ledger import Ledger
+from avatarflow.tasks.manifest import load_rows
+from avatarflow.tasks.notify import notify_batch
+from avatarflow.tasks.plan import Admission, prepare_row
+from avatarflow.tasks.publish import (
     keep_rejected,
     publish_results,
     publish_row,
     rejected_target,
     settle_results,
 )
-from tasks.records import (
+from avatarflow.tasks.records import (
     BatchOutcome,
     ChunkVideo,
     Row,
@@ -55,15 +55,20 @@ from tasks.records import (
     SidecarRerender,
     Verdict,
 )
-from tasks.render import render_chunk, render_row
-from tasks.report import ProgressArtifact, publish_artifacts, save_thumbnail, write_report
-from tasks.rerender import rerender_row
-from tasks.stop import owned, request_stop
-from tasks.verify import FinalCheck, verify_chunks, verify_video
+from avatarflow.tasks.render import render_chunk, render_row
+from avatarflow.tasks.report import (
+    ProgressArtifact,
+    publish_artifacts,
+    save_thumbnail,
+    write_report,
+)
+from avatarflow.tasks.rerender import rerender_row
+from avatarflow.tasks.stop import owned, request_stop
+from avatarflow.tasks.verify import FinalCheck, verify_chunks, verify_video
 
 # Our modules log through these; the flow copies Prefect's API handler onto them so their lines
 # (resubmits, ambiguous submits, storage retries) show in the flow run's logs on the server.
-PROJECT_LOGGERS = ("tasks", "flows")
+PROJECT_LOGGERS = ("avatarflow",)
 LOCAL_SHORTCUTS = ("model_dir", "dask_address")  # flat flow parameters for LocalSettings fields
 
 

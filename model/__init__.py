@@ -1,23 +1,26 @@
 """The local LongCat-Video-Avatar model: DiT, pipeline, audio encoders, loading, tiny checkpoint.
 
-Class names are re-exported here because diffusers resolves a saved pipeline's components by
-importing this package (model_index.json records them as `["model", "<ClassName>"]`).
+The classes are re-exported here for users; a saved pipeline's model_index.json records each of our
+components by its own module (`["avatarflow.model.transformer_longcat_avatar", "<ClassName>"]`).
 """
 
-from model.attention_longcat_avatar import (
+from avatarflow.model.attention_longcat_avatar import (
     LongCatAvatarAudioCrossAttnProcessor,
     LongCatAvatarSelfAttnProcessor,
     LongCatAvatarTextCrossAttnProcessor,
 )
-from model.loading import CheckpointError, detect_layout, load_pipeline, load_transformer
-from model.pipeline_longcat_avatar import (
+from avatarflow.model.loading import CheckpointError, detect_layout, load_pipeline, load_transformer
+from avatarflow.model.pipeline_longcat_avatar import (
     LongCatAvatarSegmentState,
     LongCatVideoAvatarPipeline,
     LongCatVideoAvatarPipelineOutput,
     guided_velocity,
 )
-from model.tiny import write_tiny_checkpoint
-from model.transformer_longcat_avatar import LongCatKVCache, LongCatVideoAvatarTransformer3DModel
+from avatarflow.model.tiny import write_tiny_checkpoint
+from avatarflow.model.transformer_longcat_avatar import (
+    LongCatKVCache,
+    LongCatVideoAvatarTransformer3DModel,
+)
 
 __all__ = [
     "CheckpointError",

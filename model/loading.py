@@ -31,8 +31,8 @@ from transformers import (
     WhisperModel,
 )
 
-from model.pipeline_longcat_avatar import LongCatVideoAvatarPipeline
-from model.transformer_longcat_avatar import LongCatVideoAvatarTransformer3DModel
+from avatarflow.model.pipeline_longcat_avatar import LongCatVideoAvatarPipeline
+from avatarflow.model.transformer_longcat_avatar import LongCatVideoAvatarTransformer3DModel
 
 BASE_DIR = "LongCat-Video"
 AVATAR_DIRS = {"1.0": "LongCat-Video-Avatar", "1.5": "LongCat-Video-Avatar-1.5"}
@@ -71,7 +71,7 @@ def detect_layout(root: str | Path) -> str:
 
 def checkpoint_fps(root: str | Path) -> int:
     """The frame rate a checkpoint renders at (16 for v1.0, 25 for v1.5), without loading it."""
-    from model.pipeline_longcat_avatar import VERSION_DEFAULTS
+    from avatarflow.model.pipeline_longcat_avatar import VERSION_DEFAULTS
 
     version = detect_layout(root)
     if version == "diffusers":

@@ -28,8 +28,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Wav2Vec2Model
 
-from model.audio_encoders import SAMPLE_RATE_HZ, audio_windows, wav2vec2_features, whisper_features
-from model.pipeline_helpers_longcat_avatar import (
+from avatarflow.model.audio_encoders import (
+    SAMPLE_RATE_HZ,
+    audio_windows,
+    wav2vec2_features,
+    whisper_features,
+)
+from avatarflow.model.pipeline_helpers_longcat_avatar import (
     AI2V_BUCKETS,
     AT2V_SIZES,
     DEFAULT_NEGATIVE_PROMPT,
@@ -46,7 +51,10 @@ from model.pipeline_helpers_longcat_avatar import (
     prompt_clean,
     sampling_sigmas,
 )
-from model.transformer_longcat_avatar import LongCatKVCache, LongCatVideoAvatarTransformer3DModel
+from avatarflow.model.transformer_longcat_avatar import (
+    LongCatKVCache,
+    LongCatVideoAvatarTransformer3DModel,
+)
 
 __all__ = [
     "AI2V_BUCKETS",

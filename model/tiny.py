@@ -1,7 +1,7 @@
 """Tiny random-weight LongCat-Video-Avatar checkpoint in the official folder layout.
 
 Tests, the demo and `avatarflow model init-tiny` use it: every component is the real class at a toy
-width, saved with `save_pretrained`, so `model.loading` runs the same code path as real weights.
+width, saved with `save_pretrained`, so the loader runs the same code path as real weights.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from transformers import (
     WhisperModel,
 )
 
-from model.transformer_longcat_avatar import LongCatVideoAvatarTransformer3DModel
+from avatarflow.model.transformer_longcat_avatar import LongCatVideoAvatarTransformer3DModel
 
 TEXT_WIDTH = 32
 AUDIO_WIDTH = 32

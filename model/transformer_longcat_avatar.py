@@ -32,7 +32,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import FP32LayerNorm
 from torch import nn
 
-from model.attention_longcat_avatar import (
+from avatarflow.model.attention_longcat_avatar import (
     NORM_EPS,
     FrameLayout,
     LongCatAudioCrossAttention,

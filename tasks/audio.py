@@ -18,9 +18,9 @@ import av
 import fsspec
 import numpy as np
 
-from tasks.records import V1_GRID, AudioInfo, FrameGrid
-from tasks.redact import public_url, redact, url_secrets
-from tasks.storage import temp_path, write_local, writing
+from avatarflow.tasks.records import V1_GRID, AudioInfo, FrameGrid
+from avatarflow.tasks.redact import public_url, redact, url_secrets
+from avatarflow.tasks.storage import temp_path, write_local, writing
 
 with warnings.catch_warnings():
     # pydub warns at import when no ffmpeg is on PATH; it only ever handles WAV/PCM here.

@@ -22,11 +22,11 @@ from av.stream import Stream
 from av.video.stream import VideoStream
 from prefect import task
 
-from tasks.config import BatchConfig
-from tasks.media import VideoProbe, probe_container, probe_video
-from tasks.records import ChunkVideo, RowPlan
-from tasks.storage import writing
-from tasks.workdir import WorkDir
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.media import VideoProbe, probe_container, probe_video
+from avatarflow.tasks.records import ChunkVideo, RowPlan
+from avatarflow.tasks.storage import writing
+from avatarflow.tasks.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 

@@ -133,7 +133,7 @@ class BatchConfig(BaseModel):
 
     manifest: str
     target: str = "./out"
-    backend: str = "local"  # a name in tasks.backends' registry ("local", "fal", ...)
+    backend: str = "local"  # a name in avatarflow.tasks.backends' registry ("local", "fal", ...)
     state: str | None = None  # run ledger URL; default <target>/.avatarflow
     work_dir: str | None = None  # local scratch; default ~/.cache/avatarflow/work
     budget_usd: float | None = Field(default=None, ge=0)

@@ -37,9 +37,9 @@ import fsspec
 import pydantic
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.records import from_json, json_bytes
-from tasks.stop import wait_unless_stopped
-from tasks.storage import write_fs, write_local
+from avatarflow.tasks.records import from_json, json_bytes
+from avatarflow.tasks.stop import wait_unless_stopped
+from avatarflow.tasks.storage import write_fs, write_local
 
 log = logging.getLogger(__name__)
 

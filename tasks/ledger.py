@@ -29,9 +29,9 @@ import fsspec
 import pydantic
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks import lease
-from tasks.lease import LedgerBusyError
-from tasks.records import (
+from avatarflow.tasks import lease
+from avatarflow.tasks.lease import LedgerBusyError
+from avatarflow.tasks.records import (
     Attempt,
     ChunkVideo,
     Published,
@@ -40,11 +40,11 @@ from tasks.records import (
     from_json,
     json_bytes,
 )
-from tasks.storage import sha256_file, sweep_temp_files, write_fs, write_local
-from tasks.workdir import WorkDir
+from avatarflow.tasks.storage import sha256_file, sweep_temp_files, write_fs, write_local
+from avatarflow.tasks.workdir import WorkDir
 
 if TYPE_CHECKING:
-    from tasks.config import BatchConfig
+    from avatarflow.tasks.config import BatchConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -32,9 +32,9 @@ from prefect import task
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from tasks.config import BatchConfig
-from tasks.records import RenderParams, Row, RowError, Sidecar, json_schema
-from tasks.redact import public_url
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.records import RenderParams, Row, RowError, Sidecar, json_schema
+from avatarflow.tasks.redact import public_url
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # ids name output files: no separators, no dots
 REQUIRED_COLUMNS = ("id", "audio")
@@ -403,7 +403,9 @@ def load_rows(config: BatchConfig) -> ManifestCheck:
 
 
 def _main(argv: Iterable[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tasks.manifest", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m avatarflow.tasks.manifest", description=__doc__
+    )
     parser.add_argument("--write-schema", metavar="PATH", help="write the manifest row schema")
     parser.add_argument("--write-sidecar-schema", metavar="PATH", help="write the sidecar schema")
     args = parser.parse_args(list(argv) if argv is not None else None)

@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from tasks.config import BatchConfig
-from tasks.records import BatchOutcome
-from tasks.redact import public_url
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.records import BatchOutcome
+from avatarflow.tasks.redact import public_url
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 from PIL import Image, UnidentifiedImageError
 from prefect import task
 
-from tasks import progress
-from tasks.audio import (
+from avatarflow.tasks import progress
+from avatarflow.tasks.audio import (
     AudioError,
     fetch_file,
     find_cut_points,
@@ -25,10 +25,10 @@ from tasks.audio import (
     probe_audio,
     write_chunk_wav,
 )
-from tasks.backends import renderer_class
-from tasks.config import BatchConfig
-from tasks.ledger import Ledger
-from tasks.records import (
+from avatarflow.tasks.backends import renderer_class
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.ledger import Ledger
+from avatarflow.tasks.records import (
     AudioInfo,
     Chunk,
     FrameGrid,
@@ -38,8 +38,8 @@ from tasks.records import (
     RowResult,
     RowsPlanned,
 )
-from tasks.redact import public_url
-from tasks.workdir import WorkDir
+from avatarflow.tasks.redact import public_url
+from avatarflow.tasks.workdir import WorkDir
 
 
 class PlanError(ValueError):

@@ -1,5 +1,5 @@
 """In-process progress events: stages emit typed events, the CLI's live display (or any other
-listener) reacts to them. Events are records (tasks.records.ProgressEvent), never dicts.
+listener) reacts to them. Events are records (avatarflow.tasks.records.ProgressEvent), never dicts.
 
 Listeners belong to the runs started inside their `listening` block: they live in a context
 variable, which Prefect copies into the run's task threads, so two runs in one process (two
@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
-from tasks.records import ProgressEvent
+from avatarflow.tasks.records import ProgressEvent
 
 Listener = Callable[[ProgressEvent], None]
 

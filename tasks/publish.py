@@ -24,13 +24,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from tasks import progress
-from tasks.backends import renderer_class
-from tasks.config import BatchConfig
-from tasks.ledger import Ledger
-from tasks.manifest import ID_PATTERN
-from tasks.qc import GATES, QCReport
-from tasks.records import (
+from avatarflow.tasks import progress
+from avatarflow.tasks.backends import renderer_class
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.ledger import Ledger
+from avatarflow.tasks.manifest import ID_PATTERN
+from avatarflow.tasks.qc import GATES, QCReport
+from avatarflow.tasks.records import (
     ChunkVideo,
     GateResult,
     RowFinished,
@@ -48,9 +48,9 @@ from tasks.records import (
     from_json,
     json_bytes,
 )
-from tasks.redact import option_secrets, public_url, redact
-from tasks.storage import write_url
-from tasks.verify import FinalCheck
+from avatarflow.tasks.redact import option_secrets, public_url, redact
+from avatarflow.tasks.storage import write_url
+from avatarflow.tasks.verify import FinalCheck
 
 # Errors that retrying cannot fix: the bucket/path is missing or access is denied.
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)

@@ -38,8 +38,8 @@ import av
 import cv2
 import numpy as np
 
-from tasks.config import QC_GATES, QCSettings
-from tasks.records import V1_GRID, GateResult, to_json
+from avatarflow.tasks.config import QC_GATES, QCSettings
+from avatarflow.tasks.records import V1_GRID, GateResult, to_json
 
 GATES = QC_GATES
 

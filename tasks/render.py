@@ -12,13 +12,13 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks import progress
-from tasks.backends import RenderJob, get_renderer, renderer_class
-from tasks.config import BatchConfig
-from tasks.ledger import Ledger
-from tasks.records import Chunk, ChunkRendered, ChunkVideo, RowPlan
-from tasks.stop import RenderStopped, stop_requested
-from tasks.workdir import WorkDir
+from avatarflow.tasks import progress
+from avatarflow.tasks.backends import RenderJob, get_renderer, renderer_class
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.ledger import Ledger
+from avatarflow.tasks.records import Chunk, ChunkRendered, ChunkVideo, RowPlan
+from avatarflow.tasks.stop import RenderStopped, stop_requested
+from avatarflow.tasks.workdir import WorkDir
 
 
 def render_job(

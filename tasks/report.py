@@ -33,12 +33,12 @@ from prefect.artifacts import (
 )
 from prefect.utilities.slugify import slugify
 
-from tasks import progress
-from tasks.backends import renderer_class
-from tasks.config import BatchConfig
-from tasks.publish import REJECTED_DIR, publish_bytes
-from tasks.qc import GATES
-from tasks.records import (
+from avatarflow.tasks import progress
+from avatarflow.tasks.backends import renderer_class
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.publish import REJECTED_DIR, publish_bytes
+from avatarflow.tasks.qc import GATES
+from avatarflow.tasks.records import (
     BatchOutcome,
     PlanSummary,
     ProgressEvent,
@@ -48,8 +48,8 @@ from tasks.records import (
     RowsPlanned,
     to_json,
 )
-from tasks.storage import write_local
-from tasks.workdir import WorkDir
+from avatarflow.tasks.storage import write_local
+from avatarflow.tasks.workdir import WorkDir
 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2rem;color:#1d232a;background:#fafbfc}

@@ -13,16 +13,16 @@ import hashlib
 import shutil
 from dataclasses import dataclass
 
-from tasks.backends import renderer_class
-from tasks.concat import concat_chunks
-from tasks.config import BatchConfig
-from tasks.ledger import Ledger
-from tasks.plan import RunBudget, input_hash
-from tasks.records import ChunkVideo, RowPlan, SidecarRerender, Verdict
-from tasks.render import render_plan
-from tasks.storage import writing
-from tasks.verify import FinalCheck, verify_chunks, verify_video
-from tasks.workdir import WorkDir
+from avatarflow.tasks.backends import renderer_class
+from avatarflow.tasks.concat import concat_chunks
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.ledger import Ledger
+from avatarflow.tasks.plan import RunBudget, input_hash
+from avatarflow.tasks.records import ChunkVideo, RowPlan, SidecarRerender, Verdict
+from avatarflow.tasks.render import render_plan
+from avatarflow.tasks.storage import writing
+from avatarflow.tasks.verify import FinalCheck, verify_chunks, verify_video
+from avatarflow.tasks.workdir import WorkDir
 
 
 @dataclass(frozen=True)

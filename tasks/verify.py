@@ -16,12 +16,12 @@ from typing import Any
 import av
 from prefect import task
 
-from tasks.backends import renderer_class
-from tasks.concat import chunk_frames
-from tasks.config import BatchConfig, QCSettings
-from tasks.media import VideoProbe, count_audio_samples, decode_first_frame, probe_video
-from tasks.qc import QCInputError, QCReport, run_gates
-from tasks.records import V1_GRID, ChunkVideo, QCRecord, RowPlan, Verdict
+from avatarflow.tasks.backends import renderer_class
+from avatarflow.tasks.concat import chunk_frames
+from avatarflow.tasks.config import BatchConfig, QCSettings
+from avatarflow.tasks.media import VideoProbe, count_audio_samples, decode_first_frame, probe_video
+from avatarflow.tasks.qc import QCInputError, QCReport, run_gates
+from avatarflow.tasks.records import V1_GRID, ChunkVideo, QCRecord, RowPlan, Verdict
 
 # Image-audio buckets keep the nominal area of their resolution within this ratio.
 AREA_TOLERANCE = (0.8, 1.25)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from click.testing import Result
 from typer.testing import CliRunner
 
-from flows.cli import app
+from avatarflow.flows.cli import app
 
 COLUMNS = "1000"
 

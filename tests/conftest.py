@@ -71,7 +71,7 @@ def one_torch_thread() -> Iterator[None]:
 
 
 def _tiny_checkpoint(factory: pytest.TempPathFactory, version: str) -> Path:
-    from model.tiny import write_tiny_checkpoint
+    from avatarflow.model.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(factory.mktemp(f"tiny-{version}"), version=version)
 

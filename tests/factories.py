@@ -16,7 +16,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.records import V1_GRID, AudioInfo, Chunk, FrameGrid, RenderParams, Row, RowPlan
+from avatarflow.tasks.records import (
+    V1_GRID,
+    AudioInfo,
+    Chunk,
+    FrameGrid,
+    RenderParams,
+    Row,
+    RowPlan,
+)
 from tests.media_factory import write_audio, write_narration
 
 HASH = "h" * 64

@@ -10,10 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from tasks.backends.base import NOMINAL_AREA, Renderer, RenderJob
+from avatarflow.tasks.backends.base import NOMINAL_AREA, Renderer, RenderJob
 
 if TYPE_CHECKING:
-    from tasks.config import BatchConfig
+    from avatarflow.tasks.config import BatchConfig
 
 __all__ = [
     "BUILTIN",
@@ -29,8 +29,8 @@ __all__ = [
 
 # name → "module:Class", imported lazily
 BUILTIN = {
-    "fal": "tasks.backends.fal.renderer:FalRenderer",
-    "local": "tasks.backends.local:LocalRenderer",
+    "fal": "avatarflow.tasks.backends.fal.renderer:FalRenderer",
+    "local": "avatarflow.tasks.backends.local:LocalRenderer",
 }
 _registered: dict[str, type[Renderer]] = {}
 

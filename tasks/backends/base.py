@@ -13,11 +13,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Self
 
-from tasks.records import V1_GRID, Chunk, ChunkVideo, FrameGrid, RowPlan
+from avatarflow.tasks.records import V1_GRID, Chunk, ChunkVideo, FrameGrid, RowPlan
 
 if TYPE_CHECKING:
-    from tasks.config import BatchConfig
-    from tasks.ledger import ChunkRecord, Ledger
+    from avatarflow.tasks.config import BatchConfig
+    from avatarflow.tasks.ledger import ChunkRecord, Ledger
 
 # Nominal pixel areas of fal's and the full model's renders: 480p is 832x480 (or an
 # image-audio bucket of about the same area), 720p is 1280x768 (fal may also return 1280x720).

@@ -34,19 +34,22 @@ from PIL import Image
 from scipy.signal import resample_poly
 from transformers.utils import logging as transformers_logging
 
-from model.loading import DEFAULTS_FILE, checkpoint_fps, load_pipeline
-from model.pipeline_longcat_avatar import LongCatAvatarSegmentState, LongCatVideoAvatarPipeline
-from model.tiny import write_tiny_checkpoint
-from tasks.audio import load_pcm
-from tasks.backends.base import NOMINAL_AREA, Renderer, RenderJob
-from tasks.config import TINY_MODEL, BatchConfig, LocalSettings
-from tasks.records import V1_GRID, Chunk, ChunkVideo, FrameGrid, RowPlan, Timings
-from tasks.stop import RenderStopped, stop_requested
-from tasks.storage import sha256_file, writing
-from tasks.workdir import WorkDir
+from avatarflow.model.loading import DEFAULTS_FILE, checkpoint_fps, load_pipeline
+from avatarflow.model.pipeline_longcat_avatar import (
+    LongCatAvatarSegmentState,
+    LongCatVideoAvatarPipeline,
+)
+from avatarflow.model.tiny import write_tiny_checkpoint
+from avatarflow.tasks.audio import load_pcm
+from avatarflow.tasks.backends.base import NOMINAL_AREA, Renderer, RenderJob
+from avatarflow.tasks.config import TINY_MODEL, BatchConfig, LocalSettings
+from avatarflow.tasks.records import V1_GRID, Chunk, ChunkVideo, FrameGrid, RowPlan, Timings
+from avatarflow.tasks.stop import RenderStopped, stop_requested
+from avatarflow.tasks.storage import sha256_file, writing
+from avatarflow.tasks.workdir import WorkDir
 
 if TYPE_CHECKING:
-    from tasks.ledger import Ledger
+    from avatarflow.tasks.ledger import Ledger
 
 MODEL_SAMPLE_RATE_HZ = 16_000  # both audio encoders (wav2vec2, Whisper) take 16 kHz mono
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -42,7 +42,7 @@ from PIL import Image
 from tests.qc_factory import _HEAD_CROP, _MOUTH_HALF_WIDTH, _MOUTH_RGB, _MOUTH_XY
 
 if TYPE_CHECKING:
-    from tasks.config import FalSettings
+    from avatarflow.tasks.config import FalSettings
 
 APP = "fal-ai/longcat-single-avatar"
 AI2V = "image-audio-to-video"
@@ -394,7 +394,7 @@ class FakeFal:
         """FalSettings pointing at this fake, with the real protocol but millisecond backoff and
         fast polls (the retry logic is real, only its waits are short). The key is not in them:
         FalSettings.api_key() reads FAL_KEY, which the `fake` fixture sets (or see env())."""
-        from tasks.config import FalSettings
+        from avatarflow.tasks.config import FalSettings
 
         fast: dict[str, Any] = {
             "queue_url": self.queue_url,

@@ -13,13 +13,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.produce import run_batch
-from tasks.backends import Renderer, RenderJob, UnknownBackendError, register, renderer_class
-from tasks.config import BatchConfig
-from tasks.ledger import Ledger
-from tasks.media import probe_video
-from tasks.records import ChunkVideo
-from tasks.storage import sha256_file
+from avatarflow.flows.produce import run_batch
+from avatarflow.tasks.backends import (
+    Renderer,
+    RenderJob,
+    UnknownBackendError,
+    register,
+    renderer_class,
+)
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.ledger import Ledger
+from avatarflow.tasks.media import probe_video
+from avatarflow.tasks.records import ChunkVideo
+from avatarflow.tasks.storage import sha256_file
 from tests.media_factory import write_narration
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

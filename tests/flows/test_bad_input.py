@@ -15,9 +15,9 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config import BatchConfig
-from tasks.manifest import read_manifest, validate_manifest
-from tasks.plan import PlanError, prepare
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.manifest import read_manifest, validate_manifest
+from avatarflow.tasks.plan import PlanError, prepare
 from tests.cli import flat, invoke
 from tests.factories import write_manifest
 from tests.fakes.fal_server import FakeFal

@@ -109,27 +109,58 @@ def test_run_exit_code_is_1_when_a_row_fails_and_0_when_all_publish(
     assert (tmp_path / "out" / "a.mp4").exists()
 
 
+# A user's Prefect project with packages of its own named like our folders.
+USER_PACKAGES = {
+    "flows/__init__.py": "",
+    "flows/nightly.py": "NAME = 'the user flows'\n",
+    "tasks/__init__.py": "OWNER = 'user'\n",
+}
+# The user's own code: its packages still win, and it runs our batch flow on the demo manifest.
+USER_SCRIPT = """
+import sys
+import flows.nightly, tasks
+from avatarflow.flows.produce import produce_batch
+
+assert tasks.OWNER == "user", tasks.__file__
+assert flows.nightly.NAME == "the user flows"
+state = produce_batch(
+    manifest=sys.argv[1], target=sys.argv[2], backend="local", model_dir="tiny",
+    qc_skip=["face", "lipsync", "seams"], return_state=True,
+)
+assert state.is_completed(), state.message
+"""
+
+
 @pytest.mark.slow
 def test_readme_demo_command_renders_the_examples_with_the_local_model(tmp_path: Path) -> None:
     """What `make demo` runs, in a fresh process with Prefect's own ephemeral server: the tiny
-    checkpoint asked for by name, written into the work dir on first use."""
+    checkpoint asked for by name, written into the work dir on first use. It runs from inside a
+    user's project whose own `flows` and `tasks` packages come first on sys.path, as a data team's
+    Prefect project would have them: ours are avatarflow.flows and avatarflow.tasks."""
+    project = tmp_path / "project"
+    for name, text in USER_PACKAGES.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(text)
     exe = Path(sys.executable).with_name("avatarflow")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    env["PYTHONPATH"] = str(project)
     manifest = shutil.copytree(EXAMPLES, tmp_path / "examples") / "demo.parquet"
     args = ["run", str(manifest), "--backend", "local", "--model-dir", "tiny"]
     args += qc_skip_args(TINY_NOISE)  # the tiny checkpoint renders noise, not a face
+    run = {"env": env, "cwd": project, "capture_output": True, "text": True, "timeout": 600}
     proc = subprocess.run(
-        [str(exe), *args, "--target", str(tmp_path / "out")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        stdin=subprocess.DEVNULL,
+        [str(exe), *args, "--target", str(tmp_path / "out")], stdin=subprocess.DEVNULL, **run
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     produced = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"intro.mp4", "lesson-01.mp4", "outro.mp4", "results.parquet", "report.html"} <= produced
     tiny = tmp_path / "cache" / "avatarflow" / "work" / "tiny-checkpoint"
     assert (tiny / "avatarflow.json").exists()  # the default work dir, under XDG_CACHE_HOME
+
+    own = tmp_path / "own-out"
+    script = [sys.executable, "-c", USER_SCRIPT, str(manifest), str(own)]
+    proc = subprocess.run(script, stdin=subprocess.DEVNULL, **run)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {"intro.mp4", "lesson-01.mp4", "outro.mp4"} <= {p.name for p in own.iterdir()}

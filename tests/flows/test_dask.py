@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 from distributed import Client, LocalCluster, get_task_stream
 
-from flows.produce import run_batch
-from tasks.backends import local as local_backend
-from tasks.config import BatchConfig, LocalSettings
+from avatarflow.flows.produce import run_batch
+from avatarflow.tasks.backends import local as local_backend
+from avatarflow.tasks.config import BatchConfig, LocalSettings
 from tests.media_factory import write_narration
 
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
@@ -159,7 +159,7 @@ def test_a_cli_run_waiting_on_dask_stops_soon_after_a_signal(
         "COLUMNS": "200",
     }
     command = [
-        sys.executable, "-m", "flows.cli", "run", _manifest(tmp_path / "m", 1),
+        sys.executable, "-m", "avatarflow.flows.cli", "run", _manifest(tmp_path / "m", 1),
         "--backend", "local", "--model-dir", str(tiny_checkpoint),
         "--target", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
     ]  # fmt: skip

@@ -236,8 +236,8 @@ def test_the_fal_deployment_runs_on_a_worker_as_users_run_it(stack: Stack, tmp_p
 
 
 def _fal_deployment_scenarios(stack: Stack, tmp_path: Path, common: dict[str, object]) -> None:
-    from tasks.config import BatchConfig
-    from tasks.report import artifact_key
+    from avatarflow.tasks.config import BatchConfig
+    from avatarflow.tasks.report import artifact_key
 
     fal = stack.fal
     good = _manifest(

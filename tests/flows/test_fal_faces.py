@@ -9,10 +9,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from flows.produce import run_batch
-from tasks.config import QC_GATES, BatchConfig
-from tasks.media import probe_video
-from tasks.qc import run_gates
+from avatarflow.flows.produce import run_batch
+from avatarflow.tasks.config import QC_GATES, BatchConfig
+from avatarflow.tasks.media import probe_video
+from avatarflow.tasks.qc import run_gates
 from tests.factories import write_manifest, write_narrations
 from tests.fakes.fal_server import AI2V, FakeFal, encode_face
 from tests.media_factory import write_audio, write_image

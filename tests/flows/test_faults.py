@@ -20,14 +20,14 @@ import pytest
 import s3fs
 from botocore.exceptions import EndpointConnectionError
 
-import tasks.backends.fal.client
-import tasks.concat
-from flows.produce import CHUNKS_KEPT, run_batch
-from tasks import publish
-from tasks.config import BatchConfig
-from tasks.ledger import Ledger
-from tasks.media import count_audio_samples, probe_video
-from tasks.publish import RetryPolicy
+import avatarflow.tasks.backends.fal.client
+import avatarflow.tasks.concat
+from avatarflow.flows.produce import CHUNKS_KEPT, run_batch
+from avatarflow.tasks import publish
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.ledger import Ledger
+from avatarflow.tasks.media import count_audio_samples, probe_video
+from avatarflow.tasks.publish import RetryPolicy
 from tests.factories import narrated_manifest
 from tests.fakes.fal_server import FakeFal, Faults
 from tests.fakes.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
@@ -126,7 +126,7 @@ class _FullDownloads(type(Path())):  # type: ignore[misc]
 
 
 class _FullConcatAv:
-    """tasks.concat's av: the row's concat output is written by FFmpeg onto a full disk."""
+    """concat.py's av: the row's concat output is written by FFmpeg onto a full disk."""
 
     row_id = "concatfull"
 
@@ -148,8 +148,8 @@ def test_full_work_dir_fails_only_its_rows_and_a_rerun_pays_nothing(
     manifest = narrated_manifest(tmp_path, lengths)
     target, work = tmp_path / "out", tmp_path / "work"
     config = _config(manifest, str(target), work, fal)
-    monkeypatch.setattr(tasks.backends.fal.client, "Path", _FullDownloads)
-    monkeypatch.setattr(tasks.concat, "av", _FullConcatAv())
+    monkeypatch.setattr(avatarflow.tasks.backends.fal.client, "Path", _FullDownloads)
+    monkeypatch.setattr(avatarflow.tasks.concat, "av", _FullConcatAv())
 
     first = run_batch(config)
 
@@ -165,8 +165,8 @@ def test_full_work_dir_fails_only_its_rows_and_a_rerun_pays_nothing(
     assert leftovers == []  # partial files are removed, not left to fill the disk further
     assert fal.submissions == 3
 
-    monkeypatch.setattr(tasks.backends.fal.client, "Path", Path)  # space is free again
-    monkeypatch.setattr(tasks.concat, "av", av)
+    monkeypatch.setattr(avatarflow.tasks.backends.fal.client, "Path", Path)  # space is free again
+    monkeypatch.setattr(avatarflow.tasks.concat, "av", av)
     fal.reset()
     second = run_batch(config)
 
@@ -183,7 +183,7 @@ def test_full_work_dir_fails_only_its_rows_and_a_rerun_pays_nothing(
 @pytest.fixture
 def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
     """moto S3 found through the environment; botocore and s3fs give up on a refused connection
-    at once, so only tasks.publish's own retry policy is measured."""
+    at once, so only avatarflow.tasks.publish's own retry policy is measured."""
     with S3Server() as server:
         for key, value in server.env.items():
             monkeypatch.setenv(key, value)

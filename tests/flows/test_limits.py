@@ -18,9 +18,9 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-from flows.produce import run_batch
-from tasks.config import BatchConfig
-from tasks.ledger import Ledger
+from avatarflow.flows.produce import run_batch
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.ledger import Ledger
 from tests.fakes.fal_server import FakeFal
 from tests.fakes.s3_server import S3Server
 from tests.media_factory import write_narration
@@ -108,7 +108,7 @@ def test_two_cli_runs_started_together_on_one_s3_target_without_a_server_pay_onc
     with S3Server() as s3:
         target = f"{s3.url}/{tmp_path.name}"  # moto keeps objects across servers in a process
         env |= s3.env
-        args = [sys.executable, "-m", "flows.cli", "run", manifest, "--backend", "fal"]
+        args = [sys.executable, "-m", "avatarflow.flows.cli", "run", manifest, "--backend", "fal"]
         args += ["--target", target]
         logs = [tmp_path / f"run-{n}.txt" for n in range(2)]
         gate = Ledger(f"{target}/.avatarflow", storage_options=s3.storage_options)

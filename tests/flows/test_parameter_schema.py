@@ -13,7 +13,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.exceptions import PrefectHTTPStatusError
 
-from flows.produce import produce_batch
+from avatarflow.flows.produce import produce_batch
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -12,9 +12,9 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from flows import produce
-from flows.produce import CHUNKS_KEPT, run_batch
-from tasks.config import BatchConfig
+from avatarflow.flows import produce
+from avatarflow.flows.produce import CHUNKS_KEPT, run_batch
+from avatarflow.tasks.config import BatchConfig
 from tests.factories import narrated_manifest
 from tests.fakes.fal_server import FakeFal
 
@@ -37,7 +37,7 @@ class _Broken:
     __call__ = fn
 
 
-# The stage as finish_row names it, the name it is called by in flows.produce, and whether a
+# The stage as finish_row names it, the name it is called by in flows/produce.py, and whether a
 # joined video exists by then (kept under _rejected/) or only the chunks (kept in the ledger).
 STAGES = [
     ("master audio", "prepare_master_audio", False),

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from flows.produce import flow_parameters, run_batch
-from tasks.config import BatchConfig, LocalSettings
-from tasks.media import count_audio_samples, probe_video
+from avatarflow.flows.produce import flow_parameters, run_batch
+from avatarflow.tasks.config import BatchConfig, LocalSettings
+from avatarflow.tasks.media import count_audio_samples, probe_video
 from tests.factories import TINY_NOISE, narrated_manifest, write_manifest, write_narrations
 from tests.fakes.fal_server import FakeFal
 from tests.fakes.s3_server import S3Server

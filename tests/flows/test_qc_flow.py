@@ -10,11 +10,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from flows.produce import run_batch
-from tasks.config import BatchConfig
-from tasks.plan import derive_seed
-from tasks.publish import RESULTS_SCHEMA
-from tasks.rerender import rerender_seed
+from avatarflow.flows.produce import run_batch
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.plan import derive_seed
+from avatarflow.tasks.publish import RESULTS_SCHEMA
+from avatarflow.tasks.rerender import rerender_seed
 from tests.cli import flat, invoke
 from tests.factories import narrated_manifest, write_manifest, write_narrations
 from tests.fakes.fal_server import FakeFal, Faults

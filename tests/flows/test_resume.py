@@ -28,10 +28,10 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.backends.fal.client import FalQueueClient
-from tasks.config import FalSettings
-from tasks.ledger import Ledger
-from tasks.media import probe_video
+from avatarflow.tasks.backends.fal.client import FalQueueClient
+from avatarflow.tasks.config import FalSettings
+from avatarflow.tasks.ledger import Ledger
+from avatarflow.tasks.media import probe_video
 from tests.cli import flat, invoke
 from tests.factories import write_manifest, write_narrations
 from tests.fakes.fal_server import APP, FakeFal, Faults

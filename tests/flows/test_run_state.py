@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.produce import run_batch
-from tasks import progress, stop
-from tasks.config import BatchConfig
-from tasks.records import ChunkRendered, ProgressEvent, RowFinished
+from avatarflow.flows.produce import run_batch
+from avatarflow.tasks import progress, stop
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.records import ChunkRendered, ProgressEvent, RowFinished
 from tests.factories import narrated_manifest
 from tests.fakes.fal_server import FakeFal
 

@@ -21,12 +21,12 @@ import pytest
 from prefect.logging.handlers import APILogHandler
 from prefect.settings import get_current_settings
 
-from flows.produce import run_batch
-from tasks.backends.fal.client import FalQueueClient
-from tasks.config import BatchConfig, FalSettings
-from tasks.ledger import Ledger
-from tasks.plan import PlanError, prepare
-from tasks.records import Row
+from avatarflow.flows.produce import run_batch
+from avatarflow.tasks.backends.fal.client import FalQueueClient
+from avatarflow.tasks.config import BatchConfig, FalSettings
+from avatarflow.tasks.ledger import Ledger
+from avatarflow.tasks.plan import PlanError, prepare
+from avatarflow.tasks.records import Row
 from tests.cli import invoke
 from tests.factories import write_manifest
 from tests.fakes.fal_server import APP, FakeFal, Faults
@@ -35,7 +35,7 @@ from tests.media_factory import write_image, write_narration
 # Distinctive enough that any hit is the key: a real fal key is "<key id>:<secret>".
 CANARY = "c4n4ry-0f-avatarflow-9d2e"
 KEY = f"key-id-7731:{CANARY}"
-LOGGERS = ("", "prefect", "httpx", "httpcore", "avatarflow", "tasks", "flows")
+LOGGERS = ("", "prefect", "httpx", "httpcore", "avatarflow")
 
 
 class _Capture(logging.Handler):
@@ -192,8 +192,8 @@ def test_the_cancel_hook_uses_the_runs_secret_block_where_fal_key_is_unset(
     from prefect.client.schemas.objects import FlowRun
     from prefect.states import Cancelling
 
-    from flows.produce import _cancel_paid_requests, produce_batch
-    from tasks.stop import clear_stop
+    from avatarflow.flows.produce import _cancel_paid_requests, produce_batch
+    from avatarflow.tasks.stop import clear_stop
 
     with FakeFal(latency_s=60.0, key=KEY) as fal:
         for name, value in fal.env().items():

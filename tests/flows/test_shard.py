@@ -12,10 +12,10 @@ import pytest
 from prefect.client.schemas.objects import FlowRun
 from prefect.states import Failed
 
-from flows.produce import batch_config, run_batch
-from flows.shard import _child_parameters, merge_results, write_shards
-from tasks.config import BatchConfig
-from tasks.manifest import ManifestCheck, read_manifest, validate_manifest
+from avatarflow.flows.produce import batch_config, run_batch
+from avatarflow.flows.shard import _child_parameters, merge_results, write_shards
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.manifest import ManifestCheck, read_manifest, validate_manifest
 from tests.factories import write_manifest, write_narrations
 from tests.fakes.fal_server import FakeFal
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.ledger import Ledger
+from avatarflow.tasks.ledger import Ledger
 from tests.factories import write_manifest, write_narrations
 from tests.fakes.fal_server import FakeFal
 

@@ -43,7 +43,7 @@ def _run(tmp_path: Path, guard: str) -> bool:
 
 
 def test_a_run_survives_its_terminal_going_away(tmp_path: Path) -> None:
-    guard = "from flows.terminal import survive_lost_terminal; survive_lost_terminal()"
+    guard = "from avatarflow.flows.terminal import survive_lost_terminal; survive_lost_terminal()"
     assert _run(tmp_path, guard)
 
 
@@ -54,7 +54,7 @@ def test_without_the_guard_the_lost_terminal_kills_the_run(tmp_path: Path) -> No
 def test_guarding_sys_streams_alone_is_not_enough(tmp_path: Path) -> None:
     """Prefect's console handler holds the stream it found when logging was set up."""
     guard = (
-        "from flows.terminal import _LostTerminalProof; "
+        "from avatarflow.flows.terminal import _LostTerminalProof; "
         "sys.stdout, sys.stderr = _LostTerminalProof(sys.stdout), _LostTerminalProof(sys.stderr)"
     )
     assert not _run(tmp_path, guard)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from model.tiny import write_tiny_checkpoint
+from avatarflow.model.tiny import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -15,14 +15,14 @@ from transformers import (
     WhisperModel,
 )
 
-from model.audio_encoders import (
+from avatarflow.model.audio_encoders import (
     audio_windows,
     normalize_loudness,
     prepare_wav2vec2_waveform,
     wav2vec2_features,
     whisper_features,
 )
-from model.tiny import TINY_WAV2VEC2, TINY_WHISPER, TINY_WHISPER_CHUNK_S
+from avatarflow.model.tiny import TINY_WAV2VEC2, TINY_WHISPER, TINY_WHISPER_CHUNK_S
 
 RATE = 16_000
 

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Wav2Vec2Model, WhisperModel
 
-from model import CheckpointError, detect_layout, load_pipeline, load_transformer
-from model.loading import lora_delta, read_lora
+from avatarflow.model import CheckpointError, detect_layout, load_pipeline, load_transformer
+from avatarflow.model.loading import lora_delta, read_lora
 
 AVATAR = Path("LongCat-Video-Avatar")
 DIT = AVATAR / "avatar_single"

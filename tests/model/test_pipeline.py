@@ -11,14 +11,14 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
-from model import (
+from avatarflow.model import (
     LongCatAvatarSegmentState,
     LongCatVideoAvatarPipeline,
     guided_velocity,
     load_pipeline,
 )
-from model.pipeline_helpers_longcat_avatar import enhance_hf_schedule, prompt_clean
-from model.pipeline_longcat_avatar import sampling_sigmas
+from avatarflow.model.pipeline_helpers_longcat_avatar import enhance_hf_schedule, prompt_clean
+from avatarflow.model.pipeline_longcat_avatar import sampling_sigmas
 
 SHORT = {"num_frames": 9, "num_cond_frames": 5}  # 3 latents, 2 of them conditioning
 
@@ -355,7 +355,11 @@ def test_check_inputs_names_the_argument(pipe, kwargs, match) -> None:
 def test_save_pretrained_round_trip_reproduces_output(pipe, tmp_path) -> None:
     pipe.save_pretrained(tmp_path / "saved")
     index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
-    assert index["transformer"][1] == "LongCatVideoAvatarTransformer3DModel"
+    # Recorded under our namespace, never as a bare `model` package a user's project may have.
+    assert index["transformer"] == [
+        "avatarflow.model.transformer_longcat_avatar",
+        "LongCatVideoAvatarTransformer3DModel",
+    ]
     reloaded = load_pipeline(tmp_path / "saved")
     reloaded.set_progress_bar_config(disable=True)
     assert reloaded.config.sample_size == [32, 32]

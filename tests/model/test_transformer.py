@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.attention_longcat_avatar import apply_rope, frame_layout, rope_tables
-from model.transformer_longcat_avatar import (
+from avatarflow.model.attention_longcat_avatar import apply_rope, frame_layout, rope_tables
+from avatarflow.model.transformer_longcat_avatar import (
     FinalLayer,
     LongCatKVCache,
     LongCatVideoAvatarTransformer3DModel,
@@ -517,7 +517,7 @@ def test_native_attention_backend_gives_the_default_output():
 
 
 def test_attention_kwargs_reach_a_custom_processor():
-    from model import LongCatAvatarAudioCrossAttnProcessor
+    from avatarflow.model import LongCatAvatarAudioCrossAttnProcessor
 
     seen = []
 

@@ -1,4 +1,4 @@
-"""Tests for tasks.audio: fetch and decode every common format, error kinds, pause-aware cuts."""
+"""Tests for tasks/audio.py: fetch and decode every common format, error kinds, pause-aware cuts."""
 
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from tasks.audio import (
+from avatarflow.tasks.audio import (
     AudioError,
     find_cut_points,
     load_pcm,
     probe_audio,
     write_chunk_wav,
 )
-from tasks.records import V1_GRID, FrameGrid
-from tasks.workdir import WorkDir
+from avatarflow.tasks.records import V1_GRID, FrameGrid
+from avatarflow.tasks.workdir import WorkDir
 from tests.media_factory import (
     speechlike,
     write_audio,

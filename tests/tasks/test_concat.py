@@ -1,4 +1,4 @@
-"""Tests for tasks.concat: master audio, uniformity checks, exact joins by copy and by re-encode."""
+"""Tests for tasks/concat.py: master audio, uniformity, exact joins by copy and by re-encode."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import av
 import numpy as np
 import pytest
 
-from tasks.concat import check_uniform, concat_row, encode_master_audio
-from tasks.media import count_audio_samples, probe_video
-from tasks.verify import verify_final
+from avatarflow.tasks.concat import check_uniform, concat_row, encode_master_audio
+from avatarflow.tasks.media import count_audio_samples, probe_video
+from avatarflow.tasks.verify import verify_final
 from tests.media_factory import write_audio
 from tests.tasks.test_media import make_video, make_wav, read_frame_ids
 

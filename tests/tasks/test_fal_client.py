@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tasks.backends.fal.client import (
+from avatarflow.tasks.backends.fal.client import (
     AmbiguousSubmitError,
     FalAuthError,
     FalQueueClient,
@@ -24,7 +24,7 @@ from tasks.backends.fal.client import (
     FalValidationError,
     SubmitResult,
 )
-from tasks.config import FalSettings
+from avatarflow.tasks.config import FalSettings
 from tests.fakes.fal_server import APP, FakeFal, Faults
 
 AT2V = f"{APP}/audio-to-video"

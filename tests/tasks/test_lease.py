@@ -17,10 +17,10 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from tasks import lease
-from tasks.lease import Holder, Lease, LedgerBusyError, LocalLease, StoreLease
-from tasks.ledger import Ledger
-from tasks.records import json_bytes
+from avatarflow.tasks import lease
+from avatarflow.tasks.lease import Holder, Lease, LedgerBusyError, LocalLease, StoreLease
+from avatarflow.tasks.ledger import Ledger
+from avatarflow.tasks.records import json_bytes
 from tests.fakes.s3_server import S3Server
 
 THREADS = 8
@@ -101,7 +101,7 @@ def test_a_second_run_waits_naming_the_holder_then_refuses(
     first = target.lease()
     first.acquire(None)
     try:
-        caplog.set_level(logging.WARNING, logger="tasks.lease")
+        caplog.set_level(logging.WARNING, logger="avatarflow.tasks.lease")
         with pytest.raises(LedgerBusyError) as busy:
             target.lease().acquire(0.3)
     finally:
@@ -163,7 +163,7 @@ def test_an_expired_lease_is_taken_over_by_one_waiter(
     s3_target: Target, caplog: pytest.LogCaptureFixture
 ) -> None:
     dead = _dead_run_lease(s3_target)
-    caplog.set_level(logging.WARNING, logger="tasks.lease")
+    caplog.set_level(logging.WARNING, logger="avatarflow.tasks.lease")
     leases = [s3_target.lease() for _ in range(THREADS)]
     won = _race(leases, lambda x: x._try_take())
     assert won.count(True) == 1, won  # If-Match on the stale ETag: one waiter's write matches
@@ -191,7 +191,7 @@ def test_a_store_without_conditional_writes_says_so_and_still_sees_a_holder(
 ) -> None:
     fs = fsspec.filesystem("memory")
     root = f"/lease-test-{time.time_ns()}"
-    caplog.set_level(logging.WARNING, logger="tasks.lease")
+    caplog.set_level(logging.WARNING, logger="avatarflow.tasks.lease")
     first = StoreLease(fs, root, f"memory://{root}", None, ttl_s=5.0)
     first.acquire(None)
     try:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.lease import LedgerBusyError
-from tasks.ledger import Ledger
-from tasks.records import ChunkVideo, Published, Request, RowResult
-from tasks.storage import sha256_file
+from avatarflow.tasks.lease import LedgerBusyError
+from avatarflow.tasks.ledger import Ledger
+from avatarflow.tasks.records import ChunkVideo, Published, Request, RowResult
+from avatarflow.tasks.storage import sha256_file
 
 ROW, HASH = "row-1", "a" * 64
 

@@ -1,4 +1,4 @@
-"""Tests for tasks.manifest: reading every format, every validation class, path resolution."""
+"""Tests for tasks/manifest.py: reading every format, every validation class, path resolution."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.manifest import (
+from avatarflow.tasks.manifest import (
     ManifestError,
     manifest_json_schema,
     read_manifest,

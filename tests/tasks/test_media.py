@@ -1,4 +1,4 @@
-"""Tests for tasks.media, plus the small real media files the media-stage tests share."""
+"""Tests for avatarflow.tasks.media, plus the small real media files the media-stage tests share."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pytest
 
-from tasks.media import count_audio_samples, decode_first_frame, probe_video
+from avatarflow.tasks.media import count_audio_samples, decode_first_frame, probe_video
 from tests.media_factory import write_audio
 
 

@@ -1,4 +1,4 @@
-"""Tests for tasks.notify: the batch summary POSTed to a loopback server that fails first."""
+"""Tests for tasks/notify.py: the batch summary POSTed to a loopback server that fails first."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from tasks import notify
-from tasks.config import BatchConfig
-from tasks.notify import notify_batch
-from tasks.records import BatchOutcome, RowResult
+from avatarflow.tasks import notify
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.notify import notify_batch
+from avatarflow.tasks.records import BatchOutcome, RowResult
 
 
 class WebHook:

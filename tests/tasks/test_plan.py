@@ -1,4 +1,4 @@
-"""Tests for tasks.plan: segment counts, chunking, cost, seeds, input hash, budget gate."""
+"""Tests for tasks/plan.py: segment counts, chunking, cost, seeds, input hash, budget gate."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.audio import probe_audio
-from tasks.config import BatchConfig, LocalSettings
-from tasks.plan import Admission, PlanError, derive_seed, plan_row
-from tasks.records import V1_GRID, AudioInfo, FrameGrid, PlanSummary, Row
-from tasks.workdir import WorkDir
+from avatarflow.tasks.audio import probe_audio
+from avatarflow.tasks.config import BatchConfig, LocalSettings
+from avatarflow.tasks.plan import Admission, PlanError, derive_seed, plan_row
+from avatarflow.tasks.records import V1_GRID, AudioInfo, FrameGrid, PlanSummary, Row
+from avatarflow.tasks.workdir import WorkDir
 from tests.factories import make_audio, make_row, with_params
 from tests.media_factory import speechlike, write_audio
 

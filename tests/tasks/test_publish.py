@@ -1,4 +1,4 @@
-"""Tests for tasks.publish: atomic writes to local, memory and moto-S3 targets; tables; sidecars."""
+"""Tests for tasks/publish.py: atomic writes to local, memory, moto-S3; tables, sidecars."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import s3fs
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks import publish
-from tasks.config import BatchConfig
-from tasks.ledger import Ledger
-from tasks.publish import (
+from avatarflow.tasks import publish
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.ledger import Ledger
+from avatarflow.tasks.publish import (
     PublishError,
     RetryPolicy,
     build_sidecar,
@@ -32,8 +32,8 @@ from tasks.publish import (
     settle_results,
     write_results,
 )
-from tasks.qc import GATES, QCReport
-from tasks.records import (
+from avatarflow.tasks.qc import GATES, QCReport
+from avatarflow.tasks.records import (
     Chunk,
     ChunkVideo,
     GateResult,
@@ -49,7 +49,7 @@ from tasks.records import (
     json_bytes,
     to_json,
 )
-from tasks.storage import write_url
+from avatarflow.tasks.storage import write_url
 from tests.factories import make_audio, make_plan, make_row
 from tests.fakes.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
 
@@ -103,7 +103,7 @@ def test_failed_local_copy_leaves_neither_final_nor_temp_file(
 
     monkeypatch.setattr(shutil, "copyfile", half_copy)  # how storage copies a local file
     target = tmp_path / "out"
-    # (?i): tasks.storage rewords ENOSPC as "... full: no space left on device writing row.mp4"
+    # (?i): storage.py rewords ENOSPC as "... full: no space left on device writing row.mp4"
     with pytest.raises(PublishError, match="(?i)row.mp4 \\(3 attempts\\).*no space left on device"):
         publish_file(source, str(target), "row.mp4", retry=FAST_RETRY)
     assert len(calls) == 3

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.cli import app
-from tasks.config import QCSettings
-from tasks.qc import GATES, QCInputError, run_gates
+from avatarflow.flows.cli import app
+from avatarflow.tasks.config import QCSettings
+from avatarflow.tasks.qc import GATES, QCInputError, run_gates
 from tests.media_factory import write_audio
 from tests.qc_factory import (
     Render,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.records import (
+from avatarflow.tasks.records import (
     V1_GRID,
     Attempt,
     ChunkVideo,

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tasks import stop
-from tasks.backends.fal.client import FalQueueClient, FalRequestError, FalValidationError
-from tasks.backends.fal.renderer import AmbiguousChunkError
-from tasks.config import BatchConfig
-from tasks.ledger import Ledger
-from tasks.records import RowPlan
-from tasks.render import render_chunk
-from tasks.stop import RenderStopped
-from tasks.workdir import WorkDir
+from avatarflow.tasks import stop
+from avatarflow.tasks.backends.fal.client import FalQueueClient, FalRequestError, FalValidationError
+from avatarflow.tasks.backends.fal.renderer import AmbiguousChunkError
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.ledger import Ledger
+from avatarflow.tasks.records import RowPlan
+from avatarflow.tasks.render import render_chunk
+from avatarflow.tasks.stop import RenderStopped
+from avatarflow.tasks.workdir import WorkDir
 from tests.factories import make_plan as plan_of
 from tests.fakes.fal_server import APP, FakeFal, Faults
 from tests.media_factory import write_narration
@@ -124,7 +124,7 @@ def test_an_expired_request_is_reported_and_resubmitted_once(
     old = submit_directly(fake)
     ledger.record_request("row-1", HASH, 0, old, f"{APP}/audio-to-video")
     fake.expire(old)
-    with caplog.at_level(logging.WARNING, logger="tasks.backends.fal.renderer"):
+    with caplog.at_level(logging.WARNING, logger="avatarflow.tasks.backends.fal.renderer"):
         video = render_chunk.fn(plan, 0, config)
     assert old in caplog.text
     assert "expired" in caplog.text

@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.backends import RenderJob
-from tasks.backends.fal.client import (
+from avatarflow.tasks.backends import RenderJob
+from avatarflow.tasks.backends.fal.client import (
     AmbiguousSubmitError,
     FalAuthError,
     FalQueueClient,
     FalRequestError,
 )
-from tasks.backends.fal.renderer import DEFAULT_PROMPT, AmbiguousChunkError, FalRenderer
-from tasks.config import BatchConfig
-from tasks.ledger import Ledger
-from tasks.records import ChunkVideo, Resolution
+from avatarflow.tasks.backends.fal.renderer import DEFAULT_PROMPT, AmbiguousChunkError, FalRenderer
+from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.ledger import Ledger
+from avatarflow.tasks.records import ChunkVideo, Resolution
 from tests.factories import make_audio, make_chunks, make_plan, make_row, write_tone
 from tests.fakes.fal_server import APP, FakeFal, Faults
 

@@ -10,12 +10,12 @@ import av
 import numpy as np
 import pytest
 
-from tasks.backends import RenderJob
-from tasks.backends import local as local_backend
-from tasks.backends.local import LocalRenderer, read_wav
-from tasks.config import BatchConfig, LocalSettings
-from tasks.records import Chunk
-from tasks.workdir import WorkDir
+from avatarflow.tasks.backends import RenderJob
+from avatarflow.tasks.backends import local as local_backend
+from avatarflow.tasks.backends.local import LocalRenderer, read_wav
+from avatarflow.tasks.config import BatchConfig, LocalSettings
+from avatarflow.tasks.records import Chunk
+from avatarflow.tasks.workdir import WorkDir
 from tests.factories import make_audio, make_plan, make_row
 
 RATE = 16_000

@@ -1,4 +1,4 @@
-"""Tests for tasks.report: a self-contained, escaped HTML page and middle-frame thumbnails."""
+"""Tests for tasks/report.py: a self-contained, escaped HTML page and middle-frame thumbnails."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks.qc import GATES, GateResult, QCReport
-from tasks.records import RowResult
-from tasks.report import render_report, thumbnail_jpeg
+from avatarflow.tasks.qc import GATES, GateResult, QCReport
+from avatarflow.tasks.records import RowResult
+from avatarflow.tasks.report import render_report, thumbnail_jpeg
 from tests.media_factory import write_mp4
 
 EVIL_ID = '<script>alert("id")</script>'

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks.report import render_report
+from avatarflow.tasks.report import render_report
 from tests.tasks.test_report import EVIL_ID, report_results
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

@@ -1,4 +1,4 @@
-"""Tests for tasks.verify: the chunk and final-video QC gates on small real files."""
+"""Tests for avatarflow.tasks.verify: the chunk and final-video QC gates on small real files."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from pathlib import Path
 import av
 import pytest
 
-from tasks.backends import NOMINAL_AREA
-from tasks.concat import chunk_frames, concat_row, encode_master_audio
-from tasks.config import QCSettings
-from tasks.publish import RESULTS_SCHEMA
-from tasks.qc import GATES
-from tasks.records import RowPlan
-from tasks.verify import QCError, check_final, qc_joins, verify_chunk, verify_final
+from avatarflow.tasks.backends import NOMINAL_AREA
+from avatarflow.tasks.concat import chunk_frames, concat_row, encode_master_audio
+from avatarflow.tasks.config import QCSettings
+from avatarflow.tasks.publish import RESULTS_SCHEMA
+from avatarflow.tasks.qc import GATES
+from avatarflow.tasks.records import RowPlan
+from avatarflow.tasks.verify import QCError, check_final, qc_joins, verify_chunk, verify_final
 from tests.factories import make_audio, make_chunks, make_plan
 from tests.tasks.test_media import make_video, make_wav
 

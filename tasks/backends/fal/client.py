@@ -21,8 +21,8 @@ from typing import Any, NamedTuple
 
 import httpx
 
-from tasks.config import FalSettings
-from tasks.redact import redact
+from avatarflow.tasks.config import FalSettings
+from avatarflow.tasks.redact import redact
 
 log = logging.getLogger(__name__)
 

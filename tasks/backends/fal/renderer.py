@@ -24,21 +24,21 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
-from tasks.backends.base import Renderer, RenderJob
-from tasks.backends.fal.client import (
+from avatarflow.tasks.backends.base import Renderer, RenderJob
+from avatarflow.tasks.backends.fal.client import (
     AmbiguousSubmitError,
     FalError,
     FalQueueClient,
     FalRequestError,
     SubmitResult,
 )
-from tasks.config import BatchConfig, FalSettings
-from tasks.records import Chunk, ChunkVideo, RowPlan, Timings
-from tasks.stop import RenderStopped, stop_requested, wait_unless_stopped
-from tasks.storage import sha256_file
+from avatarflow.tasks.config import BatchConfig, FalSettings
+from avatarflow.tasks.records import Chunk, ChunkVideo, RowPlan, Timings
+from avatarflow.tasks.stop import RenderStopped, stop_requested, wait_unless_stopped
+from avatarflow.tasks.storage import sha256_file
 
 if TYPE_CHECKING:
-    from tasks.ledger import ChunkRecord, Ledger
+    from avatarflow.tasks.ledger import ChunkRecord, Ledger
 
 log = logging.getLogger(__name__)
 
