@@ -38,7 +38,7 @@ def timed_runs(workers: int, rows: int, checkpoint: Path, folder: Path) -> list[
     """Two runs of `rows` rows on a fresh cluster of `workers` GPU workers; their wall times."""
     times = []
     with LocalCluster(
-        n_workers=workers, threads_per_worker=1, resources={"GPU": 1}, dashboard_address=None
+        n_workers=workers, threads_per_worker=1, resources={"GPU": 1}, dashboard_address=":0"
     ) as cluster:
         for attempt in range(2):
             work = folder / f"w{workers}-{attempt}"

@@ -450,14 +450,14 @@ def _new_dask_client(address: str) -> Any:
             from dask_cuda import LocalCUDACluster
 
             cluster = LocalCUDACluster(
-                threads_per_worker=1, resources=LocalRenderer.resources, dashboard_address=None
+                threads_per_worker=1, resources=LocalRenderer.resources, dashboard_address=":0"
             )
         else:
             cluster = LocalCluster(  # type: ignore[no-untyped-call]
                 n_workers=1,
                 threads_per_worker=1,
                 resources=LocalRenderer.resources,
-                dashboard_address=None,  # no dashboard: it would fight other runs for port 8787
+                dashboard_address=":0",  # any free port: 8787 may be another cluster's
             )
         return Client(cluster, set_as_default=False)  # type: ignore[no-untyped-call]
     return Client(  # type: ignore[no-untyped-call]

@@ -33,7 +33,7 @@ def cluster() -> Iterator[LocalCluster]:
         threads_per_worker=2,
         processes=True,
         resources={"GPU": 1},
-        dashboard_address=None,
+        dashboard_address=":0",
     ) as cluster:
         yield cluster
 
@@ -90,7 +90,7 @@ def test_renders_run_one_per_gpu_worker_and_the_model_stays_loaded(
 def gpu_less_cluster() -> Iterator[LocalCluster]:
     """A scheduler whose only worker was started without `--resources GPU=1`."""
     with LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"
     ) as cluster:
         yield cluster
 
@@ -134,7 +134,7 @@ def one_gpu_worker() -> Iterator[LocalCluster]:
         threads_per_worker=1,
         processes=True,
         resources={"GPU": 1},
-        dashboard_address=None,
+        dashboard_address=":0",
     ) as cluster:
         yield cluster
 

@@ -193,7 +193,6 @@ def test_the_cancel_hook_uses_the_runs_secret_block_where_fal_key_is_unset(
     from prefect.states import Cancelling
 
     from avatarflow.flows.produce import _cancel_paid_requests, produce_batch
-    from avatarflow.tasks.stop import clear_stop
 
     with FakeFal(latency_s=60.0, key=KEY) as fal:
         for name, value in fal.env().items():
@@ -210,10 +209,7 @@ def test_the_cancel_hook_uses_the_runs_secret_block_where_fal_key_is_unset(
         parameters = {"manifest": "m.parquet", "target": str(target), "backend": "fal"}
         parameters |= {"work_dir": str(tmp_path / "work"), "fal_key_secret": "fal-key-hook-test"}
         flow_run = FlowRun(flow_id=uuid4(), parameters=parameters)
-        try:
-            _cancel_paid_requests(produce_batch, flow_run, Cancelling())  # type: ignore[arg-type]
-        finally:
-            clear_stop()
+        _cancel_paid_requests(produce_batch, flow_run, Cancelling())  # type: ignore[arg-type]
         assert fal.counts["cancel"] == 1
         assert fal.state(ids[0]) == "COMPLETED"  # cancelled: it ends, unbilled
         assert "FAL_KEY" not in os.environ  # the key went to the client, not the environment
