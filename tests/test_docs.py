@@ -337,7 +337,7 @@ def check_path(index: Index, text: str) -> str | None:
     if not (ROOT / path).exists():
         return f"no file {path}"
     if name:
-        if not path.endswith(".py") or path.split("/")[0] not in PACKAGES:
+        if not path.endswith(".py") or path.split("/")[0] not in CODE_DIRS:
             return None
         return resolve(index, f"{module_name(ROOT / path)}.{name}")
     return None
@@ -382,6 +382,8 @@ def check_span(index: Index, text: str, weak: bool = True) -> str | None:
         return resolve_bare(index, name)
     if "." not in name and head[0].islower() and (call or text.endswith("()")):
         return resolve_bare(index, name)
+    if name.startswith("test_") and "." not in name and name not in index.functions:
+        return f"no test {name}"
     if weak and SNAKE.fullmatch(name) and name not in index.words:
         return f"{name} occurs nowhere in the code"
     return None
@@ -452,7 +454,8 @@ def test_a_renamed_or_missing_name_is_reported() -> None:
             "`Ledger.record_attempt`, `run_batch()`, `avatarflow run --budget`, `--dask-address`,",
             "`deploy/prefect.yaml`, `budget_usd`, `FalSettings.api_key()`, `prefect deploy --all`.",
             "Bad: `tasks/ledger.py::Ledger.unlock`, `avatarflow.flows.produce.run_batches`,",
-            "`FalSettings.key`, `budget_gate`, `avatarflow run --no-such-option`, `flows/nope.py`.",
+            "`FalSettings.key`, `budget_gate`, `test_no_such_behaviour`,"
+            " `avatarflow run --no-such-option`, `flows/nope.py`.",
             "```bash",
             "avatarflow plan manifests/examples/demo.parquet \\",
             "  --backend fal --dask-address tcp://x:1",
@@ -460,7 +463,7 @@ def test_a_renamed_or_missing_name_is_reported() -> None:
         ]
     )
     misses = check_markdown(build_index(), "fake.md", markdown)
-    lines = ["fake.md:4"] * 2 + ["fake.md:5"] * 4 + ["fake.md:7"]
+    lines = ["fake.md:4"] * 2 + ["fake.md:5"] * 5 + ["fake.md:7"]
     assert [m.split(": ", 1)[0] for m in misses] == lines, misses
     reported = "\n".join(misses)
     for bad in (
@@ -468,6 +471,7 @@ def test_a_renamed_or_missing_name_is_reported() -> None:
         "run_batches",
         "FalSettings.key",
         "budget_gate",
+        "test_no_such_behaviour",
         "--no-such-option",
         "flows/nope.py",
         "plan has no option --dask-address",
