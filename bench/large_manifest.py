@@ -96,17 +96,15 @@ def main() -> None:
                 qc_skip=frozenset({"face", "lipsync", "seams"}),
             )
             planning: list[float] = []  # when the flow starts planning rows (after start-up)
-            unsubscribe = progress.subscribe(
-                lambda event: (
-                    planning.append(time.time()) if isinstance(event, RowsPlanned) else None
-                )
+            listener = lambda event: (  # noqa: E731
+                planning.append(time.time()) if isinstance(event, RowsPlanned) else None
             )
             cpu_before = resource.getrusage(resource.RUSAGE_SELF)
             started = time.time()
-            outcome = run_batch(config)
+            with progress.listening(listener):
+                outcome = run_batch(config)
             ended = time.time()
             cpu = resource.getrusage(resource.RUSAGE_SELF)
-            unsubscribe()
             to_first_s = first_submit(work / "out" / ".avatarflow") - planning[0]
             streamed_s = ended - planning[0]
     finally:

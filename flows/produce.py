@@ -1,23 +1,21 @@
 """The batch flow: manifest → plan → render → verify → concat → verify → publish → results + report.
 
-Wiring only: every stage is a Prefect task in tasks/. A failing row is recorded and the rest go on;
-the flow run ends Completed when every row is published and Failed (with the count) otherwise,
-after results, report and artifacts are published either way.
+Wiring only: the stages live in tasks/; row_stages lists one row's in order, and tasks/stream.py
+runs them for every row. A failing row is recorded and the rest go on; the flow run ends
+Completed when every row is published and Failed (with the count) otherwise, after results,
+report and artifacts are published either way.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, cast
 from uuid import uuid4
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.blocks.system import Secret
 from prefect.client.schemas.objects import Flow as FlowSchema
 from prefect.client.schemas.objects import FlowRun, State
@@ -30,19 +28,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from avatarflow.flows.terminal import survive_lost_terminal
 from avatarflow.tasks import progress
 from avatarflow.tasks.backends import renderer_class
-from avatarflow.tasks.concat import concat_chunks, prepare_master_audio
 from avatarflow.tasks.config import BatchConfig, FalSettings, LocalSettings, QCSettings
+from avatarflow.tasks.finish import finish_row
 from avatarflow.tasks.ledger import Ledger
-from avatarflow.tasks.manifest import load_rows
+from avatarflow.tasks.manifest import ManifestCheck, load_rows
 from avatarflow.tasks.notify import notify_batch
 from avatarflow.tasks.plan import Admission, prepare_row
-from avatarflow.tasks.publish import (
-    keep_rejected,
-    publish_results,
-    publish_row,
-    rejected_target,
-    settle_results,
-)
+from avatarflow.tasks.publish import publish_results, rejected_target, settle_results
 from avatarflow.tasks.records import (
     BatchOutcome,
     ChunkVideo,
@@ -51,20 +43,11 @@ from avatarflow.tasks.records import (
     RowPlan,
     RowResult,
     RowsPlanned,
-    RunAction,
-    SidecarRerender,
-    Verdict,
 )
 from avatarflow.tasks.render import render_chunk, render_row
-from avatarflow.tasks.report import (
-    ProgressArtifact,
-    publish_artifacts,
-    save_thumbnail,
-    write_report,
-)
-from avatarflow.tasks.rerender import rerender_row
+from avatarflow.tasks.report import ProgressArtifact, publish_artifacts, write_report
 from avatarflow.tasks.stop import owned, request_stop
-from avatarflow.tasks.verify import FinalCheck, verify_chunks, verify_video
+from avatarflow.tasks.stream import IN_ORDER, Stages, Stream, first_error
 
 # Our modules log through these; the flow copies Prefect's API handler onto them so their lines
 # (resubmits, ambiguous submits, storage retries) show in the flow run's logs on the server.
@@ -72,230 +55,64 @@ PROJECT_LOGGERS = ("avatarflow",)
 LOCAL_SHORTCUTS = ("model_dir", "dask_address")  # flat flow parameters for LocalSettings fields
 
 
-def first_error(futures: list[PrefectFuture[Any]]) -> str:
-    """The message of the earliest failed stage of a row (later stages only report NotReady)."""
-    for future in futures:
-        state = future.state
-        if state.is_failed() or state.is_crashed():
-            try:
-                state.result()
-            except Exception as exc:  # the stage's own exception, e.g. AudioError or FalError
-                return f"{type(exc).__name__}: {exc}"
-            return state.message or state.name or "failed"
-    return "did not finish"
+def row_stages(
+    row: Row, config: BatchConfig, admission: Admission, dispatched: list[RowPlan]
+) -> Stages[RowResult]:
+    """One row's stages in order: plan → admit (resume, budget) → render → finish.
 
-
-# What a row's error says when a stage after rendering raised before a joined video existed.
-CHUNKS_KEPT = "rendered chunks kept in the ledger; a rerun re-checks them without paying"
-
-
-@dataclass
-class _Finishing:
-    """What finish_row has made of a row so far: what a stage that raises must not throw away."""
-
-    plan: RowPlan  # the render the videos came from (a re-render's, once there is one)
-    videos: list[ChunkVideo]
-    action: RunAction
-    stage: str = "master audio"
-    verdicts: list[Verdict] = field(default_factory=list)
-    video: str | None = None  # the joined video, once concat made it
-    final: FinalCheck | None = None
-    rerender: SidecarRerender | None = None
-
-
-@task(name="finish-row")
-def finish_row(plan: RowPlan, videos: list[ChunkVideo], config: BatchConfig) -> RowResult:
-    """master audio → verify chunks → concat + mux → verify video + QC → publish (or keep as
-    rejected); with rerender_on_qc_fail, a QC failure is rendered once more first.
-
-    The stages run inline (their task bodies): one task run per row instead of six keeps
-    Prefect's per-task bookkeeping from being the per-row cost of a 10,000-row batch. The chunks
-    were paid for: when a stage raises, the joined video is kept under _rejected/ with the
-    error as its reason (or, before there is one, the row fails and says its chunks are kept).
+    A generator the streaming driver runs: each `yield` waits for what it names to finish.
     """
-    row = _Finishing(plan, videos, "reused" if all(v.reused for v in videos) else "rendered")
-    try:
-        return _finish(row, config)
-    except Exception as exc:  # any stage's own error: keep what was paid for
-        reason = f"{row.stage} error: {type(exc).__name__}: {exc}"
-        get_run_logger().error("row %s: %s", plan.row.id, reason, exc_info=True)
-    if row.video is not None:
-        kept = (row.plan, row.video, row.videos, row.verdicts, row.final, config, row.action)
-        try:
-            return keep_rejected(*kept, rerender=row.rerender, reason=reason)
-        except Exception as exc:  # e.g. the target is unreachable: the ledger still has them
-            reason += f" (nor kept under _rejected/: {type(exc).__name__})"
-    progress.emit(RowFinished(plan.row.id, "failed"))
-    return RowResult.failure(plan.row.id, f"{reason}; {CHUNKS_KEPT}", plan.row.extra)
+    planned = yield prepare_row.submit(row, config)
+    if not planned.state.is_completed():
+        return _end(row, first_error([planned]))
+    plan: RowPlan = planned.result()
+    yield IN_ORDER  # with a budget, rows reserve their estimates in manifest order
+    held = admission.admit(plan)
+    if held is not None:  # published before from these inputs, or over the budget
+        return _end(row, held)
+    dispatched.append(plan)
+    videos = yield from render_stages(plan, config)
+    if isinstance(videos, str):
+        return _end(row, videos)
+    finished = yield finish_row.submit(plan, videos, config)
+    if not finished.state.is_completed():
+        return _end(row, first_error([finished]))
+    result: RowResult = finished.result()  # finish_row told the listeners
+    return result
 
 
-def _finish(row: _Finishing, config: BatchConfig) -> RowResult:
-    """finish_row's stages in order, noting in `row` each one's name and what it made."""
-    plan, videos = row.plan, row.videos
-    master = prepare_master_audio.fn(plan, config)
-    row.stage = "chunk verification"
-    row.verdicts = verify_chunks.fn(plan, videos, config)
-    row.stage = "concat"
-    row.video = concat_chunks.fn(plan, videos, master, config)
-    row.stage = "qc"
-    row.final = verify_video.fn(plan, row.video, config)
-    if config.rerender_on_qc_fail and row.final.gates.failed:
-        second = rerender_row(plan, videos, row.final, master, config)
-        if isinstance(second, str):  # why not: the first render is kept as the rejected video
-            row.final = row.final.with_reason(second)
-        else:
-            row.plan, row.videos, row.verdicts = second.plan, second.videos, second.verdicts
-            row.video, row.final, row.rerender = second.video, second.final, second.record
-            if not all(v.reused for v in second.videos):
-                row.action = "rendered"
-    row.stage = "thumbnail"
-    save_thumbnail(plan, row.video, config)  # under the manifest's plan: the report looks there
-    row.stage = "publish"
-    return publish_row.fn(
-        row.plan, row.video, row.videos, row.verdicts, row.final, config, row.action, row.rerender
-    )
+def render_stages(plan: RowPlan, config: BatchConfig) -> Stages[list[ChunkVideo] | str]:
+    """Render a row: every chunk at once, or chunk 0 first when later chunks need its face.
+    Its videos in chunk order, or the first render's error."""
+    backend, count = renderer_class(config.backend), len(plan.chunks)
+    futures: list[PrefectFuture[Any]]
+    if backend.continuous:
+        futures = yield [render_row.submit(plan, config)]
+    elif backend.needs_identity(plan):
+        futures = yield [render_chunk.submit(plan, 0, config)]
+        if futures[0].state.is_completed():
+            identity = futures[0].result()
+            later = [
+                render_chunk.submit(plan, k, config, identity=identity) for k in range(1, count)
+            ]
+            futures += yield later
+    else:
+        futures = yield [render_chunk.submit(plan, k, config) for k in range(count)]
+    if not all(f.state.is_completed() for f in futures):
+        return first_error(futures)
+    if backend.continuous:
+        videos: list[ChunkVideo] = futures[0].result()
+        return videos
+    return [f.result() for f in futures]
 
 
-class _RowRenders:
-    """Submits a row's render tasks as their inputs become ready (chunk 0's face for later ones)."""
-
-    def __init__(self, plan: RowPlan, config: BatchConfig) -> None:
-        self.plan, self.config = plan, config
-        backend = renderer_class(config.backend)
-        self.continuous = backend.continuous
-        self.futures: list[PrefectFuture[Any]]  # one render-row, or one render-chunk per chunk
-        if self.continuous:
-            self.futures = [render_row.submit(plan, config)]
-            return
-        # Chunks that need chunk 0's video for identity wait for it; the others start now.
-        count = 1 if backend.needs_identity(plan) else len(plan.chunks)
-        self.futures = [render_chunk.submit(plan, k, config) for k in range(count)]
-
-    def on_done(self, future: PrefectFuture[Any]) -> list[PrefectFuture[Any]]:
-        """Submit what `future` unblocks: the later chunks, once chunk 0 has rendered."""
-        waiting = len(self.futures) < len(self.plan.chunks) and not self.continuous
-        if not waiting or future is not self.futures[0] or not future.state.is_completed():
-            return []
-        identity = future.result()
-        later: list[PrefectFuture[Any]] = [
-            render_chunk.submit(self.plan, k, self.config, identity=identity)
-            for k in range(1, len(self.plan.chunks))
-        ]
-        self.futures += later
-        return later
-
-    def videos(self) -> list[ChunkVideo] | None:
-        """Every rendered chunk, in chunk order, once all finished well, else None."""
-        if not all(f.state.is_completed() for f in self.futures):
-            return None
-        if self.continuous:
-            videos: list[ChunkVideo] = self.futures[0].result()
-            return videos
-        return (
-            [f.result() for f in self.futures]
-            if len(self.futures) == len(self.plan.chunks)
-            else None
-        )
-
-
-class _Batch:
-    """Drives every row of a run from the flow's thread, streaming: rows are planned a window at
-    a time, and each planned row is dispatched at once (with a budget: as soon as every earlier
-    row is planned, so the budget is reserved in manifest order), then rendered and finished.
-
-    Tasks are submitted only once their inputs exist, so no worker thread sits blocked on another
-    task's future; finished futures arrive through one queue, so each costs O(1) to handle.
-    """
-
-    def __init__(self, rows: list[Row], config: BatchConfig) -> None:
-        self.rows, self.config = rows, config
-        self.admission = Admission(config)
-        self.in_order = config.budget_usd is not None
-        self.window = max(2, renderer_class(config.backend).task_threads(config) // 4)
-        self.results: dict[int, RowResult] = {}
-        self.dispatched: list[RowPlan] = []
-        self._planned: dict[int, RowPlan | RowResult] = {}  # waiting for their turn (budget)
-        self._next = self._frontier = self._planning = self._pending = 0
-        self._done: queue.SimpleQueue[tuple[PrefectFuture[Any], Callable[..., None]]] = (
-            queue.SimpleQueue()
-        )
-
-    def run(self) -> dict[int, RowResult]:
-        """Plan, render and finish every row; return each row's result by manifest index."""
-        self._plan_more()
-        while self._pending:
-            future, handle = self._done.get()
-            self._pending -= 1
-            future.wait()  # sets its final state locally (otherwise .state asks the API)
-            handle(future)
-        return self.results
-
-    def _watch(self, future: PrefectFuture[Any], handle: Callable[..., None]) -> None:
-        self._pending += 1
-        future.add_done_callback(lambda done: self._done.put((done, handle)))
-
-    def _plan_more(self) -> None:
-        while self._next < len(self.rows) and self._planning < self.window:
-            row = self.rows[self._next]
-            self._next += 1
-            self._planning += 1
-            self._watch(prepare_row.submit(row, self.config), partial(self._on_planned, row))
-
-    def _on_planned(self, row: Row, future: PrefectFuture[RowPlan]) -> None:
-        self._planning -= 1
-        if future.state.is_completed():
-            self._planned[row.index] = future.result()
-        else:
-            self._planned[row.index] = RowResult.failure(row.id, first_error([future]), row.extra)
-        if self.in_order:
-            while self._frontier < len(self.rows):
-                index = self.rows[self._frontier].index
-                if index not in self._planned:
-                    break
-                self._admit(index, self._planned.pop(index))
-                self._frontier += 1
-        else:
-            self._admit(row.index, self._planned.pop(row.index))
-        self._plan_more()
-
-    def _admit(self, index: int, planned: RowPlan | RowResult) -> None:
-        if isinstance(planned, RowResult):  # planning failed
-            self._finish(planned.id, index, planned)
-            return
-        held = self.admission.admit(planned)
-        if held is not None:
-            self._finish(planned.row.id, planned.row.index, held)
-            return
-        self.dispatched.append(planned)
-        renders = _RowRenders(planned, self.config)
-        for future in renders.futures:
-            self._watch(future, partial(self._on_rendered, renders))
-
-    def _on_rendered(self, renders: _RowRenders, future: PrefectFuture[Any]) -> None:
-        for later in renders.on_done(future):
-            self._watch(later, partial(self._on_rendered, renders))
-        if not all(f.state.is_final() for f in renders.futures):
-            return  # more chunks of this row are still rendering
-        plan, videos = renders.plan, renders.videos()
-        if videos is None:
-            error = first_error(renders.futures)
-            self._finish(
-                plan.row.id, plan.row.index, RowResult.failure(plan.row.id, error, plan.row.extra)
-            )
-            return
-        finish = finish_row.submit(plan, videos, self.config)
-        self._watch(finish, partial(self._on_finished, plan))
-
-    def _on_finished(self, plan: RowPlan, future: PrefectFuture[RowResult]) -> None:
-        if future.state.is_completed():
-            self.results[plan.row.index] = future.result()  # finish_row told the listeners
-            return
-        error = RowResult.failure(plan.row.id, first_error([future]), plan.row.extra)
-        self._finish(plan.row.id, plan.row.index, error)
-
-    def _finish(self, row_id: str, index: int, result: RowResult) -> None:
-        self.results[index] = result
-        progress.emit(RowFinished(row_id, result.status))
+def _end(row: Row, result: RowResult | str) -> RowResult:
+    """A row that ends before finish-row: its result (or a failure saying why), told to the
+    listeners (finish-row tells its own)."""
+    if isinstance(result, str):
+        result = RowResult.failure(row.id, result, row.extra)
+    progress.emit(RowFinished(row.id, result.status))
+    return result
 
 
 def _cancel_paid_requests(flow: FlowSchema, flow_run: FlowRun, state: State) -> None:
@@ -494,30 +311,43 @@ def _ship_project_logs() -> None:
 
 
 def _produce(config: BatchConfig) -> BatchOutcome:
+    """validate → plan, admit, render, finish every row (streaming) → settle → results + report."""
+    # 1. Validate the manifest; an invalid row is a failed row.
     check = load_rows(config)
-    # Keyed by manifest row index: ids may be missing or duplicated in rows that failed validation.
-    results: dict[int, RowResult] = {}
-    for e in check.errors:
-        if e.row is not None:  # a row with several problems reports them all
-            prior = results.get(e.row)
-            text = str(e) if prior is None else f"{prior.error}; {e}"
-            results[e.row] = RowResult.failure(e.id or f"row-{e.row}", text, check.extras(e.row))
+    results = _invalid_rows(check)
 
-    # Plan → admit (resume, budget) → render → verify, concat, QC → publish, row by row.
+    # 2. Plan → admit → render → finish, row by row, streaming (row_stages).
     progress.emit(RowsPlanned(len(check.rows), 0, 0.0))  # totals grow as rows are admitted
-    batch = _Batch(list(check.rows), config)
-    results.update(batch.run())
+    admission, dispatched = Admission(config), list[RowPlan]()
+    window = max(2, renderer_class(config.backend).task_threads(config) // 4)  # rows planning
+    stream: Stream[Row, RowResult] = Stream(window, in_order=config.budget_usd is not None)
+    stages = partial(row_stages, config=config, admission=admission, dispatched=dispatched)
+    finished = stream.run(check.rows, stages)
+    results.update({row.index: result for row, result in zip(check.rows, finished, strict=True)})
 
-    # What the ledger remembers across runs: cost paid per row, first publish time.
+    # 3. Settle what the ledger remembers across runs: cost paid per row, first publish time.
     ordered = settle_results([results[index] for index in sorted(results)], config)
     logger = get_run_logger()
     for result in ordered:
         if result.status != "published":
             logger.warning("row %s %s: %s", result.id, result.status, result.error)
+
+    # 4. Publish results.parquet and the report.
     results_url = publish_results(ordered, check.passthrough_schema, config)
-    report_url = write_report(ordered, batch.dispatched, config)
-    estimated = batch.admission.reserved_usd
-    return BatchOutcome(tuple(ordered), results_url, report_url, estimated)
+    report_url = write_report(ordered, dispatched, config)
+    return BatchOutcome(tuple(ordered), results_url, report_url, admission.reserved_usd)
+
+
+def _invalid_rows(check: ManifestCheck) -> dict[int, RowResult]:
+    """A failed result per row that failed validation, by manifest row index (their ids may be
+    missing or duplicated); a row with several problems reports them all."""
+    results: dict[int, RowResult] = {}
+    for e in check.errors:
+        if e.row is not None:
+            prior = results.get(e.row)
+            text = str(e) if prior is None else f"{prior.error}; {e}"
+            results[e.row] = RowResult.failure(e.id or f"row-{e.row}", text, check.extras(e.row))
+    return results
 
 
 def run_batch(config: BatchConfig) -> BatchOutcome:

@@ -27,7 +27,6 @@ from prefect.deployments import run_deployment
 from prefect.futures import wait
 from prefect.states import Completed, Failed
 
-from avatarflow.flows.produce import first_error
 from avatarflow.tasks.config import BatchConfig, QCSettings
 from avatarflow.tasks.ledger import Ledger
 from avatarflow.tasks.manifest import ManifestCheck, load_rows, read_manifest, resolve_location
@@ -35,6 +34,7 @@ from avatarflow.tasks.plan import Admission, prepare_row
 from avatarflow.tasks.publish import parquet_bytes, publish_bytes, results_table
 from avatarflow.tasks.records import Row, RowResult
 from avatarflow.tasks.report import render_report
+from avatarflow.tasks.stream import first_error
 
 LOCATION_COLUMNS = ("audio", "image")
 CHILD_ATTEMPTS = 5  # a rerun of the parent starts at most this many runs of one unchanged shard

@@ -20,7 +20,6 @@ from av.container import InputContainer, OutputContainer
 from av.packet import Packet
 from av.stream import Stream
 from av.video.stream import VideoStream
-from prefect import task
 
 from avatarflow.tasks.config import BatchConfig
 from avatarflow.tasks.media import VideoProbe, probe_container, probe_video
@@ -306,7 +305,6 @@ def _mux(
             out.mux(rest)
 
 
-@task(name="prepare-master-audio")
 def prepare_master_audio(plan: RowPlan, config: BatchConfig) -> str:
     """Encode the row's narration to AAC once, while its chunks render."""
     dest = WorkDir(config.work_path).row(plan.row.id, plan.input_hash) / "master.m4a"
@@ -323,7 +321,6 @@ def chunk_frames(plan: RowPlan) -> list[int]:
     return [last - first for first, last in spans]
 
 
-@task(name="concat-chunks")
 def concat_chunks(plan: RowPlan, videos: list[ChunkVideo], master: str, config: BatchConfig) -> str:
     """Join each chunk's span of frames (chunks in order) and mux the master narration."""
     frames = chunk_frames(plan)

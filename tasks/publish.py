@@ -22,7 +22,6 @@ import botocore.exceptions
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
 
 from avatarflow.tasks import progress
 from avatarflow.tasks.backends import renderer_class
@@ -290,7 +289,6 @@ def _publish_error(
     return PublishError(redact(text, option_secrets(options)))
 
 
-@task(name="publish-row")
 def publish_row(
     plan: RowPlan,
     video_path: str,

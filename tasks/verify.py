@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import av
-from prefect import task
 
 from avatarflow.tasks.backends import renderer_class
 from avatarflow.tasks.concat import chunk_frames
@@ -153,7 +152,6 @@ def _raise_if_failed(verdicts: dict[str, Verdict]) -> None:
         raise QCError(" | ".join(failed))
 
 
-@task(name="verify-chunks")
 def verify_chunks(plan: RowPlan, videos: list[ChunkVideo], config: BatchConfig) -> list[Verdict]:
     """Check every rendered chunk of a row (in chunk order) before anything is joined."""
     backend = renderer_class(config.backend)
@@ -243,7 +241,6 @@ def qc_record(report: QCReport) -> QCRecord:
     return QCRecord(report.passed, report.frames, report.fps, elapsed_s, report.gates)
 
 
-@task(name="verify-video")
 def verify_video(plan: RowPlan, video_path: str, config: BatchConfig) -> FinalCheck:
     """Check the joined, muxed video against the narration and the QC gates before publishing."""
     backend = renderer_class(config.backend)

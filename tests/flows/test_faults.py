@@ -22,9 +22,10 @@ from botocore.exceptions import EndpointConnectionError
 
 import avatarflow.tasks.backends.fal.client
 import avatarflow.tasks.concat
-from avatarflow.flows.produce import CHUNKS_KEPT, run_batch
+from avatarflow.flows.produce import run_batch
 from avatarflow.tasks import publish
 from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.finish import CHUNKS_KEPT
 from avatarflow.tasks.ledger import Ledger
 from avatarflow.tasks.media import count_audio_samples, probe_video
 from avatarflow.tasks.publish import RetryPolicy

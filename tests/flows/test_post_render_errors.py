@@ -12,9 +12,10 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from avatarflow.flows import produce
-from avatarflow.flows.produce import CHUNKS_KEPT, run_batch
+from avatarflow.flows.produce import run_batch
+from avatarflow.tasks import finish
 from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.finish import CHUNKS_KEPT
 from tests.factories import narrated_manifest
 from tests.fakes.fal_server import FakeFal
 
@@ -25,19 +26,16 @@ ONE_SEGMENT_USD = 93 / 16 * 0.15  # a 3 s narration is one 93-frame segment at 4
 
 
 class _Broken:
-    """A stage that raises, in place of the task (finish_row runs task bodies: `.fn`) or the
-    plain function."""
+    """A stage that raises, in place of the plain function finish_row calls."""
 
     def __init__(self, stage: str) -> None:
         self.stage = stage
 
-    def fn(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(f"injected {self.stage} failure")
 
-    __call__ = fn
 
-
-# The stage as finish_row names it, the name it is called by in flows/produce.py, and whether a
+# The stage as finish_row names it, the name it is called by in tasks/finish.py, and whether a
 # joined video exists by then (kept under _rejected/) or only the chunks (kept in the ledger).
 STAGES = [
     ("master audio", "prepare_master_audio", False),
@@ -80,7 +78,7 @@ def test_an_error_after_rendering_keeps_the_paid_render_and_the_rerun_publishes_
     reason = f"{stage} error: RuntimeError: injected {stage} failure"
 
     with monkeypatch.context() as patch:
-        patch.setattr(produce, name, _Broken(stage))
+        patch.setattr(finish, name, _Broken(stage))
         outcome = run_batch(config)
 
     [result] = outcome.results
