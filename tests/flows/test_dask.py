@@ -20,6 +20,7 @@ from distributed import Client, LocalCluster, get_task_stream
 from avatarflow.flows.produce import run_batch
 from avatarflow.tasks.backends import local as local_backend
 from avatarflow.tasks.config import BatchConfig, LocalSettings
+from tests.cli import invoke
 from tests.media_factory import write_narration
 
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
@@ -64,9 +65,14 @@ def test_renders_run_one_per_gpu_worker_and_the_model_stays_loaded(
         with get_task_stream(client) as stream:
             first = run_batch(_config(_manifest(tmp_path / "a", 4), tmp_path / "out-a", local))
         renders = [t for t in stream.data if t["key"].startswith("_render_here")]
-        second = run_batch(_config(_manifest(tmp_path / "b", 3), tmp_path / "out-b", local))
+        # The second run as a user starts it: `avatarflow run --dask-address tcp://…`.
+        second = invoke(
+            "run", _manifest(tmp_path / "b", 3), "--backend", "local",
+            "--model-dir", str(tiny_checkpoint), "--dask-address", cluster.scheduler_address,
+            "--target", str(tmp_path / "out-b"), "--work-dir", str(tmp_path / "work"),
+        )  # fmt: skip
 
-    assert first.exit_code == second.exit_code == 0
+    assert first.exit_code == second.exit_code == 0, second.output
     assert len(renders) == 4
     for worker in workers:  # GPU=1 per worker: its renders never overlap in time
         spans = sorted(
