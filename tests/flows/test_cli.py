@@ -118,7 +118,7 @@ USER_PACKAGES = {
 # The user's own code: its packages still win, and it runs our batch flow on the demo manifest.
 USER_SCRIPT = """
 import sys
-import avatarflow.flows.nightly, tasks
+import flows.nightly, tasks
 from avatarflow.flows.produce import produce_batch
 
 assert tasks.OWNER == "user", tasks.__file__
