@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 # The whole suite (slow scenarios included), on every core; what CI runs.
 test: $(STAMP)
-	RUN_SLOW=1 $(BIN)/python -m pytest -q -n auto
+	RUN_SLOW=1 $(BIN)/python -m pytest -q -n auto --dist worksteal
 
 # The inner loop: everything but the tests marked slow.
 test-fast: $(STAMP)

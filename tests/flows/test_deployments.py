@@ -337,21 +337,21 @@ def test_a_sharded_run_lists_every_row_resumes_and_never_pays_twice(
     fal.reset()
     fal.latency_s = 0.2
     folder, target = tmp_path / "big", tmp_path / "sharded-out"
-    rows = [{"id": f"row-{i:02d}", "audio": f"a{i:02d}.wav"} for i in range(40)]
+    rows = [{"id": f"row-{i:02d}", "audio": f"a{i:02d}.wav"} for i in range(20)]
     rows[13] = {"id": "broken-13", "audio": "a13.wav"}  # its child run ends Failed
     manifest = _manifest(folder, rows, seconds=1.0)
-    parent = {"manifest": manifest, "target": str(target), "rows": 10}
+    parent = {"manifest": manifest, "target": str(target), "rows": 5}
     parent["deployment"] = "produce-batch/on-demand-fal"
 
     run = _run(stack, parent, timeout=400, name="produce-sharded/sharded-local-gpu")
     assert run.state.is_failed()
-    assert run.state.message.startswith("1 of 40 rows not published, 1 of 4 shards")
+    assert run.state.message.startswith("1 of 20 rows not published, 1 of 4 shards")
     results = pq.read_table(target / "results.parquet").to_pylist()
     assert [r["id"] for r in results] == [row["id"] for row in rows]
     broken = results[13]
     assert broken["status"] == "failed"
     assert "not a readable media file" in broken["error"]
-    assert fal.submissions == 39
+    assert fal.submissions == 19
 
     # The input is fixed: only its shard runs again, and only the fixed row is paid for.
     write_narration(folder / "a13.wav", 1.0, "wav", seed=13)
@@ -360,7 +360,7 @@ def test_a_sharded_run_lists_every_row_resumes_and_never_pays_twice(
     assert run.state.is_completed(), run.state.message
     assert fal.submissions == 1
     statuses = pq.read_table(target / "results.parquet").column("status").to_pylist()
-    assert statuses == ["published"] * 40
+    assert statuses == ["published"] * 20
 
     # A plain run of the same manifest to the same target finds everything paid for.
     fal.reset()
@@ -374,13 +374,13 @@ def test_a_sharded_gpu_run_passes_its_model_folder_to_the_children_and_reports_t
 ) -> None:
     """The GPU deployment's model_dir (/models/longcat) is not on this machine: children that
     keep it fail, and say why; the parent given the folder has every row published."""
-    rows = [{"id": f"g{i}", "audio": f"g{i}.wav"} for i in range(3)]
+    rows = [{"id": f"g{i}", "audio": f"g{i}.wav"} for i in range(2)]
     manifest = _manifest(tmp_path / "gpu", rows, seconds=1.0)
     target = tmp_path / "gpu-out"
     parent = {
         "manifest": manifest,
         "target": str(target),
-        "rows": 2,
+        "rows": 1,
         "work_dir": str(tmp_path / "work"),
         "qc_skip": sorted(TINY_NOISE),  # the tiny checkpoint renders noise, not a face
     }
@@ -388,7 +388,7 @@ def test_a_sharded_gpu_run_passes_its_model_folder_to_the_children_and_reports_t
 
     run = _run(stack, parent, timeout=400, name=name)
     assert run.state.is_failed()
-    assert run.state.message.startswith("3 of 3 rows not published, 2 of 2 shards")
+    assert run.state.message.startswith("2 of 2 rows not published, 2 of 2 shards")
     errors = pq.read_table(target / "results.parquet").column("error").to_pylist()
     assert all(
         e.endswith("cannot run: model folder /models/longcat does not exist") for e in errors
@@ -398,7 +398,7 @@ def test_a_sharded_gpu_run_passes_its_model_folder_to_the_children_and_reports_t
     run = _run(stack, {**parent, "model_dir": str(tiny_checkpoint)}, timeout=600, name=name)
     assert run.state.is_completed(), run.state.message
     results = pq.read_table(target / "results.parquet").to_pylist()
-    assert [(r["id"], r["status"]) for r in results] == [(f"g{i}", "published") for i in range(3)]
+    assert [(r["id"], r["status"]) for r in results] == [(f"g{i}", "published") for i in range(2)]
 
 
 def _logs(stack: Stack, flow_run_id: UUID) -> list[str]:
