@@ -454,6 +454,7 @@ def qc(
     import json
 
     from avatarflow.tasks.qc import QCInputError, run_gates
+    from avatarflow.tasks.records import to_json
 
     skip = {name.strip() for name in qc_skip.split(",") if name.strip()}
     try:
@@ -462,7 +463,7 @@ def qc(
         console.print(f"[red]qc error[/red]: {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(EXIT_INVALID) from None
     if as_json:
-        typer.echo(json.dumps(report.to_json(), indent=2))
+        typer.echo(json.dumps({"video": video, **to_json(report)}, indent=2))
     else:
         table = Table(title=f"qc {escape(video)}")
         for col in ("gate", "status", "value", "threshold", "detail"):
