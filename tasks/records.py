@@ -256,7 +256,7 @@ class RowPlan:
 
 
 @dataclass(frozen=True)
-class PlanSummary:
+class RowPlanTotals:
     """Totals over planned rows (the `avatarflow plan` footer, the report's summary)."""
 
     rows: int = 0
@@ -268,7 +268,7 @@ class PlanSummary:
     estimated_cost_usd: float = 0.0
 
     @classmethod
-    def of(cls, plans: Any) -> PlanSummary:
+    def of(cls, plans: Any) -> RowPlanTotals:
         """Sum a sequence of RowPlans (rounded only to drop float noise)."""
         plans = list(plans)
         return cls(

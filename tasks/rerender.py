@@ -19,7 +19,7 @@ from avatarflow.tasks.config import BatchConfig
 from avatarflow.tasks.ledger import Ledger
 from avatarflow.tasks.plan import RunBudget, input_hash
 from avatarflow.tasks.records import ChunkVideo, QCReport, RowPlan, SidecarRerender
-from avatarflow.tasks.render import render_plan
+from avatarflow.tasks.render import render_row_chunks
 from avatarflow.tasks.storage import writing
 from avatarflow.tasks.verify import verify_chunks, verify_video
 from avatarflow.tasks.workdir import WorkDir
@@ -44,7 +44,7 @@ def rerender_seed(row_id: str, seed: int, attempt: int = 1) -> int:
     return new if new != seed else (new + 1) % 2**32
 
 
-def rerender_plan(plan: RowPlan, config: BatchConfig) -> RowPlan:
+def reseeded_plan(plan: RowPlan, config: BatchConfig) -> RowPlan:
     """The row planned again with a re-render seed: same chunks, a new input hash (its own ledger
     entries, so a rerun reuses the re-render's chunks), chunk WAVs copied to its work folder."""
     seed = rerender_seed(plan.row.id, plan.seed)
@@ -79,12 +79,12 @@ def rerender_row(
     The first render stays the row's video whenever the second cannot be had: over budget, or
     a render or check that failed (it was paid for, so it is kept as the rejected video).
     """
-    again = rerender_plan(plan, config)
+    again = reseeded_plan(plan, config)
     cost = rerender_cost(again, config)
     if not RunBudget.of(config).take(cost):
         return f"not re-rendered: its estimate ${cost:.2f} is more than the budget has left"
     try:
-        second_videos = render_plan(again, config)
+        second_videos = render_row_chunks(again, config)
         chunk_qc = verify_chunks(again, second_videos, config)
         video = concat_chunks(again, second_videos, master, config)
         second = verify_video(again, video, config)
