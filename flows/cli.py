@@ -118,12 +118,12 @@ def plan(
     work_dir: Annotated[str | None, typer.Option(help="Local scratch folder.")] = None,
 ) -> None:
     """Show chunks, segments, video-seconds and estimated cost per row; spends nothing."""
-    from avatarflow.tasks.plan import plan_manifest_rows
-    from avatarflow.tasks.records import PlanSummary
+    from avatarflow.tasks.plan import prepare_rows
+    from avatarflow.tasks.records import RowPlanTotals
 
     config = _config(manifest, backend=backend, work_dir=work_dir)
     check = _checked_rows(config)
-    plans, failures = plan_manifest_rows(check.rows, config)
+    plans, failures = prepare_rows(check.rows, config)
     table = Table(title=f"plan ({config.backend})")
     for col in ("id", "audio s", "chunks", "segments", "video s", "est. USD"):
         table.add_column(col, justify="left" if col == "id" else "right")
@@ -139,7 +139,7 @@ def plan(
     for row_id, reason in failures:
         table.add_row(escape(row_id), "[red]error[/red]", "", "", "", escape(reason))
     out.print(table)
-    total = PlanSummary.of(plans)
+    total = RowPlanTotals.of(plans)
     out.print(
         f"{total.rows} rows, {total.segments} segments, {total.video_s:.1f} video-s, "
         f"estimated ${total.estimated_cost_usd:.2f}"
@@ -454,6 +454,7 @@ def qc(
     import json
 
     from avatarflow.tasks.qc import QCInputError, run_gates
+    from avatarflow.tasks.records import to_json
 
     skip = {name.strip() for name in qc_skip.split(",") if name.strip()}
     try:
@@ -462,7 +463,7 @@ def qc(
         console.print(f"[red]qc error[/red]: {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(EXIT_INVALID) from None
     if as_json:
-        typer.echo(json.dumps(report.to_json(), indent=2))
+        typer.echo(json.dumps({"video": video, **to_json(report)}, indent=2))
     else:
         table = Table(title=f"qc {escape(video)}")
         for col in ("gate", "status", "value", "threshold", "detail"):

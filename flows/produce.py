@@ -58,7 +58,7 @@ LOCAL_SHORTCUTS = ("model_dir", "dask_address")  # flat flow parameters for Loca
 def row_stages(
     row: Row, config: BatchConfig, admission: Admission, dispatched: list[RowPlan]
 ) -> Stages[RowResult]:
-    """One row's stages in order: plan → admit (resume, budget) → render → finish.
+    """One row's stages in order: prepare → admit (resume, budget) → render → finish.
 
     A generator the streaming driver runs: each `yield` waits for what it names to finish.
     """
@@ -311,15 +311,15 @@ def _ship_project_logs() -> None:
 
 
 def _produce(config: BatchConfig) -> BatchOutcome:
-    """validate → plan, admit, render, finish every row (streaming) → settle → results + report."""
+    """validate → prepare, admit, render, finish each row (streaming) → settle → results, report."""
     # 1. Validate the manifest; an invalid row is a failed row.
     check = load_rows(config)
     results = _invalid_rows(check)
 
-    # 2. Plan → admit → render → finish, row by row, streaming (row_stages).
+    # 2. Prepare → admit → render → finish, row by row, streaming (row_stages).
     progress.emit(RowsPlanned(len(check.rows), 0, 0.0))  # totals grow as rows are admitted
     admission, dispatched = Admission(config), list[RowPlan]()
-    window = max(2, renderer_class(config.backend).task_threads(config) // 4)  # rows planning
+    window = max(2, renderer_class(config.backend).task_threads(config) // 4)  # rows preparing
     stream: Stream[Row, RowResult] = Stream(window, in_order=config.budget_usd is not None)
     stages = partial(row_stages, config=config, admission=admission, dispatched=dispatched)
     finished = stream.run(check.rows, stages)

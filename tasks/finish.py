@@ -16,16 +16,16 @@ from avatarflow.tasks.config import BatchConfig
 from avatarflow.tasks.publish import keep_rejected, publish_row
 from avatarflow.tasks.records import (
     ChunkVideo,
+    QCReport,
     RowFinished,
     RowPlan,
     RowResult,
     RunAction,
     SidecarRerender,
-    Verdict,
 )
 from avatarflow.tasks.report import save_thumbnail
 from avatarflow.tasks.rerender import rerender_row
-from avatarflow.tasks.verify import FinalCheck, verify_chunks, verify_video
+from avatarflow.tasks.verify import verify_chunks, verify_video
 
 # What a row's error says when a stage after rendering raised before a joined video existed.
 CHUNKS_KEPT = "rendered chunks kept in the ledger; a rerun re-checks them without paying"
@@ -39,9 +39,9 @@ class _Finishing:
     videos: list[ChunkVideo]
     action: RunAction
     stage: str = "master audio"
-    verdicts: list[Verdict] = field(default_factory=list)
+    chunk_qc: list[QCReport] = field(default_factory=list)
     video: str | None = None  # the joined video, once concat made it
-    final: FinalCheck | None = None
+    final: QCReport | None = None
     rerender: SidecarRerender | None = None
 
 
@@ -61,7 +61,7 @@ def finish_row(plan: RowPlan, videos: list[ChunkVideo], config: BatchConfig) -> 
         reason = f"{row.stage} error: {type(exc).__name__}: {exc}"
         get_run_logger().error("row %s: %s", plan.row.id, reason, exc_info=True)
     if row.video is not None:
-        kept = (row.plan, row.video, row.videos, row.verdicts, row.final, config, row.action)
+        kept = (row.plan, row.video, row.videos, row.chunk_qc, row.final, config, row.action)
         try:
             return keep_rejected(*kept, rerender=row.rerender, reason=reason)
         except Exception as exc:  # e.g. the target is unreachable: the ledger still has them
@@ -75,17 +75,17 @@ def _finish(row: _Finishing, config: BatchConfig) -> RowResult:
     plan, videos = row.plan, row.videos
     master = prepare_master_audio(plan, config)
     row.stage = "chunk verification"
-    row.verdicts = verify_chunks(plan, videos, config)
+    row.chunk_qc = verify_chunks(plan, videos, config)
     row.stage = "concat"
     row.video = concat_chunks(plan, videos, master, config)
     row.stage = "qc"
     row.final = verify_video(plan, row.video, config)
-    if config.rerender_on_qc_fail and row.final.gates.failed:
+    if config.rerender_on_qc_fail and row.final.failed:
         second = rerender_row(plan, videos, row.final, master, config)
         if isinstance(second, str):  # why not: the first render is kept as the rejected video
             row.final = row.final.with_reason(second)
         else:
-            row.plan, row.videos, row.verdicts = second.plan, second.videos, second.verdicts
+            row.plan, row.videos, row.chunk_qc = second.plan, second.videos, second.chunk_qc
             row.video, row.final, row.rerender = second.video, second.final, second.record
             if not all(v.reused for v in second.videos):
                 row.action = "rendered"
@@ -93,5 +93,5 @@ def _finish(row: _Finishing, config: BatchConfig) -> RowResult:
     save_thumbnail(plan, row.video, config)  # under the manifest's plan: the report looks there
     row.stage = "publish"
     return publish_row(
-        row.plan, row.video, row.videos, row.verdicts, row.final, config, row.action, row.rerender
+        row.plan, row.video, row.videos, row.chunk_qc, row.final, config, row.action, row.rerender
     )

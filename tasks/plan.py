@@ -1,7 +1,8 @@
-"""Plan stage: segments, chunks, seed, cost and idempotency key per row, then the budget gate.
+"""Prepare stage: fetch and probe a row's inputs, plan it (plan_row: segments, chunks, seed, cost
+and idempotency key, as a RowPlan) and cut its chunk WAVs; then the admission and budget gates.
 
-Sits after audio probing and before rendering; everything here is a pure function of its inputs
-(plan_row reads the row's decoded PCM only when the narration is long enough to need cutting).
+plan_row is a pure function of its inputs (it reads the row's decoded PCM only when the narration
+is long enough to need cutting); prepare_row does the fetching and writing around it.
 """
 
 from __future__ import annotations
@@ -143,8 +144,10 @@ def _fetch_image(row: Row, work_dir: WorkDir) -> tuple[str, str]:
     return str(local), sha
 
 
-def prepare(row: Row, config: BatchConfig) -> RowPlan:
-    """Fetch and probe a row's inputs, plan it and write each chunk's WAV; spends nothing."""
+@task(name="prepare-row")
+def prepare_row(row: Row, config: BatchConfig) -> RowPlan:
+    """Fetch and probe a row's inputs, plan it and write each chunk's WAV; spends nothing
+    (prepare_row.fn runs it without Prefect)."""
     work = WorkDir(config.work_path)
     try:
         audio = probe_audio(row.audio, work.audio)
@@ -159,21 +162,15 @@ def prepare(row: Row, config: BatchConfig) -> RowPlan:
     return plan
 
 
-@task(name="prepare-row")
-def prepare_row(row: Row, config: BatchConfig) -> RowPlan:
-    """Fetch + probe a row's audio and image, plan its chunks and cut their WAVs."""
-    return prepare(row, config)
-
-
-def plan_manifest_rows(
+def prepare_rows(
     rows: Sequence[Row], config: BatchConfig
 ) -> tuple[list[RowPlan], list[tuple[str, str]]]:
-    """Plan rows without Prefect (for `avatarflow plan`): plans, and (id, reason) per failure."""
+    """Prepare rows without Prefect (for `avatarflow plan`): plans, and (id, reason) per failure."""
     plans: list[RowPlan] = []
     failures: list[tuple[str, str]] = []
     for row in rows:
         try:
-            plans.append(prepare(row, config))
+            plans.append(prepare_row.fn(row, config))
         except PlanError as exc:
             failures.append((row.id, str(exc)))
     return plans, failures

@@ -28,10 +28,11 @@ from avatarflow.tasks.backends import renderer_class
 from avatarflow.tasks.config import BatchConfig
 from avatarflow.tasks.ledger import Ledger
 from avatarflow.tasks.manifest import ID_PATTERN
-from avatarflow.tasks.qc import GATES, QCReport
+from avatarflow.tasks.qc import GATES
 from avatarflow.tasks.records import (
     ChunkVideo,
     GateResult,
+    QCReport,
     RowFinished,
     RowPlan,
     RowResult,
@@ -40,16 +41,13 @@ from avatarflow.tasks.records import (
     SidecarAudio,
     SidecarChunk,
     SidecarInputs,
-    SidecarQC,
     SidecarRerender,
     Timings,
-    Verdict,
     from_json,
     json_bytes,
 )
 from avatarflow.tasks.redact import option_secrets, public_url, redact
 from avatarflow.tasks.storage import write_url
-from avatarflow.tasks.verify import FinalCheck
 
 # Errors that retrying cannot fix: the bucket/path is missing or access is denied.
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -65,7 +63,7 @@ REJECTED_DIR = "_rejected"
 
 def _qc_fields() -> list[pa.Field]:
     """The QC columns of every row, whatever was skipped: those of a report with every gate."""
-    every_gate = QCReport("", tuple(GateResult(name, "skipped") for name in GATES), 0, 0.0, 0.0)
+    every_gate = QCReport(False, gates=tuple(GateResult(name, "skipped") for name in GATES))
     fields = []
     for name in every_gate.to_columns():
         if name.endswith("_passed"):
@@ -198,12 +196,15 @@ def parquet_bytes(table: pa.Table) -> bytes:
 def build_sidecar(
     plan: RowPlan,
     chunks: Sequence[ChunkVideo],
-    qc: SidecarQC,
+    chunk_qc: Sequence[QCReport],
+    qc: QCReport,
     backend: str,
     model: str,
     rerender: SidecarRerender | None = None,
 ) -> Sidecar:
-    """Describe how a video was made: inputs and hashes, model, requests, cost, timings, QC."""
+    """Describe how a video was made: inputs and hashes, model, requests, cost, timings, QC.
+
+    chunk_qc holds each chunk's checks (in the order of chunks), qc the final video's."""
     row, audio = plan.row, plan.audio
     timings = sum((c.timings for c in chunks), Timings())
     return Sidecar(
@@ -227,7 +228,9 @@ def build_sidecar(
         backend=backend,
         seed=plan.seed,
         segments=plan.num_segments,
-        chunks=tuple(_chunk_entry(plan, video) for video in chunks),
+        chunks=tuple(
+            _chunk_entry(plan, video, check) for video, check in zip(chunks, chunk_qc, strict=True)
+        ),
         request_ids=tuple(c.request_id for c in chunks if c.request_id),
         timings=timings,
         billable_units=sum(c.billable_units for c in chunks),
@@ -238,8 +241,8 @@ def build_sidecar(
     )
 
 
-def _chunk_entry(plan: RowPlan, video: ChunkVideo) -> SidecarChunk:
-    """One chunk's span, render metadata and hash for the sidecar."""
+def _chunk_entry(plan: RowPlan, video: ChunkVideo, qc: QCReport) -> SidecarChunk:
+    """One chunk's span, render metadata, hash and checks for the sidecar."""
     chunk = plan.chunks[video.chunk_index]
     return SidecarChunk(
         index=video.chunk_index,
@@ -253,6 +256,7 @@ def _chunk_entry(plan: RowPlan, video: ChunkVideo) -> SidecarChunk:
         billable_units=video.billable_units,
         cost_usd=video.cost_usd,
         timings=video.timings,
+        qc=qc,
         worker=video.worker,
         model_load=video.model_load,
     )
@@ -293,8 +297,8 @@ def publish_row(
     plan: RowPlan,
     video_path: str,
     videos: list[ChunkVideo],
-    verdicts: list[Verdict],
-    final: FinalCheck,
+    chunk_qc: list[QCReport],
+    final: QCReport,
     config: BatchConfig,
     run_action: RunAction = "rendered",
     rerender: SidecarRerender | None = None,
@@ -307,15 +311,14 @@ def publish_row(
     """
     if not final.passed:
         return keep_rejected(
-            plan, video_path, videos, verdicts, final, config, run_action, rerender
+            plan, video_path, videos, chunk_qc, final, config, run_action, rerender
         )
-    qc = SidecarQC(chunks=tuple(verdicts), final=final.verdict, gates=final.gates)
-    result = _publish_video(plan, video_path, videos, qc, config, run_action, rerender)
+    result = _publish_video(plan, video_path, videos, chunk_qc, final, config, run_action, rerender)
     ledger = Ledger.for_run(config)
     prior = ledger.published(plan.row.id)
     first = prior.result.first_published_at if prior else None
     result = dataclasses.replace(
-        result, qc=final.columns, first_published_at=first or datetime.now(UTC)
+        result, qc=final.to_columns(), first_published_at=first or datetime.now(UTC)
     )
     ledger.record_published(result, rerender.first_input_hash if rerender else plan.input_hash)
     progress.emit(RowFinished(plan.row.id, result.status))
@@ -326,8 +329,8 @@ def keep_rejected(
     plan: RowPlan,
     video_path: str,
     videos: list[ChunkVideo],
-    verdicts: list[Verdict],
-    final: FinalCheck | None,
+    chunk_qc: list[QCReport],
+    final: QCReport | None,
     config: BatchConfig,
     run_action: RunAction = "rendered",
     rerender: SidecarRerender | None = None,
@@ -339,13 +342,12 @@ def keep_rejected(
     reason: the error of a stage after rendering (QC that raised, a thumbnail, the publish); None
     when the video failed its checks (final says why).
     """
-    verdict = final.verdict if final else Verdict(False)
+    qc = final or QCReport(False)
     if reason is not None:
-        verdict = dataclasses.replace(verdict, passed=False, reasons=(*verdict.reasons, reason))
-    qc = SidecarQC(chunks=tuple(verdicts), final=verdict, gates=final.gates if final else None)
-    result = _publish_video(plan, video_path, videos, qc, config, run_action, rerender)
-    error = reason or "QC: " + "; ".join(verdict.reasons)
-    result = dataclasses.replace(result, error=error, qc=final.columns if final else {})
+        qc = qc.with_reason(reason)
+    result = _publish_video(plan, video_path, videos, chunk_qc, qc, config, run_action, rerender)
+    error = reason or "QC: " + "; ".join(qc.reasons)
+    result = dataclasses.replace(result, error=error, qc=final.to_columns() if final else {})
     progress.emit(RowFinished(plan.row.id, result.status))
     return result
 
@@ -354,23 +356,24 @@ def _publish_video(
     plan: RowPlan,
     video_path: str,
     videos: list[ChunkVideo],
-    qc: SidecarQC,
+    chunk_qc: list[QCReport],
+    qc: QCReport,
     config: BatchConfig,
     run_action: RunAction,
     rerender: SidecarRerender | None,
 ) -> RowResult:
-    """Publish a video and its sidecar, at the target when its verdict passed, else under
+    """Publish a video and its sidecar, at the target when its QC passed, else under
     _rejected/; the row's result, as published."""
     row = plan.row
     model = renderer_class(config.backend).model_name(config)
-    sidecar = build_sidecar(plan, videos, qc, config.backend, model, rerender)
-    target = config.target if qc.final.passed else rejected_target(config.target)
+    sidecar = build_sidecar(plan, videos, chunk_qc, qc, config.backend, model, rerender)
+    target = config.target if qc.passed else rejected_target(config.target)
     # Video, then sidecar. On an error finish_row says the chunks are kept (a rerun is free).
     video_url = publish_file(video_path, target, f"{row.id}.mp4")
     sidecar_url = publish_bytes(json_bytes(sidecar), target, f"{row.id}.json")
     return RowResult(
         id=row.id,
-        status="published" if qc.final.passed else "rejected",
+        status="published" if qc.passed else "rejected",
         video_url=video_url,
         sidecar_url=sidecar_url,
         duration_s=plan.audio.duration_s,

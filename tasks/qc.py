@@ -32,19 +32,16 @@ from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import av
 import cv2
 import numpy as np
 
 from avatarflow.tasks.config import QC_GATES, QCSettings
-from avatarflow.tasks.records import V1_GRID, GateResult, to_json
+from avatarflow.tasks.records import V1_GRID, GateResult, QCReport
 
 GATES = QC_GATES
 
-# Secondary measures that get their own results column next to the gate's value and threshold.
-_EXTRA_COLUMNS = {"lipsync": ("corr", "min_corr"), "seams": ("jump", "jump_max")}
 _HIST_BINS = 32
 _FACE_BOXES_KEPT = 3  # the mouth is placed from the median of the last few face boxes
 _MIN_LIPSYNC_FRAMES = 32  # fewer usable frames than this (2 s at 16 fps) cannot be correlated
@@ -52,57 +49,6 @@ _MIN_LIPSYNC_FRAMES = 32  # fewer usable frames than this (2 s at 16 fps) cannot
 
 class QCInputError(ValueError):
     """The video or audio cannot be read, or a gate name is unknown: nothing was judged."""
-
-
-@dataclass(frozen=True)
-class QCReport:
-    """Every gate's result for one video; passed unless some gate failed (skips do not fail)."""
-
-    video: str
-    gates: tuple[GateResult, ...]
-    frames: int
-    fps: float
-    elapsed_s: float
-
-    @property
-    def passed(self) -> bool:
-        """False when any gate failed."""
-        return all(g.status != "failed" for g in self.gates)
-
-    @property
-    def failed(self) -> tuple[str, ...]:
-        """Names of the failed gates, in report order."""
-        return tuple(g.name for g in self.gates if g.status == "failed")
-
-    def gate(self, name: str) -> GateResult:
-        """The result of the gate called name."""
-        return next(g for g in self.gates if g.name == name)
-
-    def to_json(self) -> dict[str, Any]:
-        """Return the report as JSON-ready values."""
-        return {
-            "video": self.video,
-            "passed": self.passed,
-            "frames": self.frames,
-            "fps": self.fps,
-            "elapsed_s": round(self.elapsed_s, 3),
-            "gates": [to_json(g) for g in self.gates],
-        }
-
-    def to_columns(self) -> dict[str, Any]:
-        """Flat results columns: qc_passed, qc_<gate>_{status,value,threshold,passed}, extras."""
-        columns: dict[str, Any] = {"qc_passed": self.passed}
-        for g in self.gates:
-            prefix = f"qc_{g.name}"
-            columns |= {
-                f"{prefix}_status": g.status,
-                f"{prefix}_value": g.value,
-                f"{prefix}_threshold": g.threshold,
-                f"{prefix}_passed": g.passed,
-            }
-            for key in _EXTRA_COLUMNS.get(g.name, ()):
-                columns[f"{prefix}_{key}"] = g.measured.get(key)
-        return columns
 
 
 def run_gates(
@@ -146,8 +92,9 @@ def run_gates(
         GateResult(name, "skipped", detail="skipped") if name in skip else gates[name]()
         for name in GATES
     )
-    elapsed = time.perf_counter() - started
-    return QCReport(str(video_path), results, video.frames, video.fps, elapsed)
+    reasons = tuple(f"qc {g.name}: {g.detail}" for g in results if g.status == "failed")
+    elapsed_s = round(time.perf_counter() - started, 3)
+    return QCReport(not reasons, reasons, {}, results, video.frames, video.fps, elapsed_s)
 
 
 # --- the decoding pass -------------------------------------------------------------------------

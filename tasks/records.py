@@ -256,7 +256,7 @@ class RowPlan:
 
 
 @dataclass(frozen=True)
-class PlanSummary:
+class RowPlanTotals:
     """Totals over planned rows (the `avatarflow plan` footer, the report's summary)."""
 
     rows: int = 0
@@ -268,7 +268,7 @@ class PlanSummary:
     estimated_cost_usd: float = 0.0
 
     @classmethod
-    def of(cls, plans: Any) -> PlanSummary:
+    def of(cls, plans: Any) -> RowPlanTotals:
         """Sum a sequence of RowPlans (rounded only to drop float noise)."""
         plans = list(plans)
         return cls(
@@ -324,15 +324,6 @@ class ChunkVideo:
 
 
 @dataclass(frozen=True)
-class Verdict:
-    """The outcome of a QC gate: passed, and if not, why (one reason per failed check)."""
-
-    passed: bool
-    reasons: tuple[str, ...] = ()
-    measured: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class GateResult:
     """One QC gate's outcome (tasks/qc.py): the value it measured, the threshold it was held to,
     and why; the sidecar keeps it as it is."""
@@ -350,20 +341,51 @@ class GateResult:
         return None if self.status == "skipped" else self.status == "passed"
 
 
+# Extra measures of a gate that get their own results column next to its value and threshold.
+_EXTRA_COLUMNS = {"lipsync": ("corr", "min_corr"), "seams": ("jump", "jump_max")}
+
+
 @dataclass(frozen=True)
-class QCRecord:
-    """Every QC gate's value, threshold and status for one final video."""
+class QCReport:
+    """The QC result of one video: its structural checks (tasks/verify.py) and QC gates
+    (tasks/qc.py). A chunk gets the structural checks only, `avatarflow qc` the gates only, a
+    row's final video both; passed is False when any check or gate failed (skips do not fail)."""
 
     passed: bool
-    frames: int
-    fps: float
-    elapsed_s: float
-    gates: tuple[GateResult, ...]
+    reasons: tuple[str, ...] = ()  # one per failed check or gate
+    measured: dict[str, Any] = field(default_factory=dict)  # what the structural checks measured
+    gates: tuple[GateResult, ...] = ()  # in report order; empty when the gates did not run
+    frames: int = 0
+    fps: float = 0.0
+    elapsed_s: float = 0.0  # the gates' time
 
     @property
     def failed(self) -> tuple[str, ...]:
         """Names of the failed gates, in report order."""
         return tuple(g.name for g in self.gates if g.status == "failed")
+
+    def gate(self, name: str) -> GateResult:
+        """The result of the gate called name."""
+        return next(g for g in self.gates if g.name == name)
+
+    def with_reason(self, reason: str) -> QCReport:
+        """The same report, failed, with one more reason (e.g. why no re-render followed)."""
+        return dataclasses.replace(self, passed=False, reasons=(*self.reasons, reason))
+
+    def to_columns(self) -> dict[str, Any]:
+        """Flat results columns: qc_passed, qc_<gate>_{status,value,threshold,passed}, extras."""
+        columns: dict[str, Any] = {"qc_passed": self.passed}
+        for g in self.gates:
+            prefix = f"qc_{g.name}"
+            columns |= {
+                f"{prefix}_status": g.status,
+                f"{prefix}_value": g.value,
+                f"{prefix}_threshold": g.threshold,
+                f"{prefix}_passed": g.passed,
+            }
+            for key in _EXTRA_COLUMNS.get(g.name, ()):
+                columns[f"{prefix}_{key}"] = g.measured.get(key)
+        return columns
 
 
 @dataclass(frozen=True)
@@ -479,15 +501,9 @@ class SidecarChunk:
     billable_units: float
     cost_usd: float
     timings: Timings
+    qc: QCReport  # the chunk's structural checks
     worker: str | None = None
     model_load: Literal["loaded", "reused"] | None = None
-
-
-@dataclass(frozen=True)
-class SidecarQC:
-    chunks: tuple[Verdict, ...]  # per chunk, in chunk order
-    final: Verdict  # structural checks and QC gates together: the row's verdict
-    gates: QCRecord | None = None  # each gate's value and threshold (None: the gates did not run)
 
 
 @dataclass(frozen=True)
@@ -518,7 +534,7 @@ class Sidecar:
     billable_units: float
     cost_usd: float
     estimated_cost_usd: float
-    qc: SidecarQC
+    qc: QCReport  # the final video's: structural checks and QC gates together
     rerender: SidecarRerender | None = None
 
 

@@ -75,7 +75,7 @@ def render_row(plan: RowPlan, config: BatchConfig) -> list[ChunkVideo]:
     return [_rendered(video, plan, ledger) for video in videos]
 
 
-def render_plan(plan: RowPlan, config: BatchConfig) -> list[ChunkVideo]:
+def render_row_chunks(plan: RowPlan, config: BatchConfig) -> list[ChunkVideo]:
     """Render all of a row's chunks in order from inside another task (a re-render): the same
     tasks as the flow's, run one after another, chunk 0 first for the backends that need it."""
     if renderer_class(config.backend).continuous:

@@ -40,10 +40,10 @@ from avatarflow.tasks.publish import REJECTED_DIR, publish_bytes
 from avatarflow.tasks.qc import GATES
 from avatarflow.tasks.records import (
     BatchOutcome,
-    PlanSummary,
     ProgressEvent,
     RowFinished,
     RowPlan,
+    RowPlanTotals,
     RowResult,
     RowsPlanned,
     to_json,
@@ -273,7 +273,7 @@ def write_report(
 ) -> str:
     """Render report.html for the batch (thumbnails from this run's videos) and publish it."""
     backend = renderer_class(config.backend)
-    summary = {"model": backend.model_name(config), **to_json(PlanSummary.of(plans))}
+    summary = {"model": backend.model_name(config), **to_json(RowPlanTotals.of(plans))}
     thumbnails: dict[str, bytes] = {}
     for plan in plans:
         with contextlib.suppress(OSError):  # rows that did not finish this run have none

@@ -18,10 +18,10 @@ from avatarflow.tasks.concat import concat_chunks
 from avatarflow.tasks.config import BatchConfig
 from avatarflow.tasks.ledger import Ledger
 from avatarflow.tasks.plan import RunBudget, input_hash
-from avatarflow.tasks.records import ChunkVideo, RowPlan, SidecarRerender, Verdict
-from avatarflow.tasks.render import render_plan
+from avatarflow.tasks.records import ChunkVideo, QCReport, RowPlan, SidecarRerender
+from avatarflow.tasks.render import render_row_chunks
 from avatarflow.tasks.storage import writing
-from avatarflow.tasks.verify import FinalCheck, verify_chunks, verify_video
+from avatarflow.tasks.verify import verify_chunks, verify_video
 from avatarflow.tasks.workdir import WorkDir
 
 
@@ -31,9 +31,9 @@ class Rerendered:
 
     plan: RowPlan
     videos: list[ChunkVideo]
-    verdicts: list[Verdict]
+    chunk_qc: list[QCReport]
     video: str
-    final: FinalCheck
+    final: QCReport
     record: SidecarRerender
 
 
@@ -44,7 +44,7 @@ def rerender_seed(row_id: str, seed: int, attempt: int = 1) -> int:
     return new if new != seed else (new + 1) % 2**32
 
 
-def rerender_plan(plan: RowPlan, config: BatchConfig) -> RowPlan:
+def reseeded_plan(plan: RowPlan, config: BatchConfig) -> RowPlan:
     """The row planned again with a re-render seed: same chunks, a new input hash (its own ledger
     entries, so a rerun reuses the re-render's chunks), chunk WAVs copied to its work folder."""
     seed = rerender_seed(plan.row.id, plan.seed)
@@ -72,24 +72,24 @@ def rerender_cost(plan: RowPlan, config: BatchConfig) -> float:
 
 
 def rerender_row(
-    plan: RowPlan, videos: list[ChunkVideo], final: FinalCheck, master: str, config: BatchConfig
+    plan: RowPlan, videos: list[ChunkVideo], final: QCReport, master: str, config: BatchConfig
 ) -> Rerendered | str:
     """Render the row once more with a derived seed and check it; or say why it was not.
 
     The first render stays the row's video whenever the second cannot be had: over budget, or
     a render or check that failed (it was paid for, so it is kept as the rejected video).
     """
-    again = rerender_plan(plan, config)
+    again = reseeded_plan(plan, config)
     cost = rerender_cost(again, config)
     if not RunBudget.of(config).take(cost):
         return f"not re-rendered: its estimate ${cost:.2f} is more than the budget has left"
     try:
-        second_videos = render_plan(again, config)
-        verdicts = verify_chunks(again, second_videos, config)
+        second_videos = render_row_chunks(again, config)
+        chunk_qc = verify_chunks(again, second_videos, config)
         video = concat_chunks(again, second_videos, master, config)
         second = verify_video(again, video, config)
     except Exception as exc:  # any stage's failure: the first render is still a video to keep
         return f"re-render failed: {type(exc).__name__}: {exc}"
     first_cost = round(sum(v.cost_usd for v in videos), 6)
-    record = SidecarRerender(plan.seed, plan.input_hash, final.gates.failed, first_cost)
-    return Rerendered(again, second_videos, verdicts, video, second, record)
+    record = SidecarRerender(plan.seed, plan.input_hash, final.failed, first_cost)
+    return Rerendered(again, second_videos, chunk_qc, video, second, record)

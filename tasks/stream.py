@@ -74,7 +74,7 @@ class Stream(Generic[T, R]):
         self._at_turn: set[int] = set()  # past IN_ORDER, not yet counted into the frontier
         self._parked: dict[int, _Running[R]] = {}  # at IN_ORDER, waiting for earlier rows
         self._frontier = 0  # every row before it has passed IN_ORDER
-        self._planning = self._pending = 0
+        self._before_turn = self._pending = 0
 
     def run(self, items: Sequence[T], stages: Callable[[T], Stages[R]]) -> list[R]:
         """Every item's result (what its stages return), in the items' order."""
@@ -91,11 +91,11 @@ class Stream(Generic[T, R]):
         return [self._results[k] for k in range(len(items))]
 
     def _start_more(self, upcoming: Iterator[tuple[int, Stages[R]]]) -> None:
-        while self._planning < self.window:
+        while self._before_turn < self.window:
             started = next(upcoming, None)
             if started is None:
                 return
-            self._planning += 1
+            self._before_turn += 1
             self._resume(_Running(*started), None)
 
     def _resume(self, row: _Running[R], value: Any) -> None:
@@ -133,7 +133,7 @@ class Stream(Generic[T, R]):
         if row.ordered:
             return
         row.ordered = True
-        self._planning -= 1
+        self._before_turn -= 1
         self._at_turn.add(row.position)
         while self._frontier in self._at_turn:
             self._at_turn.discard(self._frontier)

@@ -9,9 +9,7 @@ under _rejected/ for a person to judge. Only a final file that cannot be read at
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import av
 
@@ -19,8 +17,8 @@ from avatarflow.tasks.backends import renderer_class
 from avatarflow.tasks.concat import chunk_frames
 from avatarflow.tasks.config import BatchConfig, QCSettings
 from avatarflow.tasks.media import VideoProbe, count_audio_samples, decode_first_frame, probe_video
-from avatarflow.tasks.qc import QCInputError, QCReport, run_gates
-from avatarflow.tasks.records import V1_GRID, ChunkVideo, QCRecord, RowPlan, Verdict
+from avatarflow.tasks.qc import QCInputError, run_gates
+from avatarflow.tasks.records import V1_GRID, ChunkVideo, QCReport, RowPlan
 
 # Image-audio buckets keep the nominal area of their resolution within this ratio.
 AREA_TOLERANCE = (0.8, 1.25)
@@ -31,7 +29,7 @@ UNREADABLE = "unreadable video"
 
 def verify_chunk(
     path: str | Path, expected_frames: int, expected_area: int | None, fps: int = V1_GRID.fps
-) -> Verdict:
+) -> QCReport:
     """Check a rendered chunk before it is joined: H.264, even size of the right area, fps,
     enough frames, a first frame that decodes (the joined video's QC decodes every frame).
 
@@ -41,7 +39,7 @@ def verify_chunk(
         probe = probe_video(path)
         first_ok = decode_first_frame(path)
     except (OSError, ValueError, av.FFmpegError) as exc:
-        return Verdict(False, (f"{UNREADABLE}: {exc}",), {})
+        return QCReport(False, (f"{UNREADABLE}: {exc}",))
     reasons = _check_video_stream(probe, fps)
     if expected_area is not None:
         reasons += _check_size(probe, expected_area)
@@ -50,19 +48,21 @@ def verify_chunk(
     if not first_ok:
         reasons.append("first frame does not decode")
     measured = {**probe.to_json(), "expected_frames": expected_frames}
-    return Verdict(not reasons, tuple(reasons), measured)
+    return QCReport(
+        not reasons, tuple(reasons), measured, frames=probe.frames, fps=float(probe.fps)
+    )
 
 
 def verify_final(
     path: str | Path, audio_duration_s: float, audio_sample_rate_hz: int, fps: int = V1_GRID.fps
-) -> Verdict:
+) -> QCReport:
     """Check a final MP4: H.264 + AAC, length equal to the narration, faststart, sane streams."""
     try:
         probe = probe_video(path)
         samples, sample_rate = count_audio_samples(path) if probe.audio_codec else (0, 0)
         moov_first = _moov_before_mdat(Path(path))
     except (OSError, ValueError, av.FFmpegError) as exc:
-        return Verdict(False, (f"{UNREADABLE}: {exc}",), {})
+        return QCReport(False, (f"{UNREADABLE}: {exc}",))
     reasons = _check_video_stream(probe, fps)
     frame_s = 1 / fps
     if abs(probe.frames - audio_duration_s * fps) > 1:
@@ -78,7 +78,9 @@ def verify_final(
         "expected_audio_samples": round(audio_duration_s * audio_sample_rate_hz),
         "faststart": moov_first,
     }
-    return Verdict(not reasons, tuple(reasons), measured)
+    return QCReport(
+        not reasons, tuple(reasons), measured, frames=probe.frames, fps=float(probe.fps)
+    )
 
 
 def _check_video_stream(probe: VideoProbe, fps: int) -> list[str]:
@@ -146,41 +148,23 @@ class QCError(RuntimeError):
     """A QC gate failed; the message lists every reason."""
 
 
-def _raise_if_failed(verdicts: dict[str, Verdict]) -> None:
-    failed = [f"{name}: {'; '.join(v.reasons)}" for name, v in verdicts.items() if not v.passed]
+def _raise_if_failed(reports: dict[str, QCReport]) -> None:
+    failed = [f"{name}: {'; '.join(r.reasons)}" for name, r in reports.items() if not r.passed]
     if failed:
         raise QCError(" | ".join(failed))
 
 
-def verify_chunks(plan: RowPlan, videos: list[ChunkVideo], config: BatchConfig) -> list[Verdict]:
+def verify_chunks(plan: RowPlan, videos: list[ChunkVideo], config: BatchConfig) -> list[QCReport]:
     """Check every rendered chunk of a row (in chunk order) before anything is joined."""
     backend = renderer_class(config.backend)
     area = backend.expected_area(config, plan.row.resolution)
-    verdicts = []
+    reports = []
     for video in videos:
         chunk = plan.chunks[video.chunk_index]
         expected = backend.expected_frames(plan, chunk)
-        verdicts.append(verify_chunk(video.path, expected, area, chunk.fps))
-    _raise_if_failed({f"chunk {v.chunk_index}": d for v, d in zip(videos, verdicts, strict=True)})
-    return verdicts
-
-
-@dataclass(frozen=True)
-class FinalCheck:
-    """The final video's verdict (structural checks and QC gates together) and its gates."""
-
-    verdict: Verdict
-    gates: QCRecord
-    columns: dict[str, Any]  # QCReport.to_columns(): the results table's QC columns
-
-    @property
-    def passed(self) -> bool:
-        return self.verdict.passed
-
-    def with_reason(self, reason: str) -> FinalCheck:
-        """The same check with one more reason (e.g. why no re-render followed)."""
-        verdict = dataclasses.replace(self.verdict, reasons=(*self.verdict.reasons, reason))
-        return dataclasses.replace(self, verdict=verdict)
+        reports.append(verify_chunk(video.path, expected, area, chunk.fps))
+    _raise_if_failed({f"chunk {v.chunk_index}": r for v, r in zip(videos, reports, strict=True)})
+    return reports
 
 
 def qc_joins(plan: RowPlan, continuous: bool) -> list[int]:
@@ -211,7 +195,7 @@ def check_final(
     settings: QCSettings,
     skip: frozenset[str],
     continuous: bool,
-) -> FinalCheck:
+) -> QCReport:
     """Structural checks and QC gates of a joined video; QCError only when it cannot be read."""
     fps = plan.chunks[0].fps
     structural = verify_final(path, plan.audio.duration_s, plan.audio.sample_rate_hz, fps)
@@ -228,20 +212,13 @@ def check_final(
         )
     except QCInputError as exc:
         raise QCError(f"final: {UNREADABLE}: {exc}") from None
-    reasons = structural.reasons + tuple(
-        f"qc {g.name}: {g.detail}" for g in report.gates if g.status == "failed"
+    reasons = structural.reasons + report.reasons
+    return dataclasses.replace(
+        report, passed=not reasons, reasons=reasons, measured=structural.measured
     )
-    verdict = Verdict(not reasons, reasons, structural.measured)
-    return FinalCheck(verdict, qc_record(report), report.to_columns())
 
 
-def qc_record(report: QCReport) -> QCRecord:
-    """A QC report as the sidecar keeps it (the local video path left out)."""
-    elapsed_s = round(report.elapsed_s, 3)
-    return QCRecord(report.passed, report.frames, report.fps, elapsed_s, report.gates)
-
-
-def verify_video(plan: RowPlan, video_path: str, config: BatchConfig) -> FinalCheck:
+def verify_video(plan: RowPlan, video_path: str, config: BatchConfig) -> QCReport:
     """Check the joined, muxed video against the narration and the QC gates before publishing."""
     backend = renderer_class(config.backend)
     skip = config.qc_skip | backend.qc_not_applicable(config)  # e.g. no face in random weights

@@ -17,7 +17,7 @@ import pytest
 
 from avatarflow.tasks.config import BatchConfig
 from avatarflow.tasks.manifest import read_manifest, validate_manifest
-from avatarflow.tasks.plan import PlanError, prepare
+from avatarflow.tasks.plan import PlanError, prepare_row
 from tests.cli import flat, invoke
 from tests.factories import write_manifest
 from tests.fakes.fal_server import FakeFal
@@ -173,7 +173,7 @@ def test_every_bad_row_fails_alone_with_its_column_and_kind(tmp_path: Path, fake
         else:
             planned = next(r for r in check.rows if r.index == i)
             with pytest.raises(PlanError) as failure:
-                prepare(planned, config)
+                prepare_row.fn(planned, config)
             assert (failure.value.error.column, failure.value.error.kind) == (
                 case.column,
                 case.kind,

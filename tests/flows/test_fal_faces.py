@@ -76,7 +76,7 @@ def test_every_gate_passes_on_the_fal_path_with_many_requests_in_flight(
         assert statuses == dict.fromkeys(QC_GATES, "passed"), row_id
     long = json.loads((target / "long.json").read_text())
     assert len(long["chunks"]) >= 3
-    seams = next(g for g in long["qc"]["gates"]["gates"] if g["name"] == "seams")
+    seams = next(g for g in long["qc"]["gates"] if g["name"] == "seams")
     assert seams["measured"]["joins"] >= len(long["chunks"]) - 1  # every chunk join was judged
     # The continuation chunks were rendered from a frame of chunk 0, in separate requests.
     assert fake.counts[AI2V] >= len(long["chunks"]) - 1 + 2

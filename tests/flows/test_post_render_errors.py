@@ -95,8 +95,8 @@ def test_an_error_after_rendering_keeps_the_paid_render_and_the_rerun_publishes_
         assert (out / "_rejected" / f"{ROW}.mp4").stat().st_size > 0
         sidecar = json.loads((out / "_rejected" / f"{ROW}.json").read_text())
         assert sidecar["cost_usd"] == pytest.approx(ONE_SEGMENT_USD)
-        assert sidecar["qc"]["final"]["passed"] is False
-        assert sidecar["qc"]["final"]["reasons"][-1] == reason
+        assert sidecar["qc"]["passed"] is False
+        assert sidecar["qc"]["reasons"][-1] == reason
     else:
         assert result.status == "failed"
         assert result.error == f"{reason}; {CHUNKS_KEPT}"

@@ -65,9 +65,9 @@ def test_faceless_renders_are_rejected_kept_under_rejected_and_their_cost_record
         "intro.json", "intro.mp4", "outro.json", "outro.mp4",
     ]  # fmt: skip
     sidecar = json.loads((out / "_rejected" / "intro.json").read_text())
-    assert sidecar["qc"]["final"]["passed"] is False
-    assert sidecar["qc"]["final"]["reasons"] == ["qc face: a face in 0 of 3 sampled frames"]
-    gates = {g["name"]: g for g in sidecar["qc"]["gates"]["gates"]}
+    assert sidecar["qc"]["passed"] is False
+    assert sidecar["qc"]["reasons"] == ["qc face: a face in 0 of 3 sampled frames"]
+    gates = {g["name"]: g for g in sidecar["qc"]["gates"]}
     assert (gates["face"]["status"], gates["face"]["value"], gates["face"]["threshold"]) == (
         "failed", 0.0, 0.8,
     )  # fmt: skip

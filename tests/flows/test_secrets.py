@@ -25,7 +25,7 @@ from avatarflow.flows.produce import run_batch
 from avatarflow.tasks.backends.fal.client import FalQueueClient
 from avatarflow.tasks.config import BatchConfig, FalSettings
 from avatarflow.tasks.ledger import Ledger
-from avatarflow.tasks.plan import PlanError, prepare
+from avatarflow.tasks.plan import PlanError, prepare_row
 from avatarflow.tasks.records import Row
 from tests.cli import invoke
 from tests.factories import write_manifest
@@ -175,7 +175,7 @@ def test_signed_input_urls_are_masked_in_row_errors(
     row = Row(index=0, id="signed", audio=audio, image=image)
     config = BatchConfig(manifest=str(tmp_path / "m.parquet"), work_dir=str(tmp_path / "w"))
     with pytest.raises(PlanError) as failure:
-        prepare(row, config)
+        prepare_row.fn(row, config)
     assert failure.value.error.column == column
     assert failure.value.error.kind in ("missing", "fetch_failed")
     assert "X-Amz-Signature=***" in str(failure.value)

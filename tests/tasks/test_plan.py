@@ -10,7 +10,7 @@ import pytest
 from avatarflow.tasks.audio import probe_audio
 from avatarflow.tasks.config import BatchConfig, LocalSettings
 from avatarflow.tasks.plan import Admission, PlanError, derive_seed, plan_row
-from avatarflow.tasks.records import V1_GRID, AudioInfo, FrameGrid, PlanSummary, Row
+from avatarflow.tasks.records import V1_GRID, AudioInfo, FrameGrid, Row, RowPlanTotals
 from avatarflow.tasks.workdir import WorkDir
 from tests.factories import make_audio, make_row, with_params
 from tests.media_factory import speechlike, write_audio
@@ -157,7 +157,7 @@ def test_summarize_totals_the_plans() -> None:
         plan_row(Row(0, "a", "n.wav"), _audio(5.0), CONFIG),
         plan_row(make_row("b", "n.wav", index=1, resolution="720p"), _audio(11.0), CONFIG),
     ]
-    summary = PlanSummary.of(plans)
+    summary = RowPlanTotals.of(plans)
     assert summary.rows == 2
     assert summary.chunks == 2
     assert summary.segments == 1 + 3
@@ -165,8 +165,8 @@ def test_summarize_totals_the_plans() -> None:
     assert summary.video_s == pytest.approx(5.8125 + 15.8125)
     assert summary.billable_units == pytest.approx(5.8125 + 4 * 15.8125)
     assert summary.estimated_cost_usd == pytest.approx(5.8125 * 0.15 + 15.8125 * 0.30)
-    assert PlanSummary.of(iter(plans)) == summary  # any iterable
-    assert PlanSummary.of([]) == PlanSummary()
+    assert RowPlanTotals.of(iter(plans)) == summary  # any iterable
+    assert RowPlanTotals.of([]) == RowPlanTotals()
 
 
 def test_local_backend_rows_cost_nothing() -> None:

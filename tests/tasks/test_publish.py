@@ -32,19 +32,17 @@ from avatarflow.tasks.publish import (
     settle_results,
     write_results,
 )
-from avatarflow.tasks.qc import GATES, QCReport
+from avatarflow.tasks.qc import GATES
 from avatarflow.tasks.records import (
     Chunk,
     ChunkVideo,
     GateResult,
-    QCRecord,
+    QCReport,
     RowPlan,
     RowResult,
     Sidecar,
-    SidecarQC,
     SidecarRerender,
     Timings,
-    Verdict,
     from_json,
     json_bytes,
     to_json,
@@ -197,7 +195,7 @@ def _qc_columns(skip: set[str], failed: str | None = None) -> dict[str, object]:
         else GateResult(n, "failed" if n == failed else "passed", 0.5, 1.0)
         for n in GATES
     )
-    return QCReport("v.mp4", gates, 40, 16.0, 0.1).to_columns()
+    return QCReport(failed is None, gates=gates, frames=40, fps=16.0).to_columns()
 
 
 def test_qc_columns_are_one_schema_whatever_was_skipped_or_failed() -> None:
@@ -350,14 +348,12 @@ def test_sidecar_records_inputs_requests_cost_and_qc_but_no_secret(
         ChunkVideo("intro", i, f"/w/{i}.mp4", str(i) * 64, "fal", f"req-{i}", 7, 5.8, 0.87, timings)
         for i in range(2)
     ]
-    chunk_qc = (Verdict(True, (), {"frames": 93}), Verdict(True, (), {"frames": 93}))
-    final = Verdict(False, ("moov atom is not before mdat",), {"frames": 144})
+    chunk_qc = [QCReport(True, (), {"frames": 93}, frames=93, fps=16.0)] * 2
     face = GateResult("face", "failed", 0.25, 0.8, "a face in 1 of 4", {"samples": 4, "faces": 1})
-    gates = QCRecord(False, 144, 16.0, 0.2, (face,))
+    reasons = ("moov atom is not before mdat", "qc face: a face in 1 of 4")
+    final = QCReport(False, reasons, {"frames": 144}, (face,), 144, 16.0, 0.2)
     rerender = SidecarRerender(3, "e" * 64, ("face",), 1.2)
-    sidecar = build_sidecar(
-        _plan(), videos, SidecarQC(chunk_qc, final, gates), "fal", "longcat-avatar-1.0", rerender
-    )
+    sidecar = build_sidecar(_plan(), videos, chunk_qc, final, "fal", "longcat-avatar-1.0", rerender)
     text = json_bytes(sidecar).decode()
     doc = json.loads(text)
     assert set(doc) == {
@@ -381,8 +377,9 @@ def test_sidecar_records_inputs_requests_cost_and_qc_but_no_secret(
     assert doc["chunks"][1]["start_s"] == 5.5
     assert doc["chunks"][1]["timings"] == to_json(timings)
     assert doc["timings"] == to_json(timings + timings)
-    assert doc["qc"]["final"]["passed"] is False
-    assert doc["qc"]["gates"]["gates"][0] == {
+    assert doc["qc"]["passed"] is False
+    assert doc["qc"]["reasons"] == list(reasons)
+    assert doc["qc"]["gates"][0] == {
         "name": "face", "status": "failed", "value": 0.25, "threshold": 0.8,
         "detail": "a face in 1 of 4", "measured": {"samples": 4, "faces": 1},
     }  # fmt: skip
@@ -390,7 +387,7 @@ def test_sidecar_records_inputs_requests_cost_and_qc_but_no_secret(
         "first_seed": 3, "first_input_hash": "e" * 64, "first_failed": ["face"],
         "first_cost_usd": 1.2,
     }  # fmt: skip
-    assert [v["passed"] for v in doc["qc"]["chunks"]] == [True, True]
+    assert [c["qc"]["passed"] for c in doc["chunks"]] == [True, True]
     assert (doc["model"], doc["backend"], doc["seed"]) == ("longcat-avatar-1.0", "fal", 7)
     assert from_json(Sidecar, doc) == sidecar
     for secret in ("fal-secret-key-123", "hunter22", "abc123"):

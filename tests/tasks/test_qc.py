@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from avatarflow.flows.cli import app
 from avatarflow.tasks.config import QCSettings
 from avatarflow.tasks.qc import GATES, QCInputError, run_gates
+from avatarflow.tasks.records import to_json
 from tests.media_factory import write_audio
 from tests.qc_factory import (
     Render,
@@ -139,7 +140,7 @@ def test_seams_checks_the_joins_the_caller_names(videos: dict[str, Path]) -> Non
     path = videos["seam_colour"]
     assert run_gates(path, joins=[50, 150]).gate("seams").status == "passed"
     report = run_gates(path, joins=np.array([50, SEAM]))
-    json.dumps(report.to_json())  # numpy indices come out as plain JSON numbers
+    json.dumps(to_json(report))  # numpy indices come out as plain JSON numbers
     at_join = report.gate("seams")
     assert at_join.status == "failed"
     assert at_join.measured["worst_join_frame"] == SEAM
@@ -178,7 +179,7 @@ def test_skipped_gates_do_not_fail(videos: dict[str, Path]) -> None:
 
 def test_report_turns_into_json_and_flat_columns(videos: dict[str, Path]) -> None:
     report = run_gates(videos["audio_late"], skip={"face"})
-    data = json.loads(json.dumps(report.to_json()))
+    data = json.loads(json.dumps(to_json(report)))
     assert data["passed"] is False
     assert [g["name"] for g in data["gates"]] == list(GATES)
     columns = report.to_columns()
@@ -327,7 +328,7 @@ def heads(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 def _judged(path: Path) -> dict[str, object]:
     """A report without its timing, for comparing runs."""
-    data = run_gates(path).to_json()
+    data = to_json(run_gates(path))
     del data["elapsed_s"]
     return data
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from avatarflow.tasks.qc import GATES, GateResult, QCReport
-from avatarflow.tasks.records import RowResult
+from avatarflow.tasks.qc import GATES
+from avatarflow.tasks.records import GateResult, QCReport, RowResult
 from avatarflow.tasks.report import render_report, thumbnail_jpeg
 from tests.media_factory import write_mp4
 
@@ -28,7 +28,7 @@ def qc_columns(failed: str | None = None) -> dict[str, object]:
         else GateResult(n, "skipped")
         for n in GATES
     )
-    return QCReport("v.mp4", gates, 40, 16.0, 0.1).to_columns()
+    return QCReport(failed is None, gates=gates, frames=40, fps=16.0).to_columns()
 
 
 def report_results() -> list[RowResult]:

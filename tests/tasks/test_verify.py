@@ -110,15 +110,16 @@ def test_final_check_records_every_gate_and_rejects_a_faceless_video(
     path, _ = final_video
     check = check_final(path, _two_chunk_plan(tmp_path), QCSettings(), frozenset(), False)
     assert not check.passed
-    assert check.gates.failed == ("face",)
-    assert check.verdict.reasons == ("qc face: a face in 0 of 3 sampled frames",)
-    assert [g.name for g in check.gates.gates] == list(GATES)
-    duration = check.gates.gates[0]
+    assert check.failed == ("face",)
+    assert check.reasons == ("qc face: a face in 0 of 3 sampled frames",)
+    assert [g.name for g in check.gates] == list(GATES)
+    duration = check.gates[0]
     assert (duration.value, duration.threshold) == (0, 1)  # 40 frames, 40 planned
-    assert check.columns["qc_face_status"] == "failed"
-    assert check.columns["qc_face_threshold"] == 0.8
-    assert check.columns["qc_seams_value"] is not None  # the chunk join at frame 20 was measured
-    assert set(check.columns) <= set(RESULTS_SCHEMA.names)
+    columns = check.to_columns()
+    assert columns["qc_face_status"] == "failed"
+    assert columns["qc_face_threshold"] == 0.8
+    assert columns["qc_seams_value"] is not None  # the chunk join at frame 20 was measured
+    assert set(columns) <= set(RESULTS_SCHEMA.names)
 
 
 def test_skipped_gates_say_so_and_the_rest_decide(
@@ -127,9 +128,10 @@ def test_skipped_gates_say_so_and_the_rest_decide(
     path, _ = final_video
     skip = frozenset({"face", "lipsync"})
     check = check_final(path, _two_chunk_plan(tmp_path), QCSettings(), skip, False)
-    assert check.passed, check.verdict.reasons
-    assert check.columns["qc_face_status"] == check.columns["qc_lipsync_status"] == "skipped"
-    assert check.columns["qc_passed"] is True
+    assert check.passed, check.reasons
+    columns = check.to_columns()
+    assert columns["qc_face_status"] == columns["qc_lipsync_status"] == "skipped"
+    assert columns["qc_passed"] is True
 
 
 def test_structural_failures_join_the_qc_reasons(
@@ -140,8 +142,8 @@ def test_structural_failures_join_the_qc_reasons(
     plan = make_plan(audio=make_audio(2.5, pcm_path=plan.audio.pcm_path, sample_rate_hz=22050))
     check = check_final(path, plan, QCSettings(), frozenset({"face", "lipsync"}), False)
     assert not check.passed
-    assert check.gates.failed == ()  # the gates passed: only the structural check failed
-    assert any("sample rate 16000" in r for r in check.verdict.reasons)
+    assert check.failed == ()  # the gates passed: only the structural check failed
+    assert any("sample rate 16000" in r for r in check.reasons)
 
 
 def test_an_unreadable_final_video_fails_the_row(tmp_path: Path) -> None:
