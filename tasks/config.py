@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -166,6 +166,10 @@ class BatchConfig(BaseModel):
     report_name: str = "report.html"
     fal: FalSettings = Field(default_factory=FalSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
+    # A registered backend's own settings by field name (its Renderer.settings_class), checked
+    # when the run starts (backends.with_backend_settings); the built-ins fold them into `fal` or
+    # `local`.
+    backend_settings: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("qc_skip")
     @classmethod

@@ -137,6 +137,8 @@ class FalRenderer(Renderer):
     name: ClassVar[str] = "fal"
     continuous: ClassVar[bool] = False
     paid: ClassVar[bool] = True
+    settings_class: ClassVar[type[FalSettings]] = FalSettings  # FAL_*
+    config_field: ClassVar[str] = "fal"
 
     def __init__(self, config: BatchConfig, client: FalQueueClient | None = None) -> None:
         self.config = config
