@@ -60,7 +60,7 @@ class Renderer(ABC):
     # --- what the flow, plan, verify and publish stages ask -------------------------------------
 
     @classmethod
-    def settings(cls, config: BatchConfig) -> BaseSettings | None:
+    def settings_for(cls, config: BatchConfig) -> BaseSettings | None:
         """This backend's settings for config: given values, else its environment, else defaults."""
         if cls.config_field is not None:
             held: BaseSettings = getattr(config, cls.config_field)

@@ -58,7 +58,7 @@ class SolidRenderer(Renderer):
 
     @classmethod
     def create(cls, config: BatchConfig) -> Self:
-        settings = cls.settings(config)
+        settings = cls.settings_for(config)
         assert isinstance(settings, SolidSettings)
         return cls(settings.grey_level)
 
