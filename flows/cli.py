@@ -55,7 +55,7 @@ PREFECT_DEFAULTS = {
 INTERRUPT_GRACE_S = 5.0
 
 ManifestArg = Annotated[str, typer.Argument(help="Parquet, CSV or JSONL manifest (path or URL).")]
-BackendOpt = Annotated[str, typer.Option("--backend", help="local | fal")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="local | fal | a registered backend")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -185,7 +185,7 @@ def plan(
 def run(
     manifest: ManifestArg,
     target: Annotated[str, typer.Option(help="Output folder or fsspec URL.")] = "./out",
-    backend: Annotated[str, typer.Option(help="local | fal")] = "local",
+    backend: Annotated[str, typer.Option(help="local | fal | a registered backend")] = "local",
     budget: Annotated[float | None, typer.Option(help="Stop dispatching past this USD.")] = None,
     max_concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 8,
     state: Annotated[str | None, typer.Option(help="Run ledger URL.")] = None,
