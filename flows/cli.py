@@ -55,12 +55,38 @@ PREFECT_DEFAULTS = {
 INTERRUPT_GRACE_S = 5.0
 
 ManifestArg = Annotated[str, typer.Argument(help="Parquet, CSV or JSONL manifest (path or URL).")]
-BackendOpt = Annotated[str, typer.Option("--backend", help="local | fal")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="local | fal | a registered backend")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="NAME=VALUE",
+        help="A setting of the chosen backend (repeatable), e.g. --set device=cpu.",
+    ),
+]
+
+
+def _backend_settings(pairs: list[str] | None) -> dict[str, str] | None:
+    """--set NAME=VALUE options as a dict (the backend's settings class converts the values),
+    or exit 2 on one without "="."""
+    settings: dict[str, str] = {}
+    for pair in pairs or ():
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            console.print(f"[red]invalid option[/red] --set: expected NAME=VALUE, got {pair!r}")
+            raise typer.Exit(EXIT_INVALID)
+        settings[name.strip()] = value
+    return settings or None
 
 
 def _config(manifest: str, **options: Any) -> BatchConfig:
     """Build the BatchConfig or exit 2 naming the bad option."""
-    from avatarflow.tasks.backends import UnknownBackendError, renderer_class
+    from avatarflow.tasks.backends import (
+        BackendSettingsError,
+        UnknownBackendError,
+        renderer_class,
+        with_backend_settings,
+    )
     from avatarflow.tasks.config import BatchConfig
 
     try:
@@ -68,6 +94,7 @@ def _config(manifest: str, **options: Any) -> BatchConfig:
             manifest=manifest, **{k: v for k, v in options.items() if v is not None}
         )
         renderer_class(config.backend)
+        config = with_backend_settings(config)
     except ValidationError as exc:
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
@@ -75,6 +102,9 @@ def _config(manifest: str, **options: Any) -> BatchConfig:
         raise typer.Exit(EXIT_INVALID) from None
     except UnknownBackendError as exc:
         console.print(f"[red]invalid option[/red] backend: {escape(str(exc))}")
+        raise typer.Exit(EXIT_INVALID) from None
+    except BackendSettingsError as exc:
+        console.print(f"[red]invalid option[/red] --set: {escape(str(exc))}")
         raise typer.Exit(EXIT_INVALID) from None
     return config
 
@@ -116,12 +146,15 @@ def plan(
     manifest: ManifestArg,
     backend: BackendOpt = "fal",
     work_dir: Annotated[str | None, typer.Option(help="Local scratch folder.")] = None,
+    set_: SetOpt = None,
 ) -> None:
     """Show chunks, segments, video-seconds and estimated cost per row; spends nothing."""
     from avatarflow.tasks.plan import prepare_rows
     from avatarflow.tasks.records import RowPlanTotals
 
-    config = _config(manifest, backend=backend, work_dir=work_dir)
+    config = _config(
+        manifest, backend=backend, work_dir=work_dir, backend_settings=_backend_settings(set_)
+    )
     check = _checked_rows(config)
     plans, failures = prepare_rows(check.rows, config)
     table = Table(title=f"plan ({config.backend})")
@@ -152,7 +185,7 @@ def plan(
 def run(
     manifest: ManifestArg,
     target: Annotated[str, typer.Option(help="Output folder or fsspec URL.")] = "./out",
-    backend: Annotated[str, typer.Option(help="local | fal")] = "local",
+    backend: Annotated[str, typer.Option(help="local | fal | a registered backend")] = "local",
     budget: Annotated[float | None, typer.Option(help="Stop dispatching past this USD.")] = None,
     max_concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 8,
     state: Annotated[str | None, typer.Option(help="Run ledger URL.")] = None,
@@ -169,7 +202,7 @@ def run(
         bool,
         typer.Option(
             "--resubmit-ambiguous",
-            help="Resubmit chunks whose earlier submit may have reached fal (may pay twice).",
+            help="fal: resubmit chunks whose earlier submit may have reached fal (may pay twice).",
         ),
     ] = False,
     qc_skip: Annotated[
@@ -188,6 +221,7 @@ def run(
     notify_format: Annotated[
         str, typer.Option(help='json (the summary) | slack (a {"text": ...} message)')
     ] = "json",
+    set_: SetOpt = None,
 ) -> None:
     """Render, verify and publish every row; live progress; exit 0/1/2/130/143 as documented."""
     from avatarflow.tasks.backends import renderer_class
@@ -212,6 +246,7 @@ def run(
         rerender_on_qc_fail=rerender_on_qc_fail,
         notify_url=notify,
         notify_format=notify_format,
+        backend_settings=_backend_settings(set_),
     )
     _checked_rows(config)
     problem = renderer_class(config.backend).check_config(config)
@@ -228,10 +263,7 @@ def _run_locked(config: BatchConfig) -> BatchOutcome:
     from avatarflow.flows.live import run_with_progress
     from avatarflow.tasks.lease import LedgerBusyError
 
-    interrupt = _Interrupt(
-        f"interrupted: in-flight fal request ids are kept in {config.state_url}; run the same "
-        f"command again to resume them without paying twice, or `avatarflow cancel {config.target}`"
-    )
+    interrupt = _Interrupt(_interrupt_hint(config))
     log_path = _log_to_file(config)
     lease_lines = _ConsoleLines()  # "waiting for run X …" must reach the terminal, not only the log
     logging.getLogger("avatarflow.tasks.lease").addHandler(lease_lines)
@@ -250,6 +282,22 @@ def _run_locked(config: BatchConfig) -> BatchOutcome:
     finally:
         logging.getLogger("avatarflow.tasks.lease").removeHandler(lease_lines)
         console.print(f"log:     {log_path}")
+
+
+def _interrupt_hint(config: BatchConfig) -> str:
+    """What an interrupted run keeps and how to go on, for the backend in use."""
+    from avatarflow.tasks.backends import renderer_class
+
+    if renderer_class(config.backend).paid:
+        return (
+            f"interrupted: in-flight {config.backend} request ids are kept in {config.state_url}; "
+            "run the same command again to resume them without paying twice, or "
+            f"`avatarflow cancel {config.target}`"
+        )
+    return (
+        f"interrupted: rendered chunks are recorded in {config.state_url}; run the same command "
+        "again to resume"
+    )
 
 
 class _ConsoleLines(logging.Handler):

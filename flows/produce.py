@@ -27,7 +27,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from avatarflow.flows.terminal import survive_lost_terminal
 from avatarflow.tasks import progress
-from avatarflow.tasks.backends import renderer_class
+from avatarflow.tasks.backends import (
+    BackendSettingsError,
+    renderer_class,
+    with_backend_settings,
+)
 from avatarflow.tasks.config import BatchConfig, FalSettings, LocalSettings, QCSettings
 from avatarflow.tasks.finish import finish_row
 from avatarflow.tasks.ledger import Ledger
@@ -182,6 +186,7 @@ def produce_batch(
     report_name: str = "report.html",
     fal: FalSettings | None = None,
     local: LocalSettings | None = None,
+    backend_settings: dict[str, Any] | None = None,
 ) -> State[BatchOutcome]:
     """Render, check and publish every row of a manifest.
 
@@ -190,7 +195,9 @@ def produce_batch(
     named by `fal_key_secret`, read here at run time. `fal` and `local` default to the worker's
     environment (FAL_*, AVATARFLOW_LOCAL_*); `model_dir` is the local checkpoint folder ("tiny"
     for the random-weight demo checkpoint) and `dask_address` the Dask scheduler whose GPU workers
-    keep it loaded ("local": a LocalCluster with one worker per GPU).
+    keep it loaded ("local": a LocalCluster with one worker per GPU). `backend_settings` sets
+    fields of the chosen backend's own settings by name (any registered backend's, checked when
+    the run starts); unset ones come from that backend's environment variables.
     """
     parameters = dict(locals())  # the flow's parameters as given, before other names are bound
     survive_lost_terminal()
@@ -199,7 +206,10 @@ def produce_batch(
         secret = cast(Secret[str], Secret.load(fal_key_secret))  # a block, in this sync flow
         os.environ["FAL_KEY"] = secret.get()
     started = time.monotonic()
-    config = batch_config(**parameters)
+    try:
+        config = batch_config(**parameters)
+    except BackendSettingsError as exc:
+        return Failed(message=f"cannot run: {exc}")
     problem = renderer_class(config.backend).check_config(config)
     if problem is not None:
         return Failed(message=f"cannot run: {problem}")
@@ -228,7 +238,7 @@ def batch_config(**parameters: Any) -> BatchConfig:
         local = given.get("local") or LocalSettings()
         local = LocalSettings.model_validate(local) if isinstance(local, dict) else local
         given["local"] = local.model_copy(update=local_update)
-    return BatchConfig(**given)
+    return with_backend_settings(BatchConfig(**given))
 
 
 def flow_parameters(config: BatchConfig) -> dict[str, Any]:

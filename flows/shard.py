@@ -250,6 +250,7 @@ def produce_sharded(
     qc_skip: list[str] | None = None,
     rerender_on_qc_fail: bool | None = None,
     fal_key_secret: str | None = None,
+    backend_settings: dict[str, Any] | None = None,
 ) -> State[dict[str, int]]:
     """Split the manifest into shards of `rows`, run each as `deployment`, merge the results.
 
@@ -274,6 +275,7 @@ def produce_sharded(
         "qc_skip": sorted(config.qc_skip) if qc_skip is not None else None,
         "rerender_on_qc_fail": rerender_on_qc_fail,
         "fal_key_secret": fal_key_secret,  # a block's name, never a key
+        "backend_settings": backend_settings,
     }
     given = {name: value for name, value in forwarded.items() if value is not None}
     started = datetime.now(UTC)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,7 +29,8 @@ def state_url_for(target: str, state: str | None = None) -> str:
 
 
 class FalSettings(BaseSettings):
-    """Where fal lives and how to talk to it: FAL_QUEUE_URL, FAL_REST_URL, FAL_CDN_URL, FAL_APP.
+    """The fal backend's settings: where fal lives and how to talk to it (FAL_QUEUE_URL,
+    FAL_REST_URL, FAL_CDN_URL, FAL_APP), retries and prices (FAL_<FIELD> each).
 
     The key is deliberately no field: it is read from FAL_KEY at call time (api_key), so it can
     never be serialised into flow-run parameters, deployments, logs or results.
@@ -61,6 +62,14 @@ class FalSettings(BaseSettings):
     # Requests in flight hold a slot of this Prefect global concurrency limit when it exists
     # (`prefect gcl create avatarflow-fal --limit N`): every run and shard shares the account's N.
     concurrency_limit: str | None = "avatarflow-fal"
+    # Resubmits of a request that ended with a 5xx error (fal does not bill those) per chunk.
+    failed_retries: int = Field(default=2, ge=0, le=10)
+    price_per_video_s: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_PRICE_PER_VIDEO_S)
+    )
+    units_per_video_s: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_UNITS_PER_VIDEO_S)
+    )
 
     @field_validator("queue_url", "rest_url", "cdn_url")
     @classmethod
@@ -144,14 +153,6 @@ class BatchConfig(BaseModel):
     # An earlier submit whose answer was lost may be queued (and billed) at fal: resubmit it only
     # when the user has checked and says so (`avatarflow run --resubmit-ambiguous`).
     resubmit_ambiguous: bool = False
-    # Resubmits of a request that ended with a 5xx error (fal does not bill those) per chunk.
-    fal_failed_retries: int = Field(default=2, ge=0, le=10)
-    price_per_video_s: dict[str, float] = Field(
-        default_factory=lambda: dict(DEFAULT_PRICE_PER_VIDEO_S)
-    )
-    units_per_video_s: dict[str, float] = Field(
-        default_factory=lambda: dict(DEFAULT_UNITS_PER_VIDEO_S)
-    )
     qc: QCSettings = Field(default_factory=QCSettings)  # thresholds of the final video's gates
     qc_skip: frozenset[str] = frozenset()  # gate names (tasks/qc.py GATES) not run: "skipped"
     # A row whose final video fails a QC gate is rendered once more with a derived seed (paid
@@ -166,6 +167,10 @@ class BatchConfig(BaseModel):
     report_name: str = "report.html"
     fal: FalSettings = Field(default_factory=FalSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
+    # A registered backend's own settings by field name (its Renderer.settings_class), checked
+    # when the run starts (backends.with_backend_settings); the built-ins fold them into `fal` or
+    # `local`.
+    backend_settings: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("qc_skip")
     @classmethod

@@ -1,14 +1,17 @@
 """Rendering backends behind one registry: the stages look a backend up by its config name.
 
 A new backend is one module with a Renderer subclass, plus one line in BUILTIN (or a call to
-`register` from the code that brings it, e.g. a plugin or a test). Built-in backends are imported
-on first use, so a fal run never imports torch.
+`register` from the code that brings it, e.g. a plugin or a test). Its settings come with it
+(Renderer.settings_class): with_backend_settings checks what a run gives for them. Built-in
+backends are imported on first use, so a fal run never imports torch.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
 
 from avatarflow.tasks.backends.base import NOMINAL_AREA, Renderer, RenderJob
 
@@ -17,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUILTIN",
+    "BackendSettingsError",
     "NOMINAL_AREA",
     "RenderJob",
     "Renderer",
@@ -25,6 +29,7 @@ __all__ = [
     "get_renderer",
     "register",
     "renderer_class",
+    "with_backend_settings",
 ]
 
 # name → "module:Class", imported lazily
@@ -37,6 +42,10 @@ _registered: dict[str, type[Renderer]] = {}
 
 class UnknownBackendError(ValueError):
     """No backend of that name is registered."""
+
+
+class BackendSettingsError(ValueError):
+    """A run gave a backend a setting it does not have, or a value it refuses."""
 
 
 def register(cls: type[Renderer]) -> type[Renderer]:
@@ -64,3 +73,33 @@ def renderer_class(name: str) -> type[Renderer]:
 def get_renderer(config: BatchConfig) -> Renderer:
     """This worker process's renderer for config, built once."""
     return renderer_class(config.backend).shared(config)
+
+
+def with_backend_settings(config: BatchConfig) -> BatchConfig:
+    """config with its backend_settings checked against the backend's settings class; a
+    built-in backend's are folded into its own field (`fal`, `local`). Errors name the backend
+    and the setting, never the value (it may be a secret)."""
+    given = config.backend_settings
+    if not given:
+        return config
+    cls = renderer_class(config.backend)
+    if cls.settings_class is None:
+        raise BackendSettingsError(
+            f"backend {cls.name!r} has no settings (given: {', '.join(sorted(given))})"
+        )
+    held = getattr(config, cls.config_field) if cls.config_field else None
+    current = held.model_dump(exclude_unset=True) if held is not None else {}
+    try:
+        settings = cls.settings_class(**{**current, **given})
+    except ValidationError as exc:
+        known = ", ".join(cls.settings_class.model_fields)
+        problems = [
+            f"no setting {'.'.join(map(str, err['loc']))!r} (its settings: {known})"
+            if err["type"] == "extra_forbidden"
+            else f"setting {'.'.join(map(str, err['loc']))!r}: {err['msg']}"
+            for err in exc.errors()
+        ]
+        raise BackendSettingsError(f"backend {cls.name!r}: {'; '.join(problems)}") from None
+    if cls.config_field is None:
+        return config
+    return config.model_copy(update={cls.config_field: settings, "backend_settings": {}})

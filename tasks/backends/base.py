@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Self
 
+from pydantic_settings import BaseSettings
+
 from avatarflow.tasks.records import V1_GRID, Chunk, ChunkVideo, FrameGrid, RowPlan
 
 if TYPE_CHECKING:
@@ -45,11 +47,27 @@ class Renderer(ABC):
     continuous: ClassVar[bool] = False
     # True: requests cost money and outlive this process (resumed from the ledger, cancellable).
     paid: ClassVar[bool] = False
+    # The backend's own settings: a pydantic-settings class (with its own env prefix), filled
+    # from the environment, the flow's `backend_settings` parameter and the CLI's `--set`.
+    settings_class: ClassVar[type[BaseSettings] | None] = None
+    # The BatchConfig field a built-in backend keeps its settings in ("fal", "local"); None:
+    # they live in BatchConfig.backend_settings.
+    config_field: ClassVar[str | None] = None
 
     _instances: ClassVar[dict[tuple[type, str], Renderer]] = {}
     _instances_lock: ClassVar[threading.Lock] = threading.Lock()
 
     # --- what the flow, plan, verify and publish stages ask -------------------------------------
+
+    @classmethod
+    def settings_for(cls, config: BatchConfig) -> BaseSettings | None:
+        """This backend's settings for config: given values, else its environment, else defaults."""
+        if cls.config_field is not None:
+            held: BaseSettings = getattr(config, cls.config_field)
+            return held
+        if cls.settings_class is None:
+            return None
+        return cls.settings_class(**config.backend_settings)
 
     @classmethod
     def check_config(cls, config: BatchConfig) -> str | None:

@@ -118,6 +118,8 @@ class LocalRenderer(Renderer):
 
     name: ClassVar[str] = "local"
     continuous: ClassVar[bool] = True
+    settings_class: ClassVar[type[LocalSettings]] = LocalSettings  # AVATARFLOW_LOCAL_*
+    config_field: ClassVar[str] = "local"
 
     # With LocalSettings.dask_address, render tasks require one of these per Dask worker.
     resources: ClassVar[dict[str, float]] = {"GPU": 1}

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from avatarflow.flows.cli import _interrupt_hint
+from avatarflow.tasks.config import BatchConfig
 from tests.cli import flat, invoke
 from tests.factories import TINY_NOISE, qc_skip_args, write_manifest
 from tests.fakes.fal_server import FakeFal
@@ -164,3 +166,13 @@ def test_readme_demo_command_renders_the_examples_with_the_local_model(tmp_path:
     proc = subprocess.run(script, stdin=subprocess.DEVNULL, **run)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {"intro.mp4", "lesson-01.mp4", "outro.mp4"} <= {p.name for p in own.iterdir()}
+
+
+def test_the_interrupt_hint_names_the_backend_in_use() -> None:
+    paid = _interrupt_hint(BatchConfig(manifest="m.parquet", target="out", backend="fal"))
+    assert paid.startswith("interrupted: in-flight fal request ids are kept in out/.avatarflow")
+    assert "avatarflow cancel out" in paid
+    free = _interrupt_hint(BatchConfig(manifest="m.parquet", target="out", backend="local"))
+    assert "fal" not in free
+    assert "request ids" not in free
+    assert "rendered chunks are recorded in out/.avatarflow" in free

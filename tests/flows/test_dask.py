@@ -190,7 +190,7 @@ def test_a_cli_run_waiting_on_dask_stops_soon_after_a_signal(
     log = (tmp_path / "log.txt").read_text()
     assert stopped_s < 10, log
     assert code == exit_code  # 128 + the signal: the CLI's own exit, not a crash
-    assert "interrupted: " in log  # the hint: ids kept, rerun to resume
+    assert "interrupted: " in log  # the hint: what is kept, rerun to resume
     assert not (tmp_path / "out" / "r0.mp4").exists()
 
 

@@ -34,8 +34,7 @@ def make_config(fake: FakeFal, tmp_path: Path, **options: object) -> BatchConfig
         target=str(tmp_path / "out"),
         work_dir=str(tmp_path / "work"),
         backend="fal",
-        fal=fake.settings(),
-        **options,
+        **{"fal": fake.settings(), **options},
     )
 
 
@@ -159,7 +158,7 @@ def test_failed_completions_are_resubmitted_a_bounded_number_of_times(
     assert video.request_id == fake.request_ids[2]
 
     fake.reset(Faults(completed_error=2))
-    once = make_config(fake, tmp_path / "again", fal_failed_retries=1)
+    once = make_config(fake, tmp_path / "again", fal=fake.settings(failed_retries=1))
     with pytest.raises(FalRequestError, match="runner_disconnected"):
         render_chunk.fn(make_plan(once), 0, once)
     assert fake.submissions == 2

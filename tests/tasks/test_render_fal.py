@@ -37,14 +37,11 @@ AT2V = f"{APP}/audio-to-video"
 FAKE_FAL_LATENCY_S = 0.3  # the conftest fixtures `fal_server` and `fake` read it
 
 
-def make_config(
-    fake: FakeFal, max_concurrency: int = 4, fal_failed_retries: int = 2, **fal: object
-) -> BatchConfig:
+def make_config(fake: FakeFal, max_concurrency: int = 4, **fal: object) -> BatchConfig:
     return BatchConfig(
         manifest="m.parquet",
         backend="fal",
         max_concurrency=max_concurrency,
-        fal_failed_retries=fal_failed_retries,
         fal=fake.settings(**fal),
     )
 
@@ -288,7 +285,7 @@ def test_failures_keep_secrets_out_of_errors_and_logs(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     fake.reset(Faults(submit_429=1, completed_error=1))
-    renderer = new_renderer(fal_failed_retries=0)  # the 503 surfaces instead of a resubmit
+    renderer = new_renderer(failed_retries=0)  # the 503 surfaces instead of a resubmit
     with pytest.raises(FalRequestError) as failed:
         render(renderer, make_job(tmp_path / "failed"))
     monkeypatch.setenv("FAL_KEY", "bad-key-93be")

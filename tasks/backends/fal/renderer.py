@@ -137,6 +137,8 @@ class FalRenderer(Renderer):
     name: ClassVar[str] = "fal"
     continuous: ClassVar[bool] = False
     paid: ClassVar[bool] = True
+    settings_class: ClassVar[type[FalSettings]] = FalSettings  # FAL_*
+    config_field: ClassVar[str] = "fal"
 
     def __init__(self, config: BatchConfig, client: FalQueueClient | None = None) -> None:
         self.config = config
@@ -168,8 +170,8 @@ class FalRenderer(Renderer):
     @classmethod
     def estimate(cls, config: BatchConfig, resolution: str, video_s: float) -> tuple[float, float]:
         return (
-            video_s * config.units_per_video_s[resolution],
-            video_s * config.price_per_video_s[resolution],
+            video_s * config.fal.units_per_video_s[resolution],
+            video_s * config.fal.price_per_video_s[resolution],
         )
 
     @classmethod
@@ -223,7 +225,7 @@ class FalRenderer(Renderer):
     #   unknowable window is one submit round trip plus two small writes. A crash inside it leaves
     #   an attempt without a request: ambiguous, resubmitted only with --resubmit-ambiguous;
     # - a request that is gone (404: results expire) or that ended with a 5xx/cancelled error
-    #   (fal bills neither) is resubmitted, the latter at most fal_failed_retries times.
+    #   (fal bills neither) is resubmitted, the latter at most FalSettings.failed_retries times.
     def render(self, job: RenderJob, ledger: Ledger) -> list[ChunkVideo]:
         """Resume the chunk's known request or submit it; resubmit only what fal did not bill."""
         chunk = _single_chunk(job)
@@ -232,7 +234,7 @@ class FalRenderer(Renderer):
         if record.ambiguous and not self.config.resubmit_ambiguous:
             raise AmbiguousChunkError(record, "an earlier run stopped during its submit")
         request_id = record.request_id
-        failures_left, expiries_left = self.config.fal_failed_retries, 1
+        failures_left, expiries_left = self.config.fal.failed_retries, 1
         while True:
             try:
                 if request_id is not None:  # submitted before: poll it, never pay again
@@ -360,7 +362,7 @@ class FalRenderer(Renderer):
             raise
         timings = timings + Timings(download_s=time.monotonic() - started)
         resolution = job.plan.row.resolution
-        units_per_s = self.config.units_per_video_s[resolution]
+        units_per_s = self.config.fal.units_per_video_s[resolution]
         units = result.billable_units
         if units is None:  # fal did not say: bill what the segment count implies
             units = chunk.video_s * units_per_s
@@ -373,6 +375,6 @@ class FalRenderer(Renderer):
             request_id=handle.request_id,
             seed=result.data.get("seed"),
             billable_units=units,
-            cost_usd=units / units_per_s * self.config.price_per_video_s[resolution],
+            cost_usd=units / units_per_s * self.config.fal.price_per_video_s[resolution],
             timings=timings,
         )
