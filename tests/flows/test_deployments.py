@@ -340,12 +340,12 @@ def test_a_sharded_run_lists_every_row_resumes_and_never_pays_twice(
     rows = [{"id": f"row-{i:02d}", "audio": f"a{i:02d}.wav"} for i in range(20)]
     rows[13] = {"id": "broken-13", "audio": "a13.wav"}  # its child run ends Failed
     manifest = _manifest(folder, rows, seconds=1.0)
-    parent = {"manifest": manifest, "target": str(target), "rows": 5}
+    parent = {"manifest": manifest, "target": str(target), "rows": 7}
     parent["deployment"] = "produce-batch/on-demand-fal"
 
     run = _run(stack, parent, timeout=400, name="produce-sharded/sharded-local-gpu")
     assert run.state.is_failed()
-    assert run.state.message.startswith("1 of 20 rows not published, 1 of 4 shards")
+    assert run.state.message.startswith("1 of 20 rows not published, 1 of 3 shards")
     results = pq.read_table(target / "results.parquet").to_pylist()
     assert [r["id"] for r in results] == [row["id"] for row in rows]
     broken = results[13]
@@ -380,7 +380,7 @@ def test_a_sharded_gpu_run_passes_its_model_folder_to_the_children_and_reports_t
     parent = {
         "manifest": manifest,
         "target": str(target),
-        "rows": 1,
+        "rows": 2,
         "work_dir": str(tmp_path / "work"),
         "qc_skip": sorted(TINY_NOISE),  # the tiny checkpoint renders noise, not a face
     }
@@ -388,7 +388,7 @@ def test_a_sharded_gpu_run_passes_its_model_folder_to_the_children_and_reports_t
 
     run = _run(stack, parent, timeout=400, name=name)
     assert run.state.is_failed()
-    assert run.state.message.startswith("2 of 2 rows not published, 2 of 2 shards")
+    assert run.state.message.startswith("2 of 2 rows not published, 1 of 1 shards")
     errors = pq.read_table(target / "results.parquet").column("error").to_pylist()
     assert all(
         e.endswith("cannot run: model folder /models/longcat does not exist") for e in errors
