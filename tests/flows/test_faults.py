@@ -10,6 +10,7 @@ as fal documents ("Failed requests that return 5xx status codes are not billed")
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -203,7 +204,7 @@ def test_s3_outage_during_publish_fails_the_row_then_a_rerun_publishes_without_p
     fal: FakeFal, s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manifest = narrated_manifest(tmp_path, {"lesson": 14.0})
-    target = f"{s3.url}/videos"
+    target = f"{s3.url}/{tmp_path.name}"  # moto keeps every test's objects: a prefix of its own
     config = _config(manifest, target, tmp_path / "work", fal, chunk_target_s=11)
     real_publish_file = publish.publish_file
 
@@ -247,10 +248,11 @@ def test_unreachable_s3_state_stops_the_batch_before_anything_is_paid(
     fal: FakeFal, s3: S3Server, tmp_path: Path
 ) -> None:
     manifest = narrated_manifest(tmp_path, {"lesson": 4.0})
-    config = _config(manifest, f"{s3.url}/videos", tmp_path / "work", fal)
+    config = _config(manifest, f"{s3.url}/{tmp_path.name}", tmp_path / "work", fal)
     s3.stop()  # the run's ledger lives beside the target: it cannot be read, so nothing may start
 
-    with pytest.raises(EndpointConnectionError, match=rf"/{s3.bucket}/videos/\.avatarflow/"):
+    ledger = re.escape(f"/{s3.bucket}/{tmp_path.name}/.avatarflow/")
+    with pytest.raises(EndpointConnectionError, match=ledger):
         run_batch(config)
 
     assert fal.submissions == 0
@@ -260,7 +262,7 @@ def test_s3_outage_while_recording_a_request_id_still_pays_once(
     fal: FakeFal, s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manifest = narrated_manifest(tmp_path, {"lesson": 4.0})
-    config = _config(manifest, f"{s3.url}/videos", tmp_path / "work", fal)
+    config = _config(manifest, f"{s3.url}/{tmp_path.name}", tmp_path / "work", fal)
     real_record = Ledger.record_request
 
     def record_during_outage(self: Ledger, *args: Any) -> None:

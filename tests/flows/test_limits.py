@@ -80,7 +80,8 @@ def test_overlapping_runs_on_one_s3_target_pay_for_no_chunk_twice(
             monkeypatch.setenv(key, value)
         manifest = _manifest(tmp_path / "m", 4, "r")
         configs = [
-            _config(fake, manifest, f"{s3.url}/videos", tmp_path / f"work-{n}") for n in range(2)
+            _config(fake, manifest, f"{s3.url}/{tmp_path.name}", tmp_path / f"work-{n}")
+            for n in range(2)
         ]
         with ThreadPoolExecutor(2) as pool:
             outcomes = list(pool.map(run_batch, configs))

@@ -110,7 +110,7 @@ def test_fal_batch_publishes_to_s3(
     with S3Server() as s3:
         for key, value in s3.env.items():
             monkeypatch.setenv(key, value)
-        target = f"{s3.url}/videos"
+        target = f"{s3.url}/{tmp_path.name}"  # moto keeps objects across tests in a process
         config = BatchConfig(
             manifest=manifest,
             target=target,
