@@ -320,6 +320,16 @@ class ChunkVideo:
     reused: bool = False  # taken from the ledger by this run, not rendered by it
 
 
+@dataclass(frozen=True)
+class Word:
+    """One spoken word and its time in the narration: from speech recognition, or a script word
+    aligned to the recognised ones (captions)."""
+
+    text: str
+    start_s: float
+    end_s: float
+
+
 # --- QC and results -------------------------------------------------------------------------------
 
 
