@@ -225,12 +225,18 @@ def run(
 ) -> None:
     """Render, verify and publish every row; live progress; exit 0/1/2/130/143 as documented."""
     from avatarflow.tasks.backends import renderer_class
-    from avatarflow.tasks.config import LocalSettings
+    from avatarflow.tasks.config import FalSettings, LocalSettings
 
     given = {"model_dir": model_dir, "dask_address": dask_address}
     local_fields = {name: value for name, value in given.items() if value is not None}
     # Unset fields still come from AVATARFLOW_LOCAL_*: the update only sets what was given.
     local = LocalSettings().model_copy(update=local_fields) if local_fields else None
+    # fal's own setting, whatever the backend: a routed run may send rows to fal.
+    fal = (
+        FalSettings().model_copy(update={"resubmit_ambiguous": True})
+        if resubmit_ambiguous
+        else None
+    )
     config = _config(
         manifest,
         target=target,
@@ -241,7 +247,7 @@ def run(
         work_dir=work_dir,
         local=local,
         chunk_target_s=chunk_target_s,
-        resubmit_ambiguous=resubmit_ambiguous,
+        fal=fal,
         qc_skip=frozenset(name.strip() for name in qc_skip.split(",") if name.strip()),
         rerender_on_qc_fail=rerender_on_qc_fail,
         notify_url=notify,

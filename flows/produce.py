@@ -173,7 +173,6 @@ def produce_batch(
     state: str | None = None,
     work_dir: str | None = None,
     chunk_target_s: float = 60.0,
-    resubmit_ambiguous: bool = False,
     qc: QCSettings | None = None,
     qc_skip: list[str] | None = None,
     rerender_on_qc_fail: bool = False,

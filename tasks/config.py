@@ -62,6 +62,9 @@ class FalSettings(BaseSettings):
     # Requests in flight hold a slot of this Prefect global concurrency limit when it exists
     # (`prefect gcl create avatarflow-fal --limit N`): every run and shard shares the account's N.
     concurrency_limit: str | None = "avatarflow-fal"
+    # An earlier submit whose answer was lost may be queued (and billed) at fal: resubmit it only
+    # when the user has checked and says so (`avatarflow run --resubmit-ambiguous`).
+    resubmit_ambiguous: bool = False
     # Resubmits of a request that ended with a 5xx error (fal does not bill those) per chunk.
     failed_retries: int = Field(default=2, ge=0, le=10)
     price_per_video_s: dict[str, float] = Field(
@@ -150,9 +153,6 @@ class BatchConfig(BaseModel):
     chunk_target_s: float = Field(default=60.0, gt=5.0)  # cut long audio near this length
     chunk_window_s: float = Field(default=5.0, ge=0.0)  # search back from a grid end
     chunk_min_s: float = Field(default=3.0, ge=0.5)
-    # An earlier submit whose answer was lost may be queued (and billed) at fal: resubmit it only
-    # when the user has checked and says so (`avatarflow run --resubmit-ambiguous`).
-    resubmit_ambiguous: bool = False
     qc: QCSettings = Field(default_factory=QCSettings)  # thresholds of the final video's gates
     qc_skip: frozenset[str] = frozenset()  # gate names (tasks/qc.py GATES) not run: "skipped"
     # A row whose final video fails a QC gate is rendered once more with a derived seed (paid

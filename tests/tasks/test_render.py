@@ -91,7 +91,8 @@ def test_an_attempt_without_request_fails_as_ambiguous_until_forced(
     assert "avatarflow run ... --resubmit-ambiguous" in message
     assert fake.counts["submit"] == 0
 
-    forced = config.model_copy(update={"resubmit_ambiguous": True})
+    fal = config.fal.model_copy(update={"resubmit_ambiguous": True})
+    forced = config.model_copy(update={"fal": fal})
     video = render_chunk.fn(plan, 0, forced)
     assert fake.submissions == 1
     request = ledger.request("row-1", HASH, 0)

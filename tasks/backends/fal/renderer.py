@@ -231,7 +231,7 @@ class FalRenderer(Renderer):
         chunk = _single_chunk(job)
         row_id, input_hash = job.plan.row.id, job.plan.input_hash
         record = ledger.chunk(row_id, input_hash, chunk.index)
-        if record.ambiguous and not self.config.resubmit_ambiguous:
+        if record.ambiguous and not self.config.fal.resubmit_ambiguous:
             raise AmbiguousChunkError(record, "an earlier run stopped during its submit")
         request_id = record.request_id
         failures_left, expiries_left = self.config.fal.failed_retries, 1
