@@ -275,3 +275,38 @@ def test_fal_whisper_killed_during_the_wait_then_rerun_polls_the_known_request(
     kept = Ledger.for_run(config).recognised("row-1", "a" * 64)
     assert kept is not None
     assert kept.request_id == fake.request_ids[0]
+
+
+def test_whisper_estimate_prices_narration_seconds(tmp_path: Path) -> None:
+    fal = BatchConfig(manifest="m.jsonl", backend="fal", fal={"whisper_price_per_unit": 0.002})
+    units, usd = speech.estimate_recognition(fal, 60.0)
+    assert units == pytest.approx(60.0 * fal.fal.whisper_units_per_audio_s)
+    assert usd == pytest.approx(units * 0.002)
+    assert speech.estimate_recognition(BatchConfig(manifest="m.jsonl"), 60.0) == (0.0, 0.0)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_tiny_checkpoint_without_a_whisper_gets_one_on_first_use(
+    tmp_path: Path, loads: list[str]
+) -> None:
+    from avatarflow.model.loading import DEFAULTS_FILE
+    from avatarflow.tasks.workdir import WorkDir
+
+    config = BatchConfig(
+        manifest="m.jsonl",
+        target=str(tmp_path / "out"),
+        work_dir=str(tmp_path / "work"),
+        local={"model_dir": "tiny", "device": "cpu"},
+    )
+    old = WorkDir(config.work_path).tiny_checkpoint  # as written before it had a Whisper
+    old.mkdir(parents=True)
+    (old / DEFAULTS_FILE).write_text("{}")
+    assert speech.whisper_folder(config) is None
+    assert speech.recogniser_configured(config)  # the tiny checkpoint always has one to give
+
+    wav = write_narration(tmp_path / "n.wav", 2.0)
+    words = speech.recognise(_plan(), str(wav), config)
+
+    _in_order_within(words, 2.0)
+    assert speech.whisper_folder(config) == old / "LongCat-Video-Avatar" / speech.WHISPER_DIR
+    assert loads == [str(speech.whisper_folder(config))]
