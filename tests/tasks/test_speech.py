@@ -17,7 +17,7 @@ from avatarflow.tasks import speech
 from avatarflow.tasks.config import BatchConfig
 from avatarflow.tasks.ledger import SPEECH, Ledger
 from avatarflow.tasks.publish import paid_per_row
-from avatarflow.tasks.records import RowPlan, Word
+from avatarflow.tasks.records import Recognised, RowPlan, Word
 from tests.factories import make_plan, make_row
 from tests.fakes.fal_server import (
     PLACEHOLDER_WORD,
@@ -125,7 +125,7 @@ def test_local_rerun_takes_the_words_from_the_ledger(
     Ledger.for_run(local_config).record_recognised(
         "one",
         "a" * 64,
-        speech.Recognised((Word("kept", 0.1, 0.4),), "local", "w", "0" * 64),
+        Recognised((Word("kept", 0.1, 0.4),), "local", "w", "0" * 64),
     )
     assert speech.recognise(_plan("one"), str(wav), local_config) == [Word("kept", 0.1, 0.4)]
     assert loads == []  # nothing was loaded, so nothing was recognised
