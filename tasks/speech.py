@@ -10,11 +10,13 @@ recorded right before the submit and the request id right after it, so a rerun (
 mid-wait) polls the known request and never pays twice.
 
 Either way the words are kept in the ledger per row and input hash (speech.done.json, with what
-fal billed): a rerun neither recognises nor pays again, and the row's cost includes it.
+fal billed): a rerun neither recognises nor pays again, and the row's cost includes it. Inputs
+that change but keep the narration (a re-render's seed, a new portrait) reuse the words too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -65,7 +67,7 @@ def recognise(
         raise SpeechError(f"the {backend!r} backend cannot recognise speech (local or fal can)")
     ledger = Ledger.for_run(config)
     row_id, input_hash = plan.row.id, plan.input_hash
-    kept = ledger.recognised(row_id, input_hash)
+    kept = ledger.recognised(row_id, input_hash) or _same_narration(ledger, plan, audio_path)
     if kept is not None:
         return list(kept.words)
     if backend == "fal":
@@ -81,6 +83,18 @@ def recognise(
         recognised.cost_usd,
     )
     return list(recognised.words)
+
+
+def _same_narration(ledger: Ledger, plan: RowPlan, audio_path: str) -> Recognised | None:
+    """Words recognised for this row under other inputs (a new seed, portrait or prompt) from the
+    same narration: kept under this input hash too, at no cost (paid once, counted once)."""
+    sha = sha256_file(audio_path)
+    for earlier in ledger.recognitions(plan.row.id):
+        if earlier.audio_sha256 == sha:
+            reused = dataclasses.replace(earlier, billable_units=0.0, cost_usd=0.0)
+            ledger.record_recognised(plan.row.id, plan.input_hash, reused)
+            return reused
+    return None
 
 
 def recogniser_configured(config: BatchConfig, *, backend: str | None = None) -> bool:

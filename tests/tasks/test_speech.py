@@ -310,3 +310,23 @@ def test_tiny_checkpoint_without_a_whisper_gets_one_on_first_use(
     _in_order_within(words, 2.0)
     assert speech.whisper_folder(config) == old / "LongCat-Video-Avatar" / speech.WHISPER_DIR
     assert loads == [str(speech.whisper_folder(config))]
+
+
+def test_new_inputs_with_the_same_narration_reuse_the_words_unpaid(
+    fake: FakeFal, tmp_path: Path
+) -> None:
+    config = _fal_config(fake, tmp_path)
+    wav = write_narration(tmp_path / "n.wav", 3.0)
+    fake.speak(wav.read_bytes(), "same words")
+    words = speech.recognise(_plan(input_hash="a" * 64), str(wav), config)
+    # a re-render with a derived seed: a new input hash, the same narration
+    assert speech.recognise(_plan(input_hash="b" * 64), str(wav), config) == words
+    assert fake.submissions == 1
+    ledger = Ledger.for_run(config)
+    assert paid_per_row(ledger)["row-1"][1] == pytest.approx(
+        3.0 * WHISPER_UNITS_PER_AUDIO_S * config.fal.whisper_price_per_unit
+    )
+    # another narration is recognised (and paid) anew
+    other = write_narration(tmp_path / "m.wav", 2.0, seed=5)
+    speech.recognise(_plan(input_hash="c" * 64), str(other), config)
+    assert fake.submissions == 2
