@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from avatarflow.tasks import speech
@@ -330,3 +331,35 @@ def test_new_inputs_with_the_same_narration_reuse_the_words_unpaid(
     other = write_narration(tmp_path / "m.wav", 2.0, seed=5)
     speech.recognise(_plan(input_hash="c" * 64), str(other), config)
     assert fake.submissions == 2
+
+
+def test_fake_whisper_keeps_words_inside_bursts_and_groups_segments() -> None:
+    from tests.fakes.fal_server import transcribe
+    from tests.media_factory import speechlike
+
+    sound = speechlike(6.0, pauses=[(1.8, 2.4), (4.0, 4.6)], seed=3)
+    bursts = voiced_bursts(sound)
+    assert len(bursts) == 3
+    script = [
+        "a",
+        "rather",
+        "long",
+        "sentence",
+        "that",
+        "spans",
+        "every",
+        "burst",
+        "of",
+        "this",
+        "narration",
+    ]
+    out = transcribe(sound, script, "word")
+    assert out["text"] == " ".join(script)
+    assert [c["text"].strip() for c in out["chunks"]] == script
+    for chunk in out["chunks"]:
+        start, end = chunk["timestamp"]
+        assert any(a <= start <= end <= b for a, b in bursts)
+    segments = transcribe(sound, script, "segment")["chunks"]
+    assert [tuple(c["timestamp"]) for c in segments] == bursts
+    assert " ".join(c["text"].strip() for c in segments) == " ".join(script)
+    assert transcribe(np.zeros(16_000, np.float32), script)["chunks"] == []
