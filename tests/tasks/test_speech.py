@@ -363,3 +363,16 @@ def test_fake_whisper_keeps_words_inside_bursts_and_groups_segments() -> None:
     assert [tuple(c["timestamp"]) for c in segments] == bursts
     assert " ".join(c["text"].strip() for c in segments) == " ".join(script)
     assert transcribe(np.zeros(16_000, np.float32), script)["chunks"] == []
+
+
+def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from avatarflow.tasks.config import FalSettings, LocalSettings
+
+    monkeypatch.setenv("FAL_SPEECH_RECOGNITION", "1")
+    monkeypatch.setenv("FAL_WHISPER_PRICE_PER_UNIT", "0.004")
+    monkeypatch.setenv("AVATARFLOW_LOCAL_WHISPER_DIR", str(tmp_path))
+    assert FalSettings().speech_recognition
+    assert FalSettings().whisper_price_per_unit == 0.004
+    assert LocalSettings().whisper_dir == str(tmp_path)
+    config = BatchConfig(manifest="m.jsonl", work_dir=str(tmp_path))
+    assert speech.whisper_folder(config) == tmp_path
