@@ -67,7 +67,8 @@ def recognise(
         raise SpeechError(f"the {backend!r} backend cannot recognise speech (local or fal can)")
     ledger = Ledger.for_run(config)
     row_id, input_hash = plan.row.id, plan.input_hash
-    kept = ledger.recognised(row_id, input_hash) or _same_narration(ledger, plan, audio_path)
+    kept = ledger.recognised(row_id, input_hash)
+    kept = kept or _same_narration(ledger, plan, audio_path, backend)
     if kept is not None:
         return list(kept.words)
     if backend == "fal":
@@ -85,12 +86,15 @@ def recognise(
     return list(recognised.words)
 
 
-def _same_narration(ledger: Ledger, plan: RowPlan, audio_path: str) -> Recognised | None:
-    """Words recognised for this row under other inputs (a new seed, portrait or prompt) from the
-    same narration: kept under this input hash too, at no cost (paid once, counted once)."""
+def _same_narration(
+    ledger: Ledger, plan: RowPlan, audio_path: str, backend: str
+) -> Recognised | None:
+    """Words recognised on this backend for this row under other inputs (a new seed, portrait or
+    prompt) from the same narration: kept under this input hash too, at no cost (paid once,
+    counted once)."""
     sha = sha256_file(audio_path)
     for earlier in ledger.recognitions(plan.row.id):
-        if earlier.audio_sha256 == sha:
+        if earlier.audio_sha256 == sha and earlier.backend == backend:
             reused = dataclasses.replace(earlier, billable_units=0.0, cost_usd=0.0)
             ledger.record_recognised(plan.row.id, plan.input_hash, reused)
             return reused
@@ -109,10 +113,12 @@ def recogniser_configured(config: BatchConfig, *, backend: str | None = None) ->
     return False
 
 
-def estimate_recognition(config: BatchConfig, audio_s: float) -> tuple[float, float]:
+def estimate_recognition(
+    config: BatchConfig, audio_s: float, *, backend: str | None = None
+) -> tuple[float, float]:
     """(billable units, USD) that recognising audio_s seconds of narration is expected to cost
-    on config's backend: fal's compute-time price, nothing locally."""
-    if config.backend != "fal":
+    on the backend (default config's): fal's compute-time price, nothing locally."""
+    if (backend or config.backend) != "fal":
         return 0.0, 0.0
     return whisper_estimate(config.fal, audio_s)
 
