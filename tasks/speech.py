@@ -209,6 +209,10 @@ def _loaded(folder: Path, device: str) -> _Loaded:
         if key not in _LOADED:
             import torch
             from transformers import pipeline
+            from transformers.utils import logging as transformers_logging
+
+            # a batch run shows its own progress; the load bar would tear through it
+            transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
             if not (Path(folder) / "config.json").exists():
                 raise SpeechError(f"no Whisper in {folder} (config.json missing)")
