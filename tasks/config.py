@@ -19,6 +19,11 @@ DEFAULT_PRICE_PER_VIDEO_S = {"480p": 0.15, "720p": 0.30}  # fal's public price p
 DEFAULT_UNITS_PER_VIDEO_S = {"480p": 1.0, "720p": 4.0}
 # The QC gates of tasks/qc.py in report order; stable names (JSON keys, results columns, --qc-skip).
 QC_GATES = ("duration", "sync", "black", "freeze", "face", "lipsync", "seams")
+# fal-ai/whisper bills compute time. USD per unit (a compute second): fal's model page when this was
+# written; check it. Units per narration second is an estimate for large-v3 on fal's GPUs (the
+# result's x-fal-billable-units header is what a row is charged).
+DEFAULT_WHISPER_PRICE_PER_UNIT = 0.00111
+DEFAULT_WHISPER_UNITS_PER_AUDIO_S = 0.05
 # The random-weight checkpoint `avatarflow model init-tiny` writes; used only when named.
 TINY_MODEL = "tiny"
 
@@ -73,6 +78,12 @@ class FalSettings(BaseSettings):
     units_per_video_s: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_UNITS_PER_VIDEO_S)
     )
+    # Speech recognition (captions) on fal's hosted Whisper. It costs money, so rows without a
+    # transcript are recognised only when this is on (FAL_SPEECH_RECOGNITION=1).
+    speech_recognition: bool = False
+    whisper_app: str = "fal-ai/whisper"
+    whisper_price_per_unit: float = Field(default=DEFAULT_WHISPER_PRICE_PER_UNIT, ge=0)
+    whisper_units_per_audio_s: float = Field(default=DEFAULT_WHISPER_UNITS_PER_AUDIO_S, ge=0)
 
     @field_validator("queue_url", "rest_url", "cdn_url")
     @classmethod
@@ -106,6 +117,9 @@ class LocalSettings(BaseSettings):
     # A Dask scheduler whose workers (each with a GPU=1 resource) render and keep the model
     # loaded across rows and runs: "tcp://host:8786", or "local" (a LocalCluster, one per GPU).
     dask_address: str | None = None
+    # A Whisper folder (transformers layout) for speech recognition; default: the checkpoint's own
+    # whisper-large-v3/ (v1.5, and the tiny checkpoint).
+    whisper_dir: str | None = None
 
     @property
     def is_tiny(self) -> bool:
