@@ -265,7 +265,7 @@ def _recognise_fal(
     bill (a 5xx failure, at most failed_retries times) or no longer has (404, once)."""
     row_id, input_hash = plan.row.id, plan.input_hash
     record = ledger.chunk(row_id, input_hash, SPEECH)
-    if record.ambiguous and not config.resubmit_ambiguous:
+    if record.ambiguous and not config.fal.resubmit_ambiguous:
         raise AmbiguousChunkError(record, "an earlier run stopped during its submit")
     request_id = record.request_id
     failures_left, expiries_left = config.fal.failed_retries, 1
