@@ -49,6 +49,8 @@ from avatarflow.tasks.records import (
     RowsPlanned,
 )
 from avatarflow.tasks.render import render_chunk, render_row
+from avatarflow.tasks.hybrid import admission_for
+from avatarflow.tasks.route import AUTO
 from avatarflow.tasks.report import ProgressArtifact, publish_artifacts, write_report
 from avatarflow.tasks.stop import owned, request_stop
 from avatarflow.tasks.stream import IN_ORDER, Stages, Stream, first_error
@@ -75,7 +77,9 @@ def row_stages(
     if held is not None:  # published before from these inputs, or over the budget
         return _end(row, held)
     dispatched.append(plan)
+    plan, config = yield from admission.dispatch(plan, config)  # auto: the row's backend
     videos = yield from render_stages(plan, config)
+    plan = admission.rendered(plan, not isinstance(videos, str))
     if isinstance(videos, str):
         return _end(row, videos)
     finished = yield finish_row.submit(plan, videos, config)
@@ -328,11 +332,16 @@ def _produce(config: BatchConfig) -> BatchOutcome:
 
     # 2. Prepare → admit → render → finish, row by row, streaming (row_stages).
     progress.emit(RowsPlanned(len(check.rows), 0, 0.0))  # totals grow as rows are admitted
-    admission, dispatched = Admission(config), list[RowPlan]()
+    admission, dispatched = admission_for(config), list[RowPlan]()
     window = max(2, renderer_class(config.backend).task_threads(config) // 4)  # rows preparing
-    stream: Stream[Row, RowResult] = Stream(window, in_order=config.budget_usd is not None)
+    # With a budget or a deadline, rows are admitted (and routed) in manifest order.
+    in_order = config.budget_usd is not None or config.backend == AUTO
+    stream: Stream[Row, RowResult] = Stream(window, in_order=in_order)
     stages = partial(row_stages, config=config, admission=admission, dispatched=dispatched)
-    finished = stream.run(check.rows, stages)
+    try:
+        finished = stream.run(check.rows, stages)
+    finally:
+        admission.close()
     results.update({row.index: result for row, result in zip(check.rows, finished, strict=True)})
 
     # 3. Settle what the ledger remembers across runs: cost paid per row, first publish time.

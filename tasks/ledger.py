@@ -37,6 +37,7 @@ from avatarflow.tasks.records import (
     Published,
     Request,
     RowResult,
+    RowRoute,
     from_json,
     json_bytes,
 )
@@ -258,6 +259,16 @@ class Ledger:
             if sha256_file(local) != done.sha256:
                 return None
         return dataclasses.replace(done, path=str(local))
+
+    # --- routed rows (--backend auto) ---------------------------------------------------------
+
+    def record_route(self, row_id: str, input_hash: str, route: RowRoute) -> None:
+        """Record where a row renders, before it does: a rerun keeps it (never both backends)."""
+        self.write(self._path("rows", row_id, input_hash[:24], "route.json"), route)
+
+    def route(self, row_id: str, input_hash: str) -> RowRoute | None:
+        """Where an earlier run routed the row with these inputs, or None."""
+        return self.read(self._path("rows", row_id, input_hash[:24], "route.json"), RowRoute)
 
     # --- published rows ------------------------------------------------------------------------
 

@@ -1,0 +1,184 @@
+"""The router's rules on a fake clock: own GPUs while they finish before the deadline, fal for the
+overflow within the budget, re-planned when workers go or turn out faster than predicted."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from avatarflow.tasks.config import RouteSettings
+from avatarflow.tasks.plan import RunBudget
+from avatarflow.tasks.route import (
+    FAL,
+    LOCAL,
+    DeadlineError,
+    Predictor,
+    Rate,
+    Router,
+    RowWork,
+    compare,
+    parse_deadline,
+)
+
+NOW = datetime(2026, 12, 7, 22, 30, tzinfo=timezone(timedelta(hours=1)))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _predictor(
+    local_s: float = 10.0, fal_s: float = 10.0, concurrency: int = 4, prior_segments: float = 10
+) -> Predictor:
+    settings = RouteSettings(
+        prior_segments=prior_segments,
+        local_s_per_segment=local_s,
+        local_load_s=0.0,
+        fal_s_per_segment=fal_s,
+        fal_queue_s=0.0,
+        fal_concurrency=concurrency,
+    )
+    return Predictor.from_history(settings, [])
+
+
+def _router(
+    clock: Clock, deadline_s: float, workers: int = 2, budget: float | None = None, **kw: float
+) -> Router:
+    return Router(
+        _predictor(**kw),  # type: ignore[arg-type]
+        clock() + deadline_s,
+        workers,
+        RunBudget(budget),
+        margin=0.0,
+        clock=clock,
+    )
+
+
+def _work(row_id: str, segments: int = 2, chunks: int = 1) -> RowWork:
+    return RowWork(row_id, (segments,) * chunks, 1.5 * segments * chunks)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("06:00", datetime(2026, 12, 8, 6, 0, tzinfo=NOW.tzinfo)),  # tomorrow morning
+        ("23:15", datetime(2026, 12, 7, 23, 15, tzinfo=NOW.tzinfo)),  # later tonight
+        ("3h", NOW + timedelta(hours=3)),
+        ("90m", NOW + timedelta(minutes=90)),
+        ("1h30m", NOW + timedelta(minutes=90)),
+        ("45s", NOW + timedelta(seconds=45)),
+        ("2026-12-08T05:00:00+00:00", datetime(2026, 12, 8, 5, 0, tzinfo=UTC)),
+    ],
+)
+def test_deadlines_read_as_times_of_day_spans_or_iso_times(text: str, expected: datetime) -> None:
+    assert parse_deadline(text, NOW) == expected
+
+
+@pytest.mark.parametrize("text", ["", "tomorrow", "25:00", "6pm", "3d"])
+def test_an_unreadable_deadline_says_what_is_accepted(text: str) -> None:
+    with pytest.raises(DeadlineError, match="deadline"):
+        parse_deadline(text, NOW)
+
+
+def test_measurements_outweigh_the_prior_as_they_accumulate() -> None:
+    rate = Rate(prior_s=100.0, prior_segments=10)
+    assert rate.per_segment == 100.0
+    rate.add(200.0, 10)  # 20 s a segment measured over as many segments as the prior counts
+    assert rate.per_segment == pytest.approx(60.0)
+    rate.add(1800.0, 90)
+    assert rate.per_segment == pytest.approx(2000 / 110 + 1000 / 110)
+
+
+def test_rows_go_local_while_the_workers_finish_before_the_deadline_then_to_fal() -> None:
+    clock = Clock()
+    # 2 workers, 20 s a row: 4 rows take 40 s; a deadline in 45 s fits 4, not 6.
+    router = _router(clock, deadline_s=45)
+    routes = [router.assign(_work(f"r{i}")) for i in range(6)]
+    assert [r.backend for r in routes] == [LOCAL] * 4 + [FAL] * 2
+    assert not any(r.misses_deadline for r in routes)
+    assert routes[0].estimated_cost_usd == 0.0 and routes[4].estimated_cost_usd == 3.0
+    assert "past the deadline" in routes[4].reason
+    # A smaller later row still fits in the workers' time left.
+    assert router.assign(RowWork("small", (0,), 0.0)).backend == LOCAL
+
+
+def test_over_the_budget_a_late_row_stays_local_and_says_it_will_miss() -> None:
+    clock = Clock()
+    router = _router(clock, deadline_s=25, budget=3.0)
+    routes = []
+    for i in range(4):
+        routes.append(router.assign(_work(f"r{i}")))
+        if routes[-1].backend == FAL:
+            router.budget.take(3.0)  # as admission reserves it
+    assert [r.backend for r in routes[:3]] == [LOCAL, LOCAL, FAL]  # fal fits the $3 budget once
+    assert routes[3].backend == LOCAL and routes[3].misses_deadline
+    assert "over the budget" in routes[3].reason
+
+
+def test_local_rows_wait_for_a_free_worker_and_fal_rows_for_the_account() -> None:
+    clock = Clock()
+    router = _router(clock, deadline_s=45, concurrency=1)
+    for i in range(6):
+        router.assign(_work(f"r{i}"))
+    slots = {f"r{i}": router.slot(f"r{i}") for i in range(6)}
+    assert [rid for rid, s in slots.items() if s.done()] == ["r0", "r1", "r4"]
+    clock.t += 20
+    router.finished("r0")
+    assert slots["r2"].done() and not slots["r3"].done()
+    route = router.finished("r4")
+    assert slots["r5"].done()
+    assert route.started_at is not None and route.finished_at is not None
+    assert (route.finished_at - route.started_at).total_seconds() == 20
+
+
+def test_a_lost_worker_moves_rows_that_have_not_started_to_fal() -> None:
+    clock = Clock()
+    router = _router(clock, deadline_s=45, budget=100.0)
+    moved: list[str] = []
+    router.on_move = lambda row_id, route: moved.append(f"{row_id}:{route.backend}")
+    for i in range(4):
+        router.assign(_work(f"r{i}"))
+    slots = [router.slot(f"r{i}") for i in range(4)]
+    assert [s.done() for s in slots] == [True, True, False, False]
+    router.set_workers(1)  # r0 and r1 run on (Dask reschedules one); r2, r3 would end at 60, 80 s
+    assert moved == ["r2:fal", "r3:fal"]
+    assert slots[2].backend == slots[3].backend == FAL and slots[2].done()
+    assert router.budget.remaining_usd == pytest.approx(100 - 6)
+
+
+def test_a_fast_worker_takes_back_fal_rows_not_yet_submitted() -> None:
+    clock = Clock()
+    # fal's one request slot is busy with r4, so r5 waits; the workers turn out faster.
+    router = _router(clock, deadline_s=45, budget=100.0, concurrency=1, prior_segments=1)
+    for i in range(6):
+        router.assign(_work(f"r{i}"))
+    slots = [router.slot(f"r{i}") for i in range(6)]
+    router.budget.take(6.0)
+    assert [s.backend for s in slots] == [LOCAL] * 4 + [FAL] * 2
+    assert [s.done() for s in slots] == [True, True, False, False, True, False]
+    clock.t += 2
+    router.finished("r0")  # 2 s for 2 segments: 4 s a segment with the prior, not 10
+    assert slots[5].backend == LOCAL and slots[2].done()
+    assert router.budget.remaining_usd == pytest.approx(97.0)  # its fal reservation given back
+
+
+def test_a_rerun_keeps_each_rows_first_backend_unless_it_cannot_take_it() -> None:
+    clock = Clock()
+    router = _router(clock, deadline_s=1, workers=2, budget=100.0)
+    assert router.assign(_work("a"), kept=LOCAL).backend == LOCAL  # late, but kept
+    assert router.assign(_work("b"), kept=FAL).backend == FAL
+    gone = _router(clock, deadline_s=1000, workers=0, budget=100.0)
+    route = gone.assign(_work("c"), kept=LOCAL)  # no GPU worker left to take it
+    assert route.backend == FAL
+
+
+def test_all_local_and_all_fal_are_predicted_for_the_plan() -> None:
+    works = [_work(f"r{i}", chunks=2) for i in range(4)]
+    alone = compare(works, _predictor(local_s=10, fal_s=5, concurrency=4), 2, now=0.0)
+    assert alone[LOCAL] == (80.0, 0.0)  # 4 rows of 40 s on 2 workers
+    assert alone[FAL] == (20.0, 24.0)  # 8 requests of 10 s on 4 slots
