@@ -32,8 +32,15 @@ from avatarflow.tasks.backends import (
     renderer_class,
     with_backend_settings,
 )
-from avatarflow.tasks.config import BatchConfig, FalSettings, LocalSettings, QCSettings
+from avatarflow.tasks.config import (
+    BatchConfig,
+    FalSettings,
+    LocalSettings,
+    QCSettings,
+    RouteSettings,
+)
 from avatarflow.tasks.finish import finish_row
+from avatarflow.tasks.hybrid import admission_for
 from avatarflow.tasks.ledger import Ledger
 from avatarflow.tasks.manifest import ManifestCheck, load_rows
 from avatarflow.tasks.notify import notify_batch
@@ -49,9 +56,8 @@ from avatarflow.tasks.records import (
     RowsPlanned,
 )
 from avatarflow.tasks.render import render_chunk, render_row
-from avatarflow.tasks.hybrid import admission_for
-from avatarflow.tasks.route import AUTO
 from avatarflow.tasks.report import ProgressArtifact, publish_artifacts, write_report
+from avatarflow.tasks.route import AUTO
 from avatarflow.tasks.stop import owned, request_stop
 from avatarflow.tasks.stream import IN_ORDER, Stages, Stream, first_error
 
@@ -188,6 +194,8 @@ def produce_batch(
     shard: str | None = None,
     results_name: str = "results.parquet",
     report_name: str = "report.html",
+    deadline: str | None = None,
+    route: RouteSettings | None = None,
     fal: FalSettings | None = None,
     local: LocalSettings | None = None,
     backend_settings: dict[str, Any] | None = None,
@@ -199,7 +207,9 @@ def produce_batch(
     named by `fal_key_secret`, read here at run time. `fal` and `local` default to the worker's
     environment (FAL_*, AVATARFLOW_LOCAL_*); `model_dir` is the local checkpoint folder ("tiny"
     for the random-weight demo checkpoint) and `dask_address` the Dask scheduler whose GPU workers
-    keep it loaded ("local": a LocalCluster with one worker per GPU). `backend_settings` sets
+    keep it loaded ("local": a LocalCluster with one worker per GPU). backend "auto" renders on
+    those workers first and overflows to fal to finish by `deadline` ("06:00", "3h"; `route`
+    holds its priors; docs/routing.md). `backend_settings` sets
     fields of the chosen backend's own settings by name (any registered backend's, checked when
     the run starts); unset ones come from that backend's environment variables.
     """

@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import fsspec
@@ -19,7 +21,17 @@ import fsspec
 from avatarflow.tasks.config import BatchConfig
 from avatarflow.tasks.plan import Admission, RunBudget
 from avatarflow.tasks.records import RowPlan, RowResult, RowRoute, Sidecar, from_json
-from avatarflow.tasks.route import AUTO, FAL, LOCAL, Predictor, Router, RowWork, parse_deadline
+from avatarflow.tasks.route import (
+    AUTO,
+    FAL,
+    LOCAL,
+    Predictor,
+    Router,
+    RowWork,
+    compare,
+    parse_deadline,
+    utc,
+)
 from avatarflow.tasks.stream import Stages
 
 log = logging.getLogger(__name__)
@@ -140,10 +152,19 @@ def _priced(plan: RowPlan, backend: str) -> RowPlan:
     return dataclasses.replace(plan, billable_units=0.0, estimated_cost_usd=0.0)
 
 
-def split_summary(plans: Sequence[RowPlan], config: BatchConfig) -> dict[str, object]:
-    """How `--backend auto` would split plans now, against all-local and all-fal (for plan)."""
-    from avatarflow.tasks.route import compare, utc
+@dataclass(frozen=True)
+class Split:
+    """How `--backend auto` would route a manifest now (`avatarflow plan`)."""
 
+    deadline: datetime  # UTC
+    workers: int
+    routes: list[RowRoute]  # in the plans' order
+    # "auto", "all-local", "all-fal": (predicted finish, UTC; None: never, cost USD)
+    strategies: dict[str, tuple[datetime | None, float]]
+
+
+def split_summary(plans: Sequence[RowPlan], config: BatchConfig) -> Split:
+    """How `--backend auto` would split plans now, against all-local and all-fal."""
     budget = RunBudget(config.budget_usd)
     router = build_router(config, budget)
     works, routes = [row_work(plan) for plan in plans], []
@@ -151,14 +172,14 @@ def split_summary(plans: Sequence[RowPlan], config: BatchConfig) -> dict[str, ob
         routes.append(router.assign(work))
         if routes[-1].backend == FAL:
             budget.take(work.fal_cost_usd)
-    local_end, fal_end = router.predicted_finish()
     now = router.clock()
     alone = compare(works, router.predictor, router.workers, now)
-    return {
-        "deadline": utc(router.deadline),
-        "workers": router.workers,
-        "routes": routes,
-        "auto": (max(local_end, fal_end), sum(r.estimated_cost_usd for r in routes)),
+    ends = {
+        "auto": (max(router.predicted_finish()), sum(r.estimated_cost_usd for r in routes)),
         "all-local": alone[LOCAL],
         "all-fal": alone[FAL],
     }
+    strategies = {
+        name: (None if math.isinf(end) else utc(end), cost) for name, (end, cost) in ends.items()
+    }
+    return Split(utc(router.deadline), router.workers, routes, strategies)

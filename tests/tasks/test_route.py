@@ -101,7 +101,8 @@ def test_rows_go_local_while_the_workers_finish_before_the_deadline_then_to_fal(
     routes = [router.assign(_work(f"r{i}")) for i in range(6)]
     assert [r.backend for r in routes] == [LOCAL] * 4 + [FAL] * 2
     assert not any(r.misses_deadline for r in routes)
-    assert routes[0].estimated_cost_usd == 0.0 and routes[4].estimated_cost_usd == 3.0
+    assert routes[0].estimated_cost_usd == 0.0
+    assert routes[4].estimated_cost_usd == 3.0
     assert "past the deadline" in routes[4].reason
     # A smaller later row still fits in the workers' time left.
     assert router.assign(RowWork("small", (0,), 0.0)).backend == LOCAL
@@ -116,7 +117,8 @@ def test_over_the_budget_a_late_row_stays_local_and_says_it_will_miss() -> None:
         if routes[-1].backend == FAL:
             router.budget.take(3.0)  # as admission reserves it
     assert [r.backend for r in routes[:3]] == [LOCAL, LOCAL, FAL]  # fal fits the $3 budget once
-    assert routes[3].backend == LOCAL and routes[3].misses_deadline
+    assert routes[3].backend == LOCAL
+    assert routes[3].misses_deadline
     assert "over the budget" in routes[3].reason
 
 
@@ -129,10 +131,12 @@ def test_local_rows_wait_for_a_free_worker_and_fal_rows_for_the_account() -> Non
     assert [rid for rid, s in slots.items() if s.done()] == ["r0", "r1", "r4"]
     clock.t += 20
     router.finished("r0")
-    assert slots["r2"].done() and not slots["r3"].done()
+    assert slots["r2"].done()
+    assert not slots["r3"].done()
     route = router.finished("r4")
     assert slots["r5"].done()
-    assert route.started_at is not None and route.finished_at is not None
+    assert route.started_at is not None
+    assert route.finished_at is not None
     assert (route.finished_at - route.started_at).total_seconds() == 20
 
 
@@ -147,7 +151,8 @@ def test_a_lost_worker_moves_rows_that_have_not_started_to_fal() -> None:
     assert [s.done() for s in slots] == [True, True, False, False]
     router.set_workers(1)  # r0 and r1 run on (Dask reschedules one); r2, r3 would end at 60, 80 s
     assert moved == ["r2:fal", "r3:fal"]
-    assert slots[2].backend == slots[3].backend == FAL and slots[2].done()
+    assert slots[2].backend == slots[3].backend == FAL
+    assert slots[2].done()
     assert router.budget.remaining_usd == pytest.approx(100 - 6)
 
 
@@ -163,7 +168,8 @@ def test_a_fast_worker_takes_back_fal_rows_not_yet_submitted() -> None:
     assert [s.done() for s in slots] == [True, True, False, False, True, False]
     clock.t += 2
     router.finished("r0")  # 2 s for 2 segments: 4 s a segment with the prior, not 10
-    assert slots[5].backend == LOCAL and slots[2].done()
+    assert slots[5].backend == LOCAL
+    assert slots[2].done()
     assert router.budget.remaining_usd == pytest.approx(97.0)  # its fal reservation given back
 
 
