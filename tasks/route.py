@@ -214,6 +214,12 @@ class Router:
     _queue: list[str] = field(default_factory=list)  # assigned, not started, in order
     _loaded: bool = False  # a local row has finished: the workers hold the model
     _lock: threading.RLock = field(default_factory=threading.RLock)
+    _window: float = 0.0  # seconds from the router's start to the deadline
+    _version: int = 0  # bumped by every change but an assign: the lanes below are stale then
+    _assigning: tuple[tuple[float, int], list[float], list[float]] | None = None
+
+    def __post_init__(self) -> None:
+        self._window = max(self.deadline - self.clock(), 0.0)
 
     # --- the rows' life -------------------------------------------------------------------------
 
@@ -241,6 +247,12 @@ class Router:
             route = self._route(work, backend, why, end, local_end, fal_end)
             self.rows[work.row_id] = _Routed(work, route, Slot(backend), pinned=kept is not None)
             self._queue.append(work.row_id)
+            assert self._assigning is not None
+            _, local, fal = self._assigning
+            if backend == LOCAL:
+                self._place(local, self._local_s(work))
+            else:
+                self._place_chunks(fal, work)
             return route
 
     def slot(self, row_id: str) -> Slot:
@@ -255,6 +267,7 @@ class Router:
     def drop(self, row_id: str) -> None:
         """Forget a row that will not render (held by the budget)."""
         with self._lock:
+            self._version += 1
             self.rows.pop(row_id, None)
             if row_id in self._queue:
                 self._queue.remove(row_id)
@@ -274,11 +287,10 @@ class Router:
             return routed.route
 
     def set_workers(self, workers: int) -> None:
-        """The number of live GPU workers changed: re-plan the rows that have not started."""
+        """The live GPU workers now (asked every few seconds): re-plan the rows not started."""
         with self._lock:
-            if workers != self.workers:
-                self.workers = workers
-                self.replan()
+            self.workers = workers
+            self.replan()
 
     # --- planning -------------------------------------------------------------------------------
 
@@ -286,6 +298,7 @@ class Router:
         """Move rows that have not started: local ones whose predicted finish passed the deadline
         go to fal (budget allowing), fal ones a worker can now finish in time come back."""
         with self._lock:
+            self._version += 1
             now = self.clock()
             limit = self._limit(now)
             local, fal = self._lanes(LOCAL, now), self._lanes(FAL, now)
@@ -346,9 +359,16 @@ class Router:
         return local, fal
 
     def _finish_if_added(self, work: RowWork) -> tuple[float, float]:
-        """(local, fal) predicted finish of work, queued after everything assigned so far."""
-        local, fal = self._queued_lanes(self.clock())
-        return self._place(local, self._local_s(work)), self._place_chunks(fal, work)
+        """(local, fal) predicted finish of work, queued after everything assigned so far.
+
+        Rows admitted at one instant (a manifest admitted at once) extend the same lanes."""
+        now = self.clock()
+        if self._assigning is None or self._assigning[0] != (now, self._version):
+            self._assigning = ((now, self._version), *self._queued_lanes(now))
+        _, local, fal = self._assigning
+        return self._place(local, self._local_s(work), dry=True), self._place_chunks(
+            fal, work, dry=True
+        )
 
     def _lanes(self, backend: str, now: float) -> list[float]:
         """A heap of when each worker (or fal request slot) is next free, after the rows that
@@ -416,6 +436,7 @@ class Router:
         """Start queued rows while workers (and fal request slots) are free, in order."""
         running = [self.rows[r] for r in self.rows if self.rows[r].started_at is not None]
         busy = sum(r.backend == LOCAL for r in running)
+        hold = self._hold_fal()
         requests = sum(len(r.work.chunk_segments) for r in running if r.backend == FAL)
         for row_id in list(self._queue):
             routed = self.rows[row_id]
@@ -428,14 +449,29 @@ class Router:
                     predicted += self.predictor.local_load_s
             else:
                 chunks = len(routed.work.chunk_segments)
-                if requests and requests + chunks > self.predictor.fal_concurrency:
+                # Twice the account's concurrency in flight: fal's own queue never runs dry.
+                if hold or requests and requests + chunks > 2 * self.predictor.fal_concurrency:
                     continue
                 requests += chunks
                 predicted = max(map(self.predictor.fal_chunk_s, routed.work.chunk_segments))
             self._queue.remove(row_id)
+            self._version += 1
             routed.started_at, routed.predicted_s = self.clock(), predicted
             routed.route = replace(routed.route, started_at=utc(routed.started_at))
             routed.slot.grant()
+
+    def _hold_fal(self) -> bool:
+        """Whether fal rows may wait: while all of them could start later and still end before
+        the deadline, less twice the margin of the whole night (fal's queue is less certain
+        than own GPUs), a worker that turns out faster than predicted can take some back."""
+        if not self.workers:
+            return False
+        now = self.clock()
+        lanes, end = self._lanes(FAL, now), now
+        for row_id in self._queue:
+            if self.rows[row_id].backend == FAL:
+                end = max(end, self._place_chunks(lanes, self.rows[row_id].work))
+        return end < self.deadline - 2 * self.margin * self._window
 
     def _measure(self, routed: _Routed, seconds: float) -> None:
         """Learn from a finished row (its first on a fresh worker also loaded the model)."""
