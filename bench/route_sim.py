@@ -30,7 +30,7 @@ from avatarflow.tasks.route import FAL, LOCAL, Predictor, Router, RowWork, Slot 
 
 PRICE_PER_VIDEO_S = 0.15  # fal's public 480p price
 CHUNK_S = 60.0  # the flow's default chunk target
-TICK_S = 120.0  # how often the simulated watcher re-plans (the flow's: route.poll_s, 2 s)
+TICK_S = 300.0  # how often the simulated watcher re-plans (the flow's: route.poll_s, 2 s)
 
 
 @dataclass(frozen=True)
@@ -232,6 +232,8 @@ def main() -> None:
         for local_s in (380.0, 60.0, 20.0, 8.0):
             for workers in (0, 1, 2, 4, 8):
                 if (lose_at is not None or slower != 1.0) and (workers < 2 or local_s != 20.0):
+                    continue
+                if workers == 0 and local_s != 380.0:  # no workers: the same night at any speed
                     continue
                 night = Night(
                     local_s * slower,

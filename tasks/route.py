@@ -70,15 +70,16 @@ class Rate:
     prior_segments: float
     seconds: float = 0.0
     segments: float = 0.0
+    per_segment: float = field(init=False)  # kept up to date: the router asks per chunk
+
+    def __post_init__(self) -> None:
+        self.per_segment = self.prior_s
 
     def add(self, seconds: float, segments: float) -> None:
         self.seconds += max(seconds, 0.0)
         self.segments += segments
-
-    @property
-    def per_segment(self) -> float:
         weight = self.prior_segments
-        return (self.prior_s * weight + self.seconds) / (weight + self.segments)
+        self.per_segment = (self.prior_s * weight + self.seconds) / (weight + self.segments)
 
 
 @dataclass
@@ -217,6 +218,7 @@ class Router:
     _window: float = 0.0  # seconds from the router's start to the deadline
     _version: int = 0  # bumped by every change but an assign: the lanes below are stale then
     _assigning: tuple[tuple[float, int], list[float], list[float]] | None = None
+    _held: tuple[tuple[float, int], bool] | None = None  # _hold_fal's answer, while it holds
 
     def __post_init__(self) -> None:
         self._window = max(self.deadline - self.clock(), 0.0)
@@ -325,6 +327,8 @@ class Router:
                     self._move(routed, LOCAL, "moved back: own GPUs now", local_end, math.inf)
                 else:
                     self._place_chunks(fal, work)
+            hold = self.workers > 0 and max(fal, default=now) < self._hold_until()
+            self._held = ((now, self._version), hold)  # what _dispatch asks next
             self._dispatch()
 
     def predicted_finish(self) -> tuple[float, float]:
@@ -460,6 +464,10 @@ class Router:
             routed.route = replace(routed.route, started_at=utc(routed.started_at))
             routed.slot.grant()
 
+    def _hold_until(self) -> float:
+        """fal rows may wait while all of them would still end before this."""
+        return self.deadline - 2 * self.margin * self._window
+
     def _hold_fal(self) -> bool:
         """Whether fal rows may wait: while all of them could start later and still end before
         the deadline, less twice the margin of the whole night (fal's queue is less certain
@@ -467,11 +475,15 @@ class Router:
         if not self.workers:
             return False
         now = self.clock()
+        if self._held is not None and self._held[0] == (now, self._version):
+            return self._held[1]
         lanes, end = self._lanes(FAL, now), now
         for row_id in self._queue:
             if self.rows[row_id].backend == FAL:
                 end = max(end, self._place_chunks(lanes, self.rows[row_id].work))
-        return end < self.deadline - 2 * self.margin * self._window
+        hold = end < self._hold_until()
+        self._held = ((now, self._version), hold)
+        return hold
 
     def _measure(self, routed: _Routed, seconds: float) -> None:
         """Learn from a finished row (its first on a fresh worker also loaded the model)."""
