@@ -531,6 +531,10 @@ def _print_results(outcome: BatchOutcome) -> None:
             escape(r.error or ""),
         )
     out.print(table)
+    from avatarflow.tasks.route import split_outcome
+
+    if (split := split_outcome(outcome.results)) is not None:  # --backend auto
+        out.print("routing: " + "; ".join(split.lines()))
     out.print(f"results: {outcome.results_url}\nreport:  {outcome.report_url}")
 
 

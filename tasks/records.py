@@ -293,7 +293,8 @@ class RowRoute:
     predicted_finish_at: datetime  # UTC, on the chosen backend, when it was chosen
     deadline_at: datetime  # UTC
     estimated_cost_usd: float  # on the chosen backend (0 for own GPUs)
-    misses_deadline: bool = False  # predicted to finish after the deadline on either backend
+    misses_deadline: bool = False  # predicted to finish after the deadline where it goes
+    fal_cost_usd: float = 0.0  # what fal would charge for the row (all-fal's cost)
     started_at: datetime | None = None  # UTC: the row's render began (its slot was granted)
     finished_at: datetime | None = None  # UTC: its render ended
 

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from avatarflow.tasks.config import RouteSettings
-from avatarflow.tasks.records import RowRoute, Sidecar
+from avatarflow.tasks.records import RowResult, RowRoute, Sidecar
 
 AUTO, LOCAL, FAL = "auto", "local", "fal"
 _SPAN = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
@@ -425,7 +425,8 @@ class Router:
             f"{backend}: {why} (predicted finish: own GPUs {_hhmm(local_end)}, fal "
             f"{_hhmm(fal_end)} at ${work.fal_cost_usd:.2f}; deadline {_hhmm(self.deadline)})"
         )
-        return RowRoute(backend, reason, utc(min(end, 4e9)), utc(self.deadline), cost, late)
+        at = utc(min(end, 4e9))  # inf: no lane at all (no worker, nothing to compare)
+        return RowRoute(backend, reason, at, utc(self.deadline), cost, late, work.fal_cost_usd)
 
     def _move(
         self, routed: _Routed, backend: str, why: str, local_end: float, fal_end: float
@@ -496,6 +497,47 @@ class Router:
         else:
             longest = max(work.chunk_segments)
             self.predictor.fal.add(seconds - self.predictor.fal_queue_s, longest)
+
+
+@dataclass(frozen=True)
+class SplitOutcome:
+    """How a routed run's rows split, and what that saved against sending all of them to fal."""
+
+    rows: dict[str, int]  # backend → rows
+    all_fal_usd: float  # fal's estimate for every routed row
+    fal_usd: float  # fal's estimate for the rows that went there
+    late: tuple[str, ...]  # rows that ended (or are predicted to end) past the deadline
+
+    def lines(self) -> list[str]:
+        """The split in a few lines, for the report and the summary artifact."""
+        saved = self.all_fal_usd - self.fal_usd
+        share = saved / self.all_fal_usd if self.all_fal_usd else 0.0
+        split = ", ".join(f"{n} on {backend}" for backend, n in sorted(self.rows.items()))
+        late = ", ".join(self.late[:20]) + (" …" if len(self.late) > 20 else "")
+        return [
+            f"rows: {split}",
+            f"saved ${saved:.2f} ({share:.0%}) against all-fal (${self.all_fal_usd:.2f})",
+            f"past the deadline: {len(self.late)} row(s){': ' + late if self.late else ''}",
+        ]
+
+
+def split_outcome(results: Sequence[RowResult]) -> SplitOutcome | None:
+    """The split of the results that carry a route (None when none does: not a routed run)."""
+    routed = [r for r in results if r.route is not None]
+    if not routed:
+        return None
+    rows: dict[str, int] = {}
+    late = []
+    for result in routed:
+        route = result.route
+        assert route is not None
+        rows[route.backend] = rows.get(route.backend, 0) + 1
+        ended = route.finished_at or route.predicted_finish_at
+        if ended > route.deadline_at:
+            late.append(result.id)
+    fal = sum(r.route.estimated_cost_usd for r in routed if r.route)
+    all_fal = sum(r.route.fal_cost_usd for r in routed if r.route)
+    return SplitOutcome(rows, round(all_fal, 6), round(fal, 6), tuple(late))
 
 
 def compare(

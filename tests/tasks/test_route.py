@@ -9,6 +9,7 @@ import pytest
 
 from avatarflow.tasks.config import RouteSettings
 from avatarflow.tasks.plan import RunBudget
+from avatarflow.tasks.records import RowResult, RowRoute
 from avatarflow.tasks.route import (
     FAL,
     LOCAL,
@@ -19,6 +20,7 @@ from avatarflow.tasks.route import (
     RowWork,
     compare,
     parse_deadline,
+    split_outcome,
 )
 
 NOW = datetime(2026, 12, 7, 22, 30, tzinfo=timezone(timedelta(hours=1)))
@@ -190,3 +192,29 @@ def test_all_local_and_all_fal_are_predicted_for_the_plan() -> None:
     alone = compare(works, _predictor(local_s=10, fal_s=5, concurrency=4), 2, now=0.0)
     assert alone[LOCAL] == (80.0, 0.0)  # 4 rows of 40 s on 2 workers
     assert alone[FAL] == (20.0, 24.0)  # 8 requests of 10 s on 4 slots
+
+
+def test_the_split_counts_rows_per_backend_the_saving_and_the_late_rows() -> None:
+    deadline = datetime(2026, 12, 8, 6, 0, tzinfo=UTC)
+
+    def result(row_id: str, backend: str, finished: datetime) -> RowResult:
+        cost = 4.0 if backend == FAL else 0.0
+        route = RowRoute(backend, "why", deadline, deadline, cost, False, 4.0, None, finished)
+        return RowResult(row_id, "published", route=route)
+
+    early, late = deadline - timedelta(minutes=5), deadline + timedelta(minutes=5)
+    results = [
+        result("a", LOCAL, early),
+        result("b", LOCAL, late),
+        result("c", FAL, early),
+        RowResult("d", "failed"),  # never routed (invalid)
+    ]
+    split = split_outcome(results)
+    assert split is not None
+    assert split.rows == {LOCAL: 2, FAL: 1}
+    assert split.lines() == [
+        "rows: 1 on fal, 2 on local",
+        "saved $8.00 (67%) against all-fal ($12.00)",
+        "past the deadline: 1 row(s): b",
+    ]
+    assert split_outcome([RowResult("x", "published")]) is None  # not a routed run
