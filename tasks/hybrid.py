@@ -115,7 +115,10 @@ class RoutedAdmission(Admission):
             return held
         self._hashes[plan.row.id] = plan.input_hash
         self.ledger.record_route(plan.row.id, plan.input_hash, route)
-        log.info("row %s: %s", plan.row.id, route.reason)
+        if route.misses_deadline:  # said up front: it still runs
+            log.warning("row %s will miss the deadline: %s", plan.row.id, route.reason)
+        else:
+            log.info("row %s: %s", plan.row.id, route.reason)
         return None
 
     def dispatch(self, plan: RowPlan, config: BatchConfig) -> Stages[tuple[RowPlan, BatchConfig]]:
