@@ -7,6 +7,7 @@ A rerun keeps each row's first route (the ledger's) unless its backend can no lo
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import logging
@@ -32,6 +33,7 @@ from avatarflow.tasks.route import (
     parse_deadline,
     utc,
 )
+from avatarflow.tasks.stop import stop_requested
 from avatarflow.tasks.stream import Stages
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,11 @@ class RoutedAdmission(Admission):
         self.router.on_move = self._moved
         self._hashes: dict[str, str] = {}
         self._stop = threading.Event()
-        self._watcher = threading.Thread(target=self._watch, name="route-workers", daemon=True)
+        # In the run's context, so that the watcher sees the run's stop token (tasks/stop.py).
+        run_context = contextvars.copy_context()
+        self._watcher = threading.Thread(
+            target=run_context.run, args=(self._watch,), name="route-workers", daemon=True
+        )
         self._watcher.start()
 
     def admit(self, plan: RowPlan) -> RowResult | None:
@@ -139,8 +145,12 @@ class RoutedAdmission(Admission):
         log.warning("row %s: %s", row_id, route.reason)
 
     def _watch(self) -> None:
-        """Tell the router how many GPU workers are live, every route.poll_s, until closed."""
+        """Tell the router how many GPU workers are live, every route.poll_s, until closed;
+        when the run is asked to stop, let every waiting row go (its render gives up at once)."""
         while not self._stop.wait(self.config.route.poll_s):
+            if stop_requested():
+                self.router.stop()
+                return
             try:
                 self.router.set_workers(live_workers(self.config))
             except Exception as exc:  # a scheduler that does not answer: ask again later

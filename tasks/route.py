@@ -288,6 +288,16 @@ class Router:
             self.replan()
             return routed.route
 
+    def stop(self) -> None:
+        """The run is stopping: every row still waiting gets its slot now, as it is."""
+        with self._lock:
+            self._version += 1
+            for row_id in self._queue:
+                routed = self.rows[row_id]
+                routed.started_at = self.clock()
+                routed.slot.grant()
+            self._queue.clear()
+
     def set_workers(self, workers: int) -> None:
         """The live GPU workers now (asked every few seconds): re-plan the rows not started."""
         with self._lock:

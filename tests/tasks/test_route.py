@@ -218,3 +218,17 @@ def test_the_split_counts_rows_per_backend_the_saving_and_the_late_rows() -> Non
         "past the deadline: 1 row(s): b",
     ]
     assert split_outcome([RowResult("x", "published")]) is None  # not a routed run
+
+
+def test_a_stopping_run_lets_every_waiting_row_go() -> None:
+    clock = Clock()
+    router = _router(clock, deadline_s=45)
+    for i in range(6):
+        router.assign(_work(f"r{i}"))
+    slots = [router.slot(f"r{i}") for i in range(6)]
+    assert not all(s.done() for s in slots)
+    router.stop()
+    assert all(s.done() for s in slots)  # their renders see the stop and give up at once
+    for i in range(6):
+        router.finished(f"r{i}", ok=False)
+    assert not router.rows
