@@ -88,6 +88,7 @@ def _check_one_backend_each(
     return backends
 
 
+@pytest.mark.timeout(600)  # two flow runs on a shared 2-core machine
 def test_rows_split_between_gpu_workers_and_fal_each_rendered_once_and_a_rerun_submits_nothing(
     cluster: LocalCluster, fake: FakeFal, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -119,6 +120,7 @@ def doomed_cluster() -> Iterator[LocalCluster]:
         yield cluster
 
 
+@pytest.mark.timeout(600)
 def test_a_lost_worker_sends_its_rows_that_have_not_started_to_fal(
     doomed_cluster: LocalCluster, fake: FakeFal, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
