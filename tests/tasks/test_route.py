@@ -9,7 +9,16 @@ import pytest
 
 from avatarflow.tasks.config import RouteSettings
 from avatarflow.tasks.plan import RunBudget
-from avatarflow.tasks.records import RowResult, RowRoute
+from avatarflow.tasks.publish import build_sidecar
+from avatarflow.tasks.records import (
+    Chunk,
+    ChunkVideo,
+    QCReport,
+    RowResult,
+    RowRoute,
+    Sidecar,
+    Timings,
+)
 from avatarflow.tasks.route import (
     FAL,
     LOCAL,
@@ -22,6 +31,7 @@ from avatarflow.tasks.route import (
     parse_deadline,
     split_outcome,
 )
+from tests.factories import make_audio, make_plan, make_row
 
 NOW = datetime(2026, 12, 7, 22, 30, tzinfo=timezone(timedelta(hours=1)))
 
@@ -232,3 +242,29 @@ def test_a_stopping_run_lets_every_waiting_row_go() -> None:
     for i in range(6):
         router.finished(f"r{i}", ok=False)
     assert not router.rows
+
+
+def _sidecar(backend: str, timings: Timings, segments: int = 2) -> Sidecar:
+    """A published row's sidecar whose chunks (one segment each) took `timings` each."""
+    row = make_row("r", "r.wav")
+    chunks = tuple(Chunk("r", k, 5.0 * k, 5.0 * k + 5.0, 1) for k in range(segments))
+    plan = make_plan(row, make_audio(5.0 * segments), chunks)
+    videos = [
+        ChunkVideo("r", k, f"{k}.mp4", "0" * 64, backend, timings=timings) for k in range(segments)
+    ]
+    checks = [QCReport(True)] * segments
+    return build_sidecar(plan, videos, checks, QCReport(True), backend, "m")
+
+
+def test_earlier_sidecars_on_the_target_outweigh_the_priors() -> None:
+    settings = RouteSettings(
+        local_s_per_segment=100, fal_s_per_segment=100, fal_queue_s=100, prior_segments=1
+    )
+    history = [
+        _sidecar(LOCAL, Timings(render_s=8.0, encode_s=1.0)),  # the row's 8 s, + 1 s per chunk
+        _sidecar(FAL, Timings(queue_s=4.0, run_s=10.0)),
+    ]
+    predictor = Predictor.from_history(settings, history)
+    assert predictor.local.per_segment == pytest.approx((100 + 10) / 3)
+    assert predictor.fal.per_segment == pytest.approx((100 + 20) / 3)
+    assert predictor.fal_queue_s == pytest.approx((100 + 8) / 3)
