@@ -25,9 +25,9 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from avatarflow.tasks.config import BatchConfig
+    from avatarflow.tasks.config import BatchConfig, LocalSettings
     from avatarflow.tasks.manifest import ManifestCheck
-    from avatarflow.tasks.records import BatchOutcome
+    from avatarflow.tasks.records import BatchOutcome, RowPlan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 model_app = typer.Typer(no_args_is_help=True, help="Local model utilities.")
@@ -55,7 +55,13 @@ PREFECT_DEFAULTS = {
 INTERRUPT_GRACE_S = 5.0
 
 ManifestArg = Annotated[str, typer.Argument(help="Parquet, CSV or JSONL manifest (path or URL).")]
-BackendOpt = Annotated[str, typer.Option("--backend", help="local | fal | a registered backend")]
+BackendOpt = Annotated[
+    str, typer.Option("--backend", help="local | fal | auto | a registered backend")
+]
+DeadlineOpt = Annotated[
+    str | None,
+    typer.Option(help="--backend auto: finish by 06:00 (next), or within 3h, 90m, 45s ..."),
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -147,16 +153,36 @@ def plan(
     backend: BackendOpt = "fal",
     work_dir: Annotated[str | None, typer.Option(help="Local scratch folder.")] = None,
     set_: SetOpt = None,
+    deadline: DeadlineOpt = None,
+    budget: Annotated[float | None, typer.Option(help="--backend auto: fal's USD cap.")] = None,
+    target: Annotated[
+        str, typer.Option(help="--backend auto: the target whose earlier runs it learns from.")
+    ] = "./out",
+    model_dir: Annotated[str | None, typer.Option(help="Local checkpoint folder.")] = None,
+    dask_address: Annotated[
+        str | None, typer.Option(help="--backend auto: the Dask scheduler of the GPU workers.")
+    ] = None,
 ) -> None:
-    """Show chunks, segments, video-seconds and estimated cost per row; spends nothing."""
+    """Show chunks, segments, video-seconds and estimated cost per row; spends nothing.
+    With --backend auto: each row's backend, the predicted finish and cost, against all-local
+    and all-fal."""
     from avatarflow.tasks.plan import prepare_rows
     from avatarflow.tasks.records import RowPlanTotals
 
     config = _config(
-        manifest, backend=backend, work_dir=work_dir, backend_settings=_backend_settings(set_)
+        manifest,
+        backend=backend,
+        work_dir=work_dir,
+        backend_settings=_backend_settings(set_),
+        deadline=deadline,
+        budget_usd=budget,
+        target=target,
+        local=_local_settings(model_dir, dask_address),
     )
     check = _checked_rows(config)
     plans, failures = prepare_rows(check.rows, config)
+    if config.backend == "auto":
+        _print_split(plans, config)
     table = Table(title=f"plan ({config.backend})")
     for col in ("id", "audio s", "chunks", "segments", "video s", "est. USD"):
         table.add_column(col, justify="left" if col == "id" else "right")
@@ -179,6 +205,42 @@ def plan(
     )
     if failures or check.errors:
         raise typer.Exit(EXIT_ROWS_FAILED)
+
+
+def _local_settings(model_dir: str | None, dask_address: str | None) -> LocalSettings | None:
+    """LocalSettings with the options given; None when neither was (then the environment's)."""
+    from avatarflow.tasks.config import LocalSettings
+
+    given = {"model_dir": model_dir, "dask_address": dask_address}
+    local_fields = {name: value for name, value in given.items() if value is not None}
+    # Unset fields still come from AVATARFLOW_LOCAL_*: the update only sets what was given.
+    return LocalSettings().model_copy(update=local_fields) if local_fields else None
+
+
+def _print_split(plans: list[RowPlan], config: BatchConfig) -> None:
+    """--backend auto: each row's backend and why, then auto against all-local and all-fal."""
+    from avatarflow.tasks.backends import renderer_class
+    from avatarflow.tasks.hybrid import split_summary
+
+    problem = renderer_class(config.backend).check_config(config)
+    if problem is not None:
+        console.print(f"[red]cannot plan[/red]: {escape(problem)}")
+        raise typer.Exit(EXIT_INVALID)
+    split = split_summary(plans, config)
+    table = Table(
+        title=f"routing (deadline {split.deadline:%Y-%m-%d %H:%M}Z, {split.workers} GPU workers)"
+    )
+    for col in ("id", "backend", "est. USD", "late", "why"):
+        table.add_column(col)
+    for p, route in zip(plans, split.routes, strict=True):
+        late = "[red]yes[/red]" if route.misses_deadline else ""
+        usd = f"{route.estimated_cost_usd:.2f}"
+        table.add_row(escape(p.row.id), route.backend, usd, late, escape(route.reason))
+    out.print(table)
+    for name, (finish, cost) in split.strategies.items():
+        when = "never" if finish is None else f"{finish:%Y-%m-%d %H:%M:%S}Z"
+        late = "" if finish is not None and finish <= split.deadline else " (misses the deadline)"
+        out.print(f"{name:>9}: finish {when}{late}, ${cost:.2f}")
 
 
 @app.command()
@@ -222,15 +284,12 @@ def run(
         str, typer.Option(help='json (the summary) | slack (a {"text": ...} message)')
     ] = "json",
     set_: SetOpt = None,
+    deadline: DeadlineOpt = None,
 ) -> None:
     """Render, verify and publish every row; live progress; exit 0/1/2/130/143 as documented."""
     from avatarflow.tasks.backends import renderer_class
-    from avatarflow.tasks.config import FalSettings, LocalSettings
+    from avatarflow.tasks.config import FalSettings
 
-    given = {"model_dir": model_dir, "dask_address": dask_address}
-    local_fields = {name: value for name, value in given.items() if value is not None}
-    # Unset fields still come from AVATARFLOW_LOCAL_*: the update only sets what was given.
-    local = LocalSettings().model_copy(update=local_fields) if local_fields else None
     # fal's own setting, whatever the backend: a routed run may send rows to fal.
     fal = (
         FalSettings().model_copy(update={"resubmit_ambiguous": True})
@@ -242,10 +301,11 @@ def run(
         target=target,
         backend=backend,
         budget_usd=budget,
+        deadline=deadline,
         max_concurrency=max_concurrency,
         state=state,
         work_dir=work_dir,
-        local=local,
+        local=_local_settings(model_dir, dask_address),
         chunk_target_s=chunk_target_s,
         fal=fal,
         qc_skip=frozenset(name.strip() for name in qc_skip.split(",") if name.strip()),
@@ -478,6 +538,10 @@ def _print_results(outcome: BatchOutcome) -> None:
             escape(r.error or ""),
         )
     out.print(table)
+    from avatarflow.tasks.route import split_outcome
+
+    if (split := split_outcome(outcome.results)) is not None:  # --backend auto
+        out.print("routing: " + "; ".join(split.lines()))
     out.print(f"results: {outcome.results_url}\nreport:  {outcome.report_url}")
 
 

@@ -32,8 +32,15 @@ from avatarflow.tasks.backends import (
     renderer_class,
     with_backend_settings,
 )
-from avatarflow.tasks.config import BatchConfig, FalSettings, LocalSettings, QCSettings
+from avatarflow.tasks.config import (
+    BatchConfig,
+    FalSettings,
+    LocalSettings,
+    QCSettings,
+    RouteSettings,
+)
 from avatarflow.tasks.finish import finish_row
+from avatarflow.tasks.hybrid import admission_for
 from avatarflow.tasks.ledger import Ledger
 from avatarflow.tasks.manifest import ManifestCheck, load_rows
 from avatarflow.tasks.notify import notify_batch
@@ -50,6 +57,7 @@ from avatarflow.tasks.records import (
 )
 from avatarflow.tasks.render import render_chunk, render_row
 from avatarflow.tasks.report import ProgressArtifact, publish_artifacts, write_report
+from avatarflow.tasks.route import AUTO
 from avatarflow.tasks.stop import owned, request_stop
 from avatarflow.tasks.stream import IN_ORDER, Stages, Stream, first_error
 
@@ -75,7 +83,9 @@ def row_stages(
     if held is not None:  # published before from these inputs, or over the budget
         return _end(row, held)
     dispatched.append(plan)
+    plan, config = yield from admission.dispatch(plan, config)  # auto: the row's backend
     videos = yield from render_stages(plan, config)
+    plan = admission.rendered(plan, not isinstance(videos, str))
     if isinstance(videos, str):
         return _end(row, videos)
     finished = yield finish_row.submit(plan, videos, config)
@@ -183,6 +193,8 @@ def produce_batch(
     shard: str | None = None,
     results_name: str = "results.parquet",
     report_name: str = "report.html",
+    deadline: str | None = None,
+    route: RouteSettings | None = None,
     fal: FalSettings | None = None,
     local: LocalSettings | None = None,
     backend_settings: dict[str, Any] | None = None,
@@ -194,7 +206,9 @@ def produce_batch(
     named by `fal_key_secret`, read here at run time. `fal` and `local` default to the worker's
     environment (FAL_*, AVATARFLOW_LOCAL_*); `model_dir` is the local checkpoint folder ("tiny"
     for the random-weight demo checkpoint) and `dask_address` the Dask scheduler whose GPU workers
-    keep it loaded ("local": a LocalCluster with one worker per GPU). `backend_settings` sets
+    keep it loaded ("local": a LocalCluster with one worker per GPU). backend "auto" renders on
+    those workers first and overflows to fal to finish by `deadline` ("06:00", "3h"; `route`
+    holds its priors; docs/routing.md). `backend_settings` sets
     fields of the chosen backend's own settings by name (any registered backend's, checked when
     the run starts); unset ones come from that backend's environment variables.
     """
@@ -327,11 +341,16 @@ def _produce(config: BatchConfig) -> BatchOutcome:
 
     # 2. Prepare → admit → render → finish, row by row, streaming (row_stages).
     progress.emit(RowsPlanned(len(check.rows), 0, 0.0))  # totals grow as rows are admitted
-    admission, dispatched = Admission(config), list[RowPlan]()
+    admission, dispatched = admission_for(config), list[RowPlan]()
     window = max(2, renderer_class(config.backend).task_threads(config) // 4)  # rows preparing
-    stream: Stream[Row, RowResult] = Stream(window, in_order=config.budget_usd is not None)
+    # With a budget or a deadline, rows are admitted (and routed) in manifest order.
+    in_order = config.budget_usd is not None or config.backend == AUTO
+    stream: Stream[Row, RowResult] = Stream(window, in_order=in_order)
     stages = partial(row_stages, config=config, admission=admission, dispatched=dispatched)
-    finished = stream.run(check.rows, stages)
+    try:
+        finished = stream.run(check.rows, stages)
+    finally:
+        admission.close()
     results.update({row.index: result for row, result in zip(check.rows, finished, strict=True)})
 
     # 3. Settle what the ledger remembers across runs: cost paid per row, first publish time.

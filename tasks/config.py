@@ -151,6 +151,32 @@ class QCSettings(BaseModel):
     jump_max_distance: float = Field(0.4, ge=0, le=1)  # ... between any two consecutive frames
 
 
+class RouteSettings(BaseSettings):
+    """`--backend auto`: the priors the router predicts with before earlier runs' sidecars on
+    the target say better (AVATARFLOW_ROUTE_<FIELD>). docs/routing.md says where they come from.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="AVATARFLOW_ROUTE_", frozen=True, extra="forbid", env_ignore_empty=True
+    )
+
+    # One 480p segment of the full model on one H100: 30 steps x 3 CFG passes of 2.09 PFLOP at
+    # ~50 % MFU (bench/model_speed.py's FLOP count); no GPU has measured it yet.
+    local_s_per_segment: float = Field(380.0, gt=0)
+    local_load_s: float = Field(120.0, ge=0)  # a worker's first model load
+    # fal publishes no render speed: one 480p segment per minute, 30 s in the queue (assumed).
+    fal_s_per_segment: float = Field(60.0, gt=0)
+    fal_queue_s: float = Field(30.0, ge=0)
+    fal_concurrency: int = Field(10, ge=1)  # the account's requests in progress at once
+    # A measured value counts as much as the prior once it covers this many segments.
+    prior_segments: float = Field(10.0, gt=0)
+    # Local work is planned to end this share of the time left before the deadline: a margin
+    # for predictions that turn out optimistic.
+    margin: float = Field(0.1, ge=0, lt=1)
+    poll_s: float = Field(2.0, gt=0)  # how often the run looks for lost or new GPU workers
+    history_sidecars: int = Field(500, ge=0)  # the newest sidecars on the target it learns from
+
+
 class BatchConfig(BaseModel):
     """All options of one batch run."""
 
@@ -179,6 +205,9 @@ class BatchConfig(BaseModel):
     shard: str | None = None
     results_name: str = "results.parquet"  # shard children write results-shard-<id>.parquet
     report_name: str = "report.html"
+    # --backend auto: "06:00" (the next such local time), "3h", "90m", "45s" or an ISO time.
+    deadline: str | None = None
+    route: RouteSettings = Field(default_factory=RouteSettings)
     fal: FalSettings = Field(default_factory=FalSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
     # A registered backend's own settings by field name (its Renderer.settings_class), checked

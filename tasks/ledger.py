@@ -41,6 +41,7 @@ from avatarflow.tasks.records import (
     Recognised,
     Request,
     RowResult,
+    RowRoute,
     from_json,
     json_bytes,
 )
@@ -284,6 +285,16 @@ class Ledger:
         paths = self.fs.glob(self._path("rows", row_id, "*", f"{SPEECH}.done.json"))
         found = (self.read(path, Recognised) for path in sorted(paths))
         return [doc for doc in found if doc is not None]
+
+    # --- routed rows (--backend auto) ---------------------------------------------------------
+
+    def record_route(self, row_id: str, input_hash: str, route: RowRoute) -> None:
+        """Record where a row renders, before it does: a rerun keeps it (never both backends)."""
+        self.write(self._path("rows", row_id, input_hash[:24], "route.json"), route)
+
+    def route(self, row_id: str, input_hash: str) -> RowRoute | None:
+        """Where an earlier run routed the row with these inputs, or None."""
+        return self.read(self._path("rows", row_id, input_hash[:24], "route.json"), RowRoute)
 
     # --- published rows ------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from avatarflow.tasks.records import (
     RowsPlanned,
 )
 from avatarflow.tasks.redact import public_url
+from avatarflow.tasks.stream import Stages
 from avatarflow.tasks.workdir import WorkDir
 
 
@@ -197,6 +198,23 @@ class Admission:
         published = self._published(plan)
         if published is not None:
             return published
+        return self._reserve(plan)
+
+    def dispatch(self, plan: RowPlan, config: BatchConfig) -> Stages[tuple[RowPlan, BatchConfig]]:
+        """Stages before an admitted row renders: the plan and config it renders with (a routed
+        run waits here for the row's worker or fal slot; tasks/route.py)."""
+        return plan, config
+        yield  # a generator, like every row stage
+
+    def rendered(self, plan: RowPlan, ok: bool) -> RowPlan:
+        """A row's render ended (ok: it has its videos); the plan it finishes with."""
+        return plan
+
+    def close(self) -> None:
+        """The run's rows are all done."""
+
+    def _reserve(self, plan: RowPlan) -> RowResult | None:
+        """Reserve the row's estimate from the budget: None, or the held row's result."""
         if not self.held and self.budget.take(plan.estimated_cost_usd):
             self.reserved_usd += plan.estimated_cost_usd
             progress.emit(RowsPlanned(0, len(plan.chunks), plan.estimated_cost_usd))
@@ -269,3 +287,9 @@ class RunBudget:
                 return False
             self.remaining_usd -= usd
             return True
+
+    def give(self, usd: float) -> None:
+        """Return a reservation that will not be spent (a row moved to a free backend)."""
+        with self._lock:
+            if self.remaining_usd is not None:
+                self.remaining_usd += usd

@@ -77,6 +77,15 @@ def _qc_fields() -> list[pa.Field]:
 
 
 QC_FIELDS = _qc_fields()
+# --backend auto: RowRoute's fields, null for rows of other runs (see docs/routing.md).
+ROUTE_FIELDS = [
+    pa.field("route_reason", pa.string()),
+    pa.field("route_predicted_finish_at", pa.timestamp("us", tz="UTC")),
+    pa.field("route_deadline_at", pa.timestamp("us", tz="UTC")),
+    pa.field("route_misses_deadline", pa.bool_()),
+    pa.field("route_started_at", pa.timestamp("us", tz="UTC")),
+    pa.field("route_finished_at", pa.timestamp("us", tz="UTC")),
+]
 RESULTS_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -90,10 +99,13 @@ RESULTS_SCHEMA = pa.schema(
         ("run_action", pa.string()),  # rendered | reused | skipped | failed: what this run did
         ("billable_units", pa.float64()),  # received for the row across every run
         ("first_published_at", pa.timestamp("us", tz="UTC")),
+        ("backend", pa.string()),  # the backend that rendered the published video
+        *ROUTE_FIELDS,
         *QC_FIELDS,
     ]
 )
 _QC_NAMES = frozenset(f.name for f in QC_FIELDS)
+_ROUTE_NAMES = {f.name: f.name.removeprefix("route_") for f in ROUTE_FIELDS}
 
 
 class PublishError(RuntimeError):
@@ -162,6 +174,9 @@ def results_table(results: Sequence[RowResult], passthrough_schema: pa.Schema | 
     for field in RESULTS_SCHEMA:
         if field.name in _QC_NAMES:  # rows without a QC verdict (failed) leave them null
             values = [r.qc.get(field.name) for r in results]
+        elif field.name in _ROUTE_NAMES:
+            key = _ROUTE_NAMES[field.name]
+            values = [getattr(r.route, key) if r.route else None for r in results]
         else:
             values = [getattr(r, field.name) for r in results]
         arrays.append(pa.array(values, type=field.type))
@@ -239,6 +254,7 @@ def build_sidecar(
         estimated_cost_usd=plan.estimated_cost_usd,
         qc=qc,
         rerender=rerender,
+        route=plan.route,
     )
 
 
@@ -383,6 +399,8 @@ def _publish_video(
         extra=row.extra,
         run_action=run_action,
         billable_units=sidecar.billable_units,
+        backend=config.backend,
+        route=plan.route,
     )
 
 

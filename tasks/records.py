@@ -242,6 +242,7 @@ class RowPlan:
     input_hash: str  # sha256 over audio, image and every parameter that changes the render
     image_path: str | None = None  # local copy of the row's portrait, fetched and checked
     image_sha256: str | None = None
+    route: RowRoute | None = None  # --backend auto: where the row renders and why
 
     @property
     def num_segments(self) -> int:
@@ -280,6 +281,22 @@ class RowPlanTotals:
             billable_units=round(sum(p.billable_units for p in plans), 6),
             estimated_cost_usd=round(sum(p.estimated_cost_usd for p in plans), 6),
         )
+
+
+@dataclass(frozen=True)
+class RowRoute:
+    """Where a row of a `--backend auto` run renders and why (tasks/route.py); kept in the
+    ledger before it renders, so a rerun keeps it, and in the sidecar and results."""
+
+    backend: str
+    reason: str  # one line: the predictions that chose it
+    predicted_finish_at: datetime  # UTC, on the chosen backend, when it was chosen
+    deadline_at: datetime  # UTC
+    estimated_cost_usd: float  # on the chosen backend (0 for own GPUs)
+    misses_deadline: bool = False  # predicted to finish after the deadline where it goes
+    fal_cost_usd: float = 0.0  # what fal would charge for the row (all-fal's cost)
+    started_at: datetime | None = None  # UTC: the row's render began (its slot was granted)
+    finished_at: datetime | None = None  # UTC: its render ended
 
 
 # --- rendering ------------------------------------------------------------------------------------
@@ -429,6 +446,8 @@ class RowResult:
     billable_units: float = 0.0  # received for the row across all runs
     first_published_at: datetime | None = None  # UTC, the first time a video reached <id>.mp4
     qc: dict[str, Any] = field(default_factory=dict)  # QCReport.to_columns() of the final video
+    backend: str | None = None  # the backend that rendered the published video
+    route: RowRoute | None = None  # --backend auto: why that backend, predicted and actual times
 
     @classmethod
     def failure(cls, row_id: str, error: str, extra: dict[str, Any] | None = None) -> RowResult:
@@ -560,6 +579,7 @@ class Sidecar:
     estimated_cost_usd: float
     qc: QCReport  # the final video's: structural checks and QC gates together
     rerender: SidecarRerender | None = None
+    route: RowRoute | None = None  # --backend auto: why this backend, predicted and actual times
 
 
 # --- progress events (tasks/progress.py) ----------------------------------------------------------

@@ -48,6 +48,7 @@ from avatarflow.tasks.records import (
     RowsPlanned,
     to_json,
 )
+from avatarflow.tasks.route import split_outcome
 from avatarflow.tasks.storage import write_local
 from avatarflow.tasks.workdir import WorkDir
 
@@ -274,6 +275,8 @@ def write_report(
     """Render report.html for the batch (thumbnails from this run's videos) and publish it."""
     backend = renderer_class(config.backend)
     summary = {"model": backend.model_name(config), **to_json(RowPlanTotals.of(plans))}
+    if (split := split_outcome(results)) is not None:  # --backend auto
+        summary["routing"] = "; ".join(split.lines())
     thumbnails: dict[str, bytes] = {}
     for plan in plans:
         with contextlib.suppress(OSError):  # rows that did not finish this run have none
@@ -335,6 +338,8 @@ def _summary_markdown(outcome: BatchOutcome, config: BatchConfig, wall_s: float)
         f"| {counts['failed']} | {skipped} | {published_s / 60:.2f} "
         f"| {outcome.estimated_usd:.2f} | {paid:.2f} | {wall_s:.0f} s |",
     ]
+    if (split := split_outcome(outcome.results)) is not None:  # --backend auto
+        lines += ["", "## Routing", "", *(f"- {line}" for line in split.lines())]
     return "\n".join(lines)
 
 

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from distributed import LocalCluster
+
     from tests.fakes.fal_server import FakeFal
 
 # Before Prefect is imported anywhere: a private home, no telemetry from this offline machine.
@@ -44,6 +46,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="slow: set RUN_SLOW=1"))
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="gpu: CUDA not available"))
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    """Two worker processes, each advertising one GPU, as `dask worker --resources GPU=1` does."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=2,
+        processes=True,
+        resources={"GPU": 1},
+        dashboard_address=":0",
+    ) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

@@ -458,7 +458,7 @@ def test_a_renamed_or_missing_name_is_reported() -> None:
             " `avatarflow run --no-such-option`, `flows/nope.py`.",
             "```bash",
             "avatarflow plan manifests/examples/demo.parquet \\",
-            "  --backend fal --dask-address tcp://x:1",
+            "  --backend fal --qc-skip face",
             "```",
         ]
     )
@@ -474,6 +474,6 @@ def test_a_renamed_or_missing_name_is_reported() -> None:
         "test_no_such_behaviour",
         "--no-such-option",
         "flows/nope.py",
-        "plan has no option --dask-address",
+        "plan has no option --qc-skip",
     ):
         assert bad in reported

@@ -34,6 +34,7 @@ __all__ = [
 
 # name → "module:Class", imported lazily
 BUILTIN = {
+    "auto": "avatarflow.tasks.backends.auto:AutoRenderer",
     "fal": "avatarflow.tasks.backends.fal.renderer:FalRenderer",
     "local": "avatarflow.tasks.backends.local:LocalRenderer",
 }

@@ -409,6 +409,11 @@ def _wait_for_render(client: Any, future: Any, address: str, row_id: str) -> Any
             raise DaskWorkersError(_no_gpu_message(address))
 
 
+def gpu_worker_count(address: str) -> int:
+    """How many workers of the Dask scheduler at address can render now (offer GPU=1)."""
+    return _gpu_workers(_dask_client(address))
+
+
 def _gpu_workers(client: Any) -> int:
     """How many of the scheduler's workers offer every resource a render needs (GPU=1)."""
     workers = client.scheduler_info(n_workers=-1)["workers"].values()

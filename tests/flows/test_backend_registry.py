@@ -99,7 +99,7 @@ def solid() -> type[SolidRenderer]:
 
 
 def test_an_unknown_backend_name_is_refused_with_the_known_ones() -> None:
-    with pytest.raises(UnknownBackendError, match="expected one of fal, local"):
+    with pytest.raises(UnknownBackendError, match="expected one of auto, fal, local"):
         renderer_class("nope")
 
 

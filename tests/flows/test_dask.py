@@ -26,19 +26,6 @@ from tests.media_factory import write_narration
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    """Two worker processes, each advertising one GPU, as `dask worker --resources GPU=1` does."""
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=2,
-        processes=True,
-        resources={"GPU": 1},
-        dashboard_address=":0",
-    ) as cluster:
-        yield cluster
-
-
 def _manifest(folder: Path, rows: int) -> str:
     folder.mkdir(parents=True)
     for i in range(rows):

@@ -32,11 +32,12 @@ def test_the_pull_step_sets_the_directory_the_clone_step_made() -> None:
 
 def test_scheduled_fal_and_gpu_deployments_share_their_pools() -> None:
     deployments = {d["name"]: d for d in PREFECT_YAML["deployments"]}
-    assert {"nightly-fal", "on-demand-fal", "on-demand-local-gpu", "sharded-local-gpu"} <= set(
-        deployments
-    )
+    names = {"nightly-fal", "nightly-hybrid", "on-demand-fal", "on-demand-local-gpu"}
+    assert names | {"sharded-local-gpu"} <= set(deployments)
     [nightly] = deployments["nightly-fal"]["schedules"]
     assert nightly["cron"] == "0 2 * * *"
+    assert deployments["nightly-hybrid"]["schedules"] == [nightly]  # the same, paused
+    assert deployments["nightly-hybrid"]["parameters"]["backend"] == "auto"
     # Its paths are placeholders: `prefect deploy --all` must not start a live nightly run on them.
     assert nightly["active"] is False
     assert deployments["nightly-fal"]["parameters"]["manifest"].startswith("s3://my-bucket/")
