@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from avatarflow.tasks.config import CaptionSettings
+
 Resolution = Literal["480p", "720p"]
 # A row's final state: its video is at <id>.mp4, it has none, or it failed QC (_rejected/<id>.mp4).
 RowStatus = Literal["published", "failed", "rejected"]
@@ -148,6 +150,7 @@ class Row:
     seed: int | None = None
     num_segments: int | None = None  # user override; None = derived from the audio duration
     extra: dict[str, Any] = field(default_factory=dict)  # passthrough columns, untouched
+    transcript: str | None = None  # the narration's script: the captions' words
 
     @property
     def resolution(self) -> Resolution:
@@ -352,7 +355,11 @@ class GateResult:
 
 
 # Extra measures of a gate that get their own results column next to its value and threshold.
-_EXTRA_COLUMNS = {"lipsync": ("corr", "min_corr"), "seams": ("jump", "jump_max")}
+_EXTRA_COLUMNS = {
+    "lipsync": ("corr", "min_corr"),
+    "seams": ("jump", "jump_max"),
+    "captions": ("wer", "max_wer"),
+}
 
 
 @dataclass(frozen=True)
@@ -415,6 +422,9 @@ class RowResult:
     billable_units: float = 0.0  # received for the row across all runs
     first_published_at: datetime | None = None  # UTC, the first time a video reached <id>.mp4
     qc: dict[str, Any] = field(default_factory=dict)  # QCReport.to_columns() of the final video
+    captions: str | None = None  # the captions' text, cue after cue
+    captions_vtt_url: str | None = None
+    captions_srt_url: str | None = None
 
     @classmethod
     def failure(cls, row_id: str, error: str, extra: dict[str, Any] | None = None) -> RowResult:
@@ -471,6 +481,7 @@ class Published:
 
     result: RowResult
     input_hash: str
+    captions_key: str | None = None  # what its captions were made from (tasks/captions.py)
 
 
 # --- the sidecar (<id>.json) ----------------------------------------------------------------------
@@ -527,6 +538,18 @@ class SidecarRerender:
 
 
 @dataclass(frozen=True)
+class SidecarCaptions:
+    """The captions published with the video, and what they were made from."""
+
+    outputs: tuple[str, ...]  # "vtt", "srt", "track" (the MP4's mov_text track)
+    source: Literal["transcript", "speech"]  # whose words the cues carry
+    cues: int
+    recognised_words: int
+    settings: CaptionSettings
+    key: str  # sha256 over the transcript, settings and outputs: a change makes them again
+
+
+@dataclass(frozen=True)
 class Sidecar:
     """How a published video was made: inputs and hashes, model, requests, cost, timings, QC."""
 
@@ -546,6 +569,7 @@ class Sidecar:
     estimated_cost_usd: float
     qc: QCReport  # the final video's: structural checks and QC gates together
     rerender: SidecarRerender | None = None
+    captions: SidecarCaptions | None = None
 
 
 # --- progress events (tasks/progress.py) ----------------------------------------------------------
