@@ -39,39 +39,9 @@ _SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*$")
 _CLAUSE_END = re.compile(r"[,;:–—][\"'”’)\]]*$")
 # Words a line or cue should not end on: they belong with the word after them.
 _WEAK = frozenset(
-    [
-        "a",
-        "an",
-        "the",
-        "and",
-        "or",
-        "but",
-        "nor",
-        "of",
-        "to",
-        "in",
-        "on",
-        "at",
-        "by",
-        "for",
-        "from",
-        "with",
-        "as",
-        "into",
-        "onto",
-        "than",
-        "that",
-        "my",
-        "your",
-        "his",
-        "her",
-        "its",
-        "our",
-        "their",
-        "this",
-        "these",
-        "those",
-    ]
+    {"a", "an", "the", "and", "or", "but", "nor", "of", "to", "in", "on", "at", "by", "for"}
+    | {"from", "with", "as", "into", "onto", "than", "that", "my", "your", "his", "her", "its"}
+    | {"our", "their", "this", "these", "those"}
 )
 _END_TOLERANCE_S = 0.001  # cue times are written in whole milliseconds
 # mov_text needs an ASS header to open its encoder (it keeps the style, not the text).
