@@ -215,6 +215,13 @@ def run(
             help="Render a row that fails QC once more with a new seed (counts against --budget).",
         ),
     ] = False,
+    captions: Annotated[
+        str,
+        typer.Option(
+            help="off | vtt (<id>.vtt) | all (.vtt, .srt and a subtitle track in the MP4) | auto "
+            "(all when the manifest has a transcript column or a recogniser is configured).",
+        ),
+    ] = "auto",
     notify: Annotated[
         str | None, typer.Option(help="POST a batch summary to this URL when the run ends.")
     ] = None,
@@ -244,6 +251,7 @@ def run(
         resubmit_ambiguous=resubmit_ambiguous,
         qc_skip=frozenset(name.strip() for name in qc_skip.split(",") if name.strip()),
         rerender_on_qc_fail=rerender_on_qc_fail,
+        captions=captions,
         notify_url=notify,
         notify_format=notify_format,
         backend_settings=_backend_settings(set_),

@@ -32,7 +32,15 @@ from avatarflow.tasks.backends import (
     renderer_class,
     with_backend_settings,
 )
-from avatarflow.tasks.config import BatchConfig, FalSettings, LocalSettings, QCSettings
+from avatarflow.tasks.captions import resolve_mode
+from avatarflow.tasks.config import (
+    BatchConfig,
+    CaptionSettings,
+    CaptionsMode,
+    FalSettings,
+    LocalSettings,
+    QCSettings,
+)
 from avatarflow.tasks.finish import finish_row
 from avatarflow.tasks.ledger import Ledger
 from avatarflow.tasks.manifest import ManifestCheck, load_rows
@@ -177,6 +185,8 @@ def produce_batch(
     qc: QCSettings | None = None,
     qc_skip: list[str] | None = None,
     rerender_on_qc_fail: bool = False,
+    captions: CaptionsMode = "auto",
+    caption_settings: CaptionSettings | None = None,
     fal_key_secret: str | None = None,
     dask_address: str | None = None,
     notify_url: str | None = None,
@@ -197,7 +207,9 @@ def produce_batch(
     for the random-weight demo checkpoint) and `dask_address` the Dask scheduler whose GPU workers
     keep it loaded ("local": a LocalCluster with one worker per GPU). `backend_settings` sets
     fields of the chosen backend's own settings by name (any registered backend's, checked when
-    the run starts); unset ones come from that backend's environment variables.
+    the run starts); unset ones come from that backend's environment variables. `captions`:
+    off, vtt (<id>.vtt), all (.vtt, .srt and a subtitle track in the MP4) or auto (all when the
+    manifest has a transcript column or the backend has a recogniser configured).
     """
     parameters = dict(locals())  # the flow's parameters as given, before other names are bound
     survive_lost_terminal()
@@ -325,6 +337,7 @@ def _produce(config: BatchConfig) -> BatchOutcome:
     # 1. Validate the manifest; an invalid row is a failed row.
     check = load_rows(config)
     results = _invalid_rows(check)
+    config = resolve_mode(config, check.transcript_column)  # auto captions: on or off now
 
     # 2. Prepare → admit → render → finish, row by row, streaming (row_stages).
     progress.emit(RowsPlanned(len(check.rows), 0, 0.0))  # totals grow as rows are admitted

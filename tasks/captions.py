@@ -178,26 +178,23 @@ def _lines(texts: Sequence[str], settings: CaptionSettings) -> tuple[str, ...] |
         return (text,)
     if settings.max_lines < 2:
         return None
-    best: tuple[float, int] | None = None
+    below = settings.model_copy(update={"max_lines": settings.max_lines - 1})
+    best: tuple[float, tuple[str, ...]] | None = None
     for k in range(1, len(texts)):
-        top, rest = " ".join(texts[:k]), texts[k:]
+        top = " ".join(texts[:k])
         if len(top) > settings.max_line_chars:
             break
-        tail = _lines(rest, settings.model_copy(update={"max_lines": settings.max_lines - 1}))
+        tail = _lines(texts[k:], below)
         if tail is None:
             continue
         score = abs(len(top) - len(tail[0])) / settings.max_line_chars
-        score -= (
-            1.0 if _CLAUSE_END.search(texts[k - 1]) or _SENTENCE_END.search(texts[k - 1]) else 0
-        )
-        score += 1.0 if normalise(texts[k - 1]) in _WEAK else 0
+        if _CLAUSE_END.search(texts[k - 1]) or _SENTENCE_END.search(texts[k - 1]):
+            score -= 1.0
+        if normalise(texts[k - 1]) in _WEAK:
+            score += 1.0
         if best is None or score < best[0]:
-            best = (score, k)
-    if best is None:
-        return None
-    k = best[1]
-    rest = settings.model_copy(update={"max_lines": settings.max_lines - 1})
-    return (" ".join(texts[:k]), *(_lines(texts[k:], rest) or ()))
+            best = (score, (top, *tail))
+    return None if best is None else best[1]
 
 
 def _timed(groups: list[list[Word]], settings: CaptionSettings, duration_s: float) -> list[Cue]:
@@ -290,10 +287,11 @@ def read_track(video_path: str | Path) -> list[Cue]:
     with av.open(str(video_path)) as container:
         stream = container.streams.subtitles[0]
         for packet in container.demux(stream):
-            if packet.size == 0 or packet.pts is None or packet.duration is None:
+            base = stream.time_base
+            if packet.size == 0 or packet.pts is None or packet.duration is None or base is None:
                 continue
-            start = float(packet.pts * stream.time_base)
-            end = float((packet.pts + packet.duration) * stream.time_base)
+            start = float(packet.pts * base)
+            end = float((packet.pts + packet.duration) * base)
             for subtitle in packet.decode():
                 text = subtitle.dialogue.decode()  # type: ignore[union-attr]
                 cues.append(Cue(start, end, tuple(text.split("\n"))))
