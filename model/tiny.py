@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
 from safetensors.torch import save_file
+from tokenizers import pre_tokenizers
 from transformers import (
+    GenerationConfig,
     T5Tokenizer,
     UMT5Config,
     UMT5EncoderModel,
@@ -23,7 +25,9 @@ from transformers import (
     Wav2Vec2Model,
     WhisperConfig,
     WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
     WhisperModel,
+    WhisperTokenizer,
 )
 
 from avatarflow.model.transformer_longcat_avatar import LongCatVideoAvatarTransformer3DModel
@@ -64,7 +68,7 @@ TINY_WAV2VEC2 = {
 TINY_WHISPER = {
     "d_model": AUDIO_WIDTH,
     "encoder_layers": WHISPER_LAYERS,
-    "decoder_layers": 1,
+    "decoder_layers": 2,  # alignment heads for word timestamps live in the last decoder layer
     "encoder_attention_heads": 2,
     "decoder_attention_heads": 2,
     "encoder_ffn_dim": 64,
@@ -72,15 +76,28 @@ TINY_WHISPER = {
     "num_mel_bins": 80,
     "max_source_positions": 200,  # 4 s windows instead of 30 s (see TINY_WHISPER_CHUNK_S)
     "max_target_positions": 32,
-    # Special-token ids must lie inside the tiny vocab (the defaults, 50256..., crash it).
-    "vocab_size": 64,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "decoder_start_token_id": 1,
     "begin_suppress_tokens": None,
     "suppress_tokens": None,
 }
+# Whisper's special tokens, in its order; the token after <|notimestamps|> is the first timestamp.
+WHISPER_SPECIALS = (
+    "<|endoftext|>",
+    "<|startoftranscript|>",
+    "<|en|>",
+    "<|translate|>",
+    "<|transcribe|>",
+    "<|startoflm|>",
+    "<|startofprev|>",
+    "<|nocaptions|>",
+    "<|notimestamps|>",
+)
+WHISPER_TIMESTAMPS = 1501  # <|0.00|> .. <|30.00|>, ids above the special tokens
+# The only words the tiny recogniser says (everything else is suppressed), so its output reads as
+# words; which ones, and when, is as meaningless as its random weights.
+TINY_WHISPER_WORDS = ("hello", "world", "speech", "avatar", "caption", "the", "and")
+TINY_WHISPER_MAX_NEW_TOKENS = 6  # per window: keeps CPU recognition fast
+# The v1.0 checkpoint's Whisper only recognises (no DiT reads its layers): a shallow encoder.
+TINY_RECOGNISER_LAYERS = 2
 # head_dim 16 splits into RoPE t/h/w = 8/4/4; hidden 64 keeps a 2-step 93-frame run well under 1 s.
 TINY_DIT = {
     "in_channels": 16,
@@ -99,6 +116,7 @@ TINY_DIT = {
     "context_tokens": 8,
     "vae_scale": 4,
 }
+WHISPER_DIR = "whisper-large-v3"  # the v1.5 checkpoint's Whisper folder
 TINY_WHISPER_CHUNK_S = 4  # the feature extractor's window; the encoder takes 100 mel frames/s
 TINY_LORA_RANK = 4
 
@@ -146,12 +164,67 @@ def _write_wav2vec2(folder: Path) -> None:
     torch.save(state, folder / "pytorch_model.bin")
 
 
-def _write_whisper(folder: Path) -> None:
-    model = _seeded(lambda: WhisperModel(WhisperConfig(**TINY_WHISPER)), 2)
+def build_tiny_whisper_tokenizer() -> WhisperTokenizer:
+    """A byte-level BPE Whisper tokenizer built in memory: the 256 byte symbols, merges that spell
+    TINY_WHISPER_WORDS (with their leading space) and Whisper's special tokens."""
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges: list[tuple[str, str]] = []
+    for word in TINY_WHISPER_WORDS:
+        pieces = list("Ġ" + word)  # Ġ: the byte-level symbol of a space
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            vocab.setdefault(pieces[0], len(vocab))
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(WHISPER_SPECIALS[1:])})
+    return tokenizer
+
+
+def _write_whisper(folder: Path, encoder_layers: int = WHISPER_LAYERS) -> None:
+    """A tiny Whisper that both encodes audio (the v1.5 DiT reads its encoder) and recognises
+    speech: weights, feature extractor, tokenizer, and a generation config with alignment heads
+    (word timestamps)."""
+    tokenizer = build_tiny_whisper_tokenizer()
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in WHISPER_SPECIALS}
+    end, start = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
+    config = WhisperConfig(
+        **{**TINY_WHISPER, "encoder_layers": encoder_layers},
+        vocab_size=len(tokenizer) + WHISPER_TIMESTAMPS,
+        pad_token_id=end,
+        bos_token_id=end,
+        eos_token_id=end,
+        decoder_start_token_id=start,
+    )
+    encoder = _seeded(lambda: WhisperModel(config), 2)
+    model = WhisperForConditionalGeneration(config)
+    model.model.load_state_dict(encoder.state_dict())
+    words = set(tokenizer.convert_tokens_to_ids(["Ġ" + w for w in TINY_WHISPER_WORDS]))
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=start,
+        bos_token_id=end,
+        eos_token_id=end,
+        pad_token_id=end,
+        max_new_tokens=TINY_WHISPER_MAX_NEW_TOKENS,
+        is_multilingual=False,
+        no_timestamps_token_id=ids["<|notimestamps|>"],
+        prev_sot_token_id=ids["<|startofprev|>"],
+        max_initial_timestamp_index=50,
+        # cross-attention heads whose DTW path gives the word times
+        alignment_heads=[[TINY_WHISPER["decoder_layers"] - 1, h] for h in range(2)],
+        suppress_tokens=[i for i in range(len(tokenizer)) if i not in words],
+    )
     model.save_pretrained(folder)
-    WhisperFeatureExtractor(
+    extractor = WhisperFeatureExtractor(
         feature_size=TINY_WHISPER["num_mel_bins"], chunk_length=TINY_WHISPER_CHUNK_S
-    ).save_pretrained(folder)
+    )
+    extractor.save_pretrained(folder)  # preprocessor_config.json, as the audio loader reads it
+    tokenizer.save_pretrained(folder)
+
+
+def write_tiny_whisper(folder: str | Path) -> Path:
+    """Write only the tiny recogniser (for a tiny checkpoint written before it had one)."""
+    _write_whisper(Path(folder), TINY_RECOGNISER_LAYERS)
+    return Path(folder)
 
 
 def tiny_lora_state(
@@ -193,6 +266,8 @@ def write_tiny_checkpoint(root: str | Path, version: str = "1.0") -> Path:
         # Small shards reproduce the official index + shard naming.
         dit.save_pretrained(avatar / "avatar_single", max_shard_size="200KB")
         _write_wav2vec2(avatar / "chinese-wav2vec2-base")
+        # Not in the official v1.0 layout: speech recognition (captions) for the demo and tests.
+        _write_whisper(avatar / WHISPER_DIR, TINY_RECOGNISER_LAYERS)
     else:
         avatar = root / "LongCat-Video-Avatar-1.5"
         # Stored in bf16 like the official base_model/, so loading exercises the up-cast.
@@ -200,7 +275,7 @@ def write_tiny_checkpoint(root: str | Path, version: str = "1.0") -> Path:
         (avatar / "lora").mkdir(parents=True, exist_ok=True)
         save_file(tiny_lora_state(dit), avatar / "lora" / "dmd_lora.safetensors")
         FlowMatchEulerDiscreteScheduler(shift=7.0).save_pretrained(avatar / "scheduler")
-        _write_whisper(avatar / "whisper-large-v3")
+        _write_whisper(avatar / WHISPER_DIR)
     # enhance_hf off: v1.0 continuation would otherwise add 10 tail steps to the 2 tiny ones.
     defaults = {
         "sample_size": list(TINY_SAMPLE_SIZE),

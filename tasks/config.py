@@ -24,6 +24,11 @@ CAPTIONS_GATE = "captions"
 # --captions: auto = all when the manifest has a transcript column or a recogniser is configured;
 # vtt = <id>.vtt only; all = <id>.vtt, <id>.srt and a mov_text track in the MP4.
 CaptionsMode = Literal["auto", "off", "vtt", "all"]
+# fal-ai/whisper bills compute time. USD per unit (a compute second): fal's model page when this was
+# written; check it. Units per narration second is an estimate for large-v3 on fal's GPUs (the
+# result's x-fal-billable-units header is what a row is charged).
+DEFAULT_WHISPER_PRICE_PER_UNIT = 0.00111
+DEFAULT_WHISPER_UNITS_PER_AUDIO_S = 0.05
 # The random-weight checkpoint `avatarflow model init-tiny` writes; used only when named.
 TINY_MODEL = "tiny"
 
@@ -75,6 +80,12 @@ class FalSettings(BaseSettings):
     units_per_video_s: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_UNITS_PER_VIDEO_S)
     )
+    # Speech recognition (captions) on fal's hosted Whisper. It costs money, so rows without a
+    # transcript are recognised only when this is on (FAL_SPEECH_RECOGNITION=1).
+    speech_recognition: bool = False
+    whisper_app: str = "fal-ai/whisper"
+    whisper_price_per_unit: float = Field(default=DEFAULT_WHISPER_PRICE_PER_UNIT, ge=0)
+    whisper_units_per_audio_s: float = Field(default=DEFAULT_WHISPER_UNITS_PER_AUDIO_S, ge=0)
 
     @field_validator("queue_url", "rest_url", "cdn_url")
     @classmethod
@@ -108,6 +119,9 @@ class LocalSettings(BaseSettings):
     # A Dask scheduler whose workers (each with a GPU=1 resource) render and keep the model
     # loaded across rows and runs: "tcp://host:8786", or "local" (a LocalCluster, one per GPU).
     dask_address: str | None = None
+    # A Whisper folder (transformers layout) for speech recognition; default: the checkpoint's own
+    # whisper-large-v3/ (v1.5, and the tiny checkpoint).
+    whisper_dir: str | None = None
 
     @property
     def is_tiny(self) -> bool:

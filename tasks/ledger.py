@@ -6,6 +6,9 @@ concurrent writers never share a file:
     rows/<id>/<input_hash>/chunk-<k>.request.json   the request id, once submit returned
     rows/<id>/<input_hash>/chunk-<k>.done.json      the rendered chunk (sha256) once downloaded
     rows/<id>/<input_hash>/chunk-<k>.mp4            a copy of the rendered chunk, for reuse
+    rows/<id>/<input_hash>/speech.attempt.json      the same for the row's paid speech recognition
+    rows/<id>/<input_hash>/speech.request.json      (key SPEECH in place of a chunk index)
+    rows/<id>/<input_hash>/speech.done.json         the recognised words (tasks/speech.py)
     rows/<id>/published.json                        what was published, with its input hash
 A changed input (audio, image, prompt, parameters) changes input_hash, so stale chunks are ignored.
 
@@ -35,6 +38,7 @@ from avatarflow.tasks.records import (
     Attempt,
     ChunkVideo,
     Published,
+    Recognised,
     Request,
     RowResult,
     from_json,
@@ -48,6 +52,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# The key of a row's speech recognition request where chunk methods take a chunk index.
+SPEECH = "speech"
+ChunkKey = int | str  # a chunk index, or SPEECH
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,7 @@ class ChunkRecord:
 
     row_id: str
     input_hash: str
-    chunk: int
+    chunk: ChunkKey
     attempt: Attempt | None
     request: Request | None
     done: bool
@@ -93,7 +100,9 @@ class Ledger:
         # A local copy of every request id: a paid request must survive the state store being
         # unreachable at the moment fal answers (e.g. an S3 target that is briefly down).
         self.journal = Path(journal_dir) if journal_dir else None
-        self._attempts: dict[tuple[str, str, int], int] = {}  # attempt numbers sent by this process
+        self._attempts: dict[
+            tuple[str, str, ChunkKey], int
+        ] = {}  # attempt numbers sent by this process
 
     @classmethod
     def for_run(cls, config: BatchConfig) -> Ledger:
@@ -108,8 +117,9 @@ class Ledger:
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    def _chunk_path(self, row_id: str, input_hash: str, chunk: int, suffix: str) -> str:
-        return self._path("rows", row_id, input_hash[:24], f"chunk-{chunk}.{suffix}")
+    def _chunk_path(self, row_id: str, input_hash: str, chunk: ChunkKey, suffix: str) -> str:
+        stem = f"chunk-{chunk}" if isinstance(chunk, int) else chunk
+        return self._path("rows", row_id, input_hash[:24], f"{stem}.{suffix}")
 
     def read(self, path: str, kind: type[T]) -> T | None:
         """The document of `kind` at path, or None when it does not exist or is unreadable."""
@@ -148,7 +158,7 @@ class Ledger:
 
     # --- paid requests -------------------------------------------------------------------------
 
-    def chunk(self, row_id: str, input_hash: str, chunk: int) -> ChunkRecord:
+    def chunk(self, row_id: str, input_hash: str, chunk: ChunkKey) -> ChunkRecord:
         """Everything recorded about one chunk's paid request."""
         return ChunkRecord(
             row_id,
@@ -159,7 +169,7 @@ class Ledger:
             done=self.fs.exists(self._chunk_path(row_id, input_hash, chunk, "done.json")),
         )
 
-    def record_attempt(self, row_id: str, input_hash: str, chunk: int, endpoint: str) -> int:
+    def record_attempt(self, row_id: str, input_hash: str, chunk: ChunkKey, endpoint: str) -> int:
         """Note that a paid submit is about to be sent; return its attempt number."""
         lost = lease.lost(self.url)
         if lost is not None:  # another run may hold the target now: it could pay for this chunk
@@ -171,12 +181,12 @@ class Ledger:
         self._attempts[(row_id, input_hash, chunk)] = n
         return n
 
-    def attempt(self, row_id: str, input_hash: str, chunk: int) -> Attempt | None:
+    def attempt(self, row_id: str, input_hash: str, chunk: ChunkKey) -> Attempt | None:
         """The latest attempt record of a chunk, or None."""
         return self.read(self._chunk_path(row_id, input_hash, chunk, "attempt.json"), Attempt)
 
     def record_request(
-        self, row_id: str, input_hash: str, chunk: int, request_id: str, endpoint: str
+        self, row_id: str, input_hash: str, chunk: ChunkKey, request_id: str, endpoint: str
     ) -> None:
         """Record a submitted request id (answering the latest attempt) before it is waited on."""
         # Known locally when this process sent the attempt: no read that a down store would fail.
@@ -212,7 +222,7 @@ class Ledger:
         assert self.journal is not None
         return self.journal / path.removeprefix(self.root).lstrip("/")
 
-    def request(self, row_id: str, input_hash: str, chunk: int) -> Request | None:
+    def request(self, row_id: str, input_hash: str, chunk: ChunkKey) -> Request | None:
         """The chunk's recorded request (from the state store, else the local journal), or None."""
         path = self._chunk_path(row_id, input_hash, chunk, "request.json")
         doc = self.read(path, Request)
@@ -258,6 +268,16 @@ class Ledger:
             if sha256_file(local) != done.sha256:
                 return None
         return dataclasses.replace(done, path=str(local))
+
+    # --- recognised speech ---------------------------------------------------------------------
+
+    def record_recognised(self, row_id: str, input_hash: str, recognised: Recognised) -> None:
+        """Keep a row's recognised words, so no later run recognises (or pays for) them again."""
+        self.write(self._chunk_path(row_id, input_hash, SPEECH, "done.json"), recognised)
+
+    def recognised(self, row_id: str, input_hash: str) -> Recognised | None:
+        """The row's recognised words for these inputs, or None."""
+        return self.read(self._chunk_path(row_id, input_hash, SPEECH, "done.json"), Recognised)
 
     # --- published rows ------------------------------------------------------------------------
 

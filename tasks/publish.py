@@ -27,13 +27,14 @@ from avatarflow.tasks import progress
 from avatarflow.tasks.backends import renderer_class
 from avatarflow.tasks.captions import RowCaptions
 from avatarflow.tasks.config import CAPTIONS_GATE, BatchConfig
-from avatarflow.tasks.ledger import Ledger
+from avatarflow.tasks.ledger import SPEECH, Ledger
 from avatarflow.tasks.manifest import ID_PATTERN
 from avatarflow.tasks.qc import GATES
 from avatarflow.tasks.records import (
     ChunkVideo,
     GateResult,
     QCReport,
+    Recognised,
     RowFinished,
     RowPlan,
     RowResult,
@@ -419,20 +420,26 @@ def _publish_video(
 
 
 def paid_per_row(ledger: Ledger) -> dict[str, tuple[float, float]]:
-    """(billable units, USD) of every chunk the ledger holds, per row id, over all input hashes."""
+    """(billable units, USD) of every chunk and speech recognition the ledger holds, per row id,
+    over all input hashes."""
     paths = ledger.fs.glob(f"{ledger.root}/rows/*/*/chunk-*.done.json")
+    paths += ledger.fs.glob(f"{ledger.root}/rows/*/*/{SPEECH}.done.json")
     totals: dict[str, tuple[float, float]] = {}
     if not paths:
         return totals
     # One listing, then the documents in one batch (concurrent reads on object stores).
     for path, data in ledger.fs.cat(paths, on_error="omit").items():
         try:
-            chunk = from_json(ChunkVideo, json.loads(data))
+            paid: ChunkVideo | Recognised
+            if path.endswith(f"/{SPEECH}.done.json"):
+                paid = from_json(Recognised, json.loads(data))
+            else:
+                paid = from_json(ChunkVideo, json.loads(data))
         except ValueError:  # a torn write: not a finished chunk
             continue
         row_id = path.split("/")[-3]
         units, usd = totals.get(row_id, (0.0, 0.0))
-        totals[row_id] = (units + chunk.billable_units, usd + chunk.cost_usd)
+        totals[row_id] = (units + paid.billable_units, usd + paid.cost_usd)
     return totals
 
 

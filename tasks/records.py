@@ -333,6 +333,20 @@ class Word:
     end_s: float
 
 
+@dataclass(frozen=True)
+class Recognised:
+    """A row's recognised narration as the ledger keeps it (tasks/speech.py): a rerun neither
+    recognises nor pays again. cost_usd is part of what the row paid (results' cost_usd)."""
+
+    words: tuple[Word, ...]
+    backend: str
+    model: str  # the Whisper folder, or the fal app
+    audio_sha256: str  # of the narration that was recognised
+    request_id: str | None = None
+    billable_units: float = 0.0
+    cost_usd: float = 0.0
+
+
 # --- QC and results -------------------------------------------------------------------------------
 
 

@@ -333,9 +333,10 @@ class FalQueueClient:
 
     # --- queue ------------------------------------------------------------------------------------
 
-    def handle(self, request_id: str) -> SubmitResult:
-        """Rebuild the URLs of a known request id from the app id (for resuming a request)."""
-        base = f"{self.settings.queue_url}/{self.settings.app}/requests/{request_id}"
+    def handle(self, request_id: str, app: str | None = None) -> SubmitResult:
+        """Rebuild the URLs of a known request id from the app id (for resuming a request);
+        app: another app than settings.app (owner/name, e.g. fal-ai/whisper)."""
+        base = f"{self.settings.queue_url}/{app or self.settings.app}/requests/{request_id}"
         return SubmitResult(request_id, f"{base}/status", base, f"{base}/cancel")
 
     def submit(self, endpoint: str, payload: Mapping[str, Any]) -> SubmitResult:
@@ -350,7 +351,9 @@ class FalQueueClient:
         body = _body(resp)
         if not isinstance(body, dict) or not body.get("request_id"):
             raise AmbiguousSubmitError(url, f"unreadable answer (HTTP {resp.status_code})")
-        built = self.handle(str(body["request_id"]))
+        # an endpoint of another app (fal-ai/whisper) is its own app id
+        app = self.settings.app if endpoint.startswith(f"{self.settings.app}/") else endpoint
+        built = self.handle(str(body["request_id"]), app=app)
         prefix = f"{self.settings.queue_url}/"
 
         def pick(key: str, default: str) -> str:

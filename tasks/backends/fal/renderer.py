@@ -125,6 +125,24 @@ def _existing_limit(name: str | None) -> str | None:
     return name
 
 
+def classify_failure(client: FalQueueClient, handle: SubmitResult, exc: FalError) -> FalError:
+    """Tell a request that is gone or ended failed from one we merely could not reach."""
+    if isinstance(exc, FalRequestError) and exc.status == 404:
+        return ResultExpiredError(handle.request_id, "request")
+    # fal does not bill 5xx failures, and a cancelled request (499) produced nothing.
+    if not isinstance(exc, FalRequestError) or not (
+        exc.retryable or exc.error_type == "client_cancelled"
+    ):
+        return exc  # e.g. 422: fal's message names the offending field
+    try:
+        # wait() raises the same error types for a failed completion and for a status poll
+        # that kept failing; only the former may be resubmitted, so ask fal once more.
+        ended = client.status(handle).status == "COMPLETED"
+    except FalError:
+        ended = False
+    return FailedCompletionError(handle.request_id, exc) if ended else exc
+
+
 def _single_chunk(job: RenderJob) -> Chunk:
     if len(job.chunks) != 1:
         raise ValueError(f"the fal backend renders one chunk per job, got {len(job.chunks)}")
@@ -331,21 +349,7 @@ class FalRenderer(Renderer):
         return waited - run_s, run_s
 
     def _classify(self, handle: SubmitResult, exc: FalError) -> FalError:
-        """Tell a request that is gone or ended failed from one we merely could not reach."""
-        if isinstance(exc, FalRequestError) and exc.status == 404:
-            return ResultExpiredError(handle.request_id, "request")
-        # fal does not bill 5xx failures, and a cancelled request (499) produced nothing.
-        if not isinstance(exc, FalRequestError) or not (
-            exc.retryable or exc.error_type == "client_cancelled"
-        ):
-            return exc  # e.g. 422: fal's message names the offending field
-        try:
-            # wait() raises the same error types for a failed completion and for a status poll
-            # that kept failing; only the former may be resubmitted, so ask fal once more.
-            ended = self.client.status(handle).status == "COMPLETED"
-        except FalError:
-            ended = False
-        return FailedCompletionError(handle.request_id, exc) if ended else exc
+        return classify_failure(self.client, handle, exc)
 
     def _collect(
         self, job: RenderJob, chunk: Chunk, handle: SubmitResult, timings: Timings
