@@ -488,7 +488,8 @@ def init_tiny(
     directory: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.")],
     version: Annotated[str, typer.Option(help="1.0 (wav2vec2) or 1.5 (Whisper)")] = "1.0",
 ) -> None:
-    """Write a tiny random-weight checkpoint in the official layout (tests, demo)."""
+    """Write a tiny random-weight checkpoint in the official layout (tests, demo), with a tiny
+    Whisper in whisper-large-v3/ for offline speech recognition."""
     from avatarflow.model.tiny import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(directory, version=version)

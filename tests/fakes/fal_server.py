@@ -1,7 +1,9 @@
 """A loopback fake of fal's queue, storage and CDN for tests and benchmarks (127.0.0.1 only).
 
-FakeFal serves submit/status/result/cancel for fal-ai/longcat-single-avatar, both storage upload
-flows and downloads, renders real H.264+AAC MP4s with the model's frame counts, and scripts faults.
+FakeFal serves submit/status/result/cancel for fal-ai/longcat-single-avatar and fal-ai/whisper, both
+storage upload flows and downloads, renders real H.264+AAC MP4s with the model's frame counts, and
+scripts faults. Its whisper says the words a test registered for an audio (FakeFal.speak) across the
+audio's voiced bursts, or one placeholder word per burst.
 Its renders are a photographed face (scikit-image's astronaut) whose mouth follows the request's
 audio on a backdrop that is the same for every request, so every QC gate can judge them, chunk
 joins included; Faults(faceless=True) renders stripes instead.
@@ -45,6 +47,12 @@ if TYPE_CHECKING:
     from avatarflow.tasks.config import FalSettings
 
 APP = "fal-ai/longcat-single-avatar"
+WHISPER_APP = "fal-ai/whisper"
+# What the fake whisper bills: compute seconds (fal's unit for it) per second of audio.
+WHISPER_UNITS_PER_AUDIO_S = 0.05
+PLACEHOLDER_WORD = "word"  # what the fake whisper says for a burst of unregistered audio
+_VOICED_FRAME_S = 0.02  # loudness is judged per 20 ms
+_BURST_GAP_S = 0.1  # quieter stretches shorter than this do not end a burst
 AI2V = "image-audio-to-video"
 FPS = 16
 UNITS_PER_VIDEO_S = {"480p": 1.0, "720p": 4.0}  # the model's API page: billing per 16 frames
@@ -93,6 +101,7 @@ class _Job:
     seed: int
     failure: tuple[int, dict[str, Any]] | None  # what the result answers when the request failed
     video: Future[bytes] | None = None
+    output: dict[str, Any] | None = None  # a whisper request's result
     state: str = "IN_QUEUE"
     started_at: float | None = None
     completed_at: float | None = None
@@ -254,6 +263,58 @@ def _video_future(
         return _VIDEOS[key]
 
 
+def voiced_bursts(sound: np.ndarray, rate_hz: int = _AUDIO_RATE_HZ) -> list[tuple[float, float]]:
+    """(start s, end s) of each stretch of sound louder than a tenth of its loud frames' level,
+    quieter gaps under _BURST_GAP_S bridged."""
+    step = round(_VOICED_FRAME_S * rate_hz)
+    frames = len(sound) // step
+    if frames == 0:
+        return []
+    rms = np.sqrt((sound[: frames * step].reshape(frames, step).astype(np.float64) ** 2).mean(1))
+    voiced = rms > max(1e-3, 0.1 * float(np.percentile(rms, 95)))
+    bursts: list[tuple[float, float]] = []
+    for i in np.flatnonzero(voiced):
+        start, end = i * _VOICED_FRAME_S, (i + 1) * _VOICED_FRAME_S
+        if bursts and start - bursts[-1][1] < _BURST_GAP_S:
+            bursts[-1] = (bursts[-1][0], end)
+        else:
+            bursts.append((start, end))
+    return [(round(a, 3), round(b, 3)) for a, b in bursts]
+
+
+def transcribe(
+    sound: np.ndarray, script: list[str] | None, chunk_level: str = "word"
+) -> dict[str, Any]:
+    """fal-ai/whisper's output for the audio: the script's words spread over the voiced bursts
+    (by length, a word never crossing a burst's end), else one placeholder word per burst."""
+    bursts = voiced_bursts(sound)
+    timed: list[tuple[str, float, float, int]] = []  # (word, start, end, burst)
+    if script is None:
+        timed = [(PLACEHOLDER_WORD, a, b, i) for i, (a, b) in enumerate(bursts)]
+    elif bursts and script:
+        # voiced time laid end to end, each word a share of it proportional to its length + 1
+        edges = np.cumsum([0.0] + [b - a for a, b in bursts])
+        weights = np.cumsum([0] + [len(w) + 1 for w in script])
+        cuts = weights / weights[-1] * edges[-1]
+        for word, lo, hi in zip(script, cuts, cuts[1:], strict=False):
+            k = min(int(np.searchsorted(edges, lo, side="right")) - 1, len(bursts) - 1)
+            start = bursts[k][0] + lo - edges[k]
+            end = min(bursts[k][1], bursts[k][0] + hi - edges[k])
+            timed.append((word, round(start, 3), round(end, 3), k))
+    if chunk_level == "word":
+        chunks = [{"timestamp": [a, b], "text": f" {w}"} for w, a, b, _ in timed]
+    else:  # one segment per burst
+        chunks = [
+            {
+                "timestamp": [bursts[k][0], bursts[k][1]],
+                "text": "".join(f" {w}" for w, _, _, burst in timed if burst == k),
+            }
+            for k in sorted({burst for *_, burst in timed})
+        ]
+    text = " ".join(w for w, *_ in timed)
+    return {"text": text, "chunks": chunks, "inferred_languages": ["en"]}
+
+
 def _visible_state(job: _Job) -> str:
     """The status fal would answer: a request whose simulated run succeeded stays IN_PROGRESS
     until its video is encoded, as fal's does until its output is stored (no result call waits)."""
@@ -304,11 +365,13 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+_APPS = f"(?:{APP}|{WHISPER_APP})"
 _ROUTES = [
     ("POST", re.compile(rf"/queue/{APP}/(audio-to-video|image-audio-to-video)"), "submit"),
-    ("GET", re.compile(rf"/queue/{APP}/requests/([\w-]+)/status"), "status"),
-    ("GET", re.compile(rf"/queue/{APP}/requests/([\w-]+)"), "result"),
-    ("PUT", re.compile(rf"/queue/{APP}/requests/([\w-]+)/cancel"), "cancel"),
+    ("POST", re.compile(rf"/queue/({WHISPER_APP})"), "submit"),
+    ("GET", re.compile(rf"/queue/{_APPS}/requests/([\w-]+)/status"), "status"),
+    ("GET", re.compile(rf"/queue/{_APPS}/requests/([\w-]+)"), "result"),
+    ("PUT", re.compile(rf"/queue/{_APPS}/requests/([\w-]+)/cancel"), "cancel"),
     ("POST", re.compile(r"/rest/storage/auth/token"), "token"),
     ("POST", re.compile(r"/rest/storage/upload/initiate"), "initiate"),
     ("POST", re.compile(r"/cdn/files/upload"), "upload"),
@@ -344,6 +407,7 @@ class FakeFal:
         self._files: dict[str, tuple[bytes, str]] = {}  # path under /cdn/files/ → (bytes, type)
         self._pending: dict[str, tuple[str, str]] = {}  # initiated uploads: id → (path, type)
         self._tokens: set[str] = set()
+        self._scripts: dict[str, list[str]] = {}  # audio sha256 → the words its whisper says
         self.reset(faults)
 
     def reset(self, faults: Faults | None = None) -> None:
@@ -358,6 +422,7 @@ class FakeFal:
             self.request_ids: list[str] = []  # parallel to payloads
             self.billed_units = 0.0
             self.max_in_progress = len(self._running)
+            self._scripts.clear()
 
     @property
     def submissions(self) -> int:
@@ -407,6 +472,13 @@ class FakeFal:
             "http_timeout_s": 5.0,
         }
         return FalSettings(**{**fast, **overrides})
+
+    def speak(self, audio: bytes | str, script: str) -> None:
+        """Register what is said in an audio (its bytes, or their sha256): fal-ai/whisper then
+        answers those words for it, timed across its voiced bursts (until reset())."""
+        sha = hashlib.sha256(audio).hexdigest() if isinstance(audio, bytes) else audio
+        with self._lock:
+            self._scripts[sha] = script.split()
 
     def state(self, request_id: str) -> str:
         """The request's status right now (IN_QUEUE, IN_PROGRESS or COMPLETED)."""
@@ -482,7 +554,8 @@ class FakeFal:
         _reply(h, 404, {"detail": f"no route for {method} {path}"})
 
     def _urls(self, job: _Job) -> dict[str, str]:
-        base = f"{self.queue_url}/{APP}/requests/{job.id}"
+        app = WHISPER_APP if job.endpoint == WHISPER_APP else APP
+        base = f"{self.queue_url}/{app}/requests/{job.id}"
         return {
             "status_url": f"{base}/status",
             "response_url": base,
@@ -514,12 +587,24 @@ class FakeFal:
         _reply(h, 200, {**answer, "status": "IN_QUEUE"}, {"x-fal-request-id": job.id})
 
     def _enqueue(self, endpoint: str, payload: dict[str, Any]) -> _Job:
-        errors, size = self._validate(endpoint, payload)
+        whisper = endpoint == WHISPER_APP
+        errors, size = (
+            self._validate_whisper(payload) if whisper else self._validate(endpoint, payload)
+        )
         failure = (422, {"detail": errors}) if errors else None
         if failure is None and self._take("completed_error"):
             failure = self._scripted_failure()
-        segments = payload.get("num_segments", 1) if not errors else 1
+        segments = payload.get("num_segments", 1) if not errors and not whisper else 1
         frames = 93 + 80 * (segments - 1)
+        units = frames / FPS * UNITS_PER_VIDEO_S.get(payload.get("resolution", "480p"), 1)
+        output = None
+        if whisper and not errors:
+            audio = self.file_bytes(str(payload["audio_url"])) or b""
+            sound = _decode_audio(audio)
+            with self._lock:
+                script = self._scripts.get(hashlib.sha256(audio).hexdigest())
+            output = transcribe(sound, script, str(payload.get("chunk_level", "segment")))
+            units = len(sound) / _AUDIO_RATE_HZ * WHISPER_UNITS_PER_AUDIO_S
         latency = self.latency_s(payload) if callable(self.latency_s) else self.latency_s
         now = time.monotonic()
         with self._lock:
@@ -532,9 +617,10 @@ class FakeFal:
                 submitted_at=now,
                 latency_s=0.0 if errors else latency,  # bad input fails as soon as it starts
                 frames=frames,
-                units=frames / FPS * UNITS_PER_VIDEO_S.get(payload.get("resolution", "480p"), 1),
+                units=units,
                 seed=seed if isinstance(seed, int) else self._rng.randrange(2**32),
                 failure=failure,
+                output=output,
             )
             self._jobs[job.id] = job
             self._queue.append(job)
@@ -543,7 +629,7 @@ class FakeFal:
             self.counts["submitted"] += 1
             self.counts[endpoint] += 1
             self._fill(now)
-        if failure is None:
+        if failure is None and not whisper:
             audio = self.file_bytes(str(payload["audio_url"]))
             job.video = _video_future(frames, size, audio, face=not self.faults.faceless)
         return job
@@ -597,6 +683,25 @@ class FakeFal:
                     bad("image_url", "Could not decode the image", "image_load_error")
         return errors, size
 
+    def _validate_whisper(self, p: dict[str, Any]) -> tuple[list[dict[str, Any]], tuple[int, int]]:
+        """Check a fal-ai/whisper payload: a decodable audio_url, a known chunk_level and task."""
+        errors: list[dict[str, Any]] = []
+        if "audio_url" not in p:
+            errors.append(
+                {"loc": ["body", "audio_url"], "msg": "Field required", "type": "missing"}
+            )
+        elif not len(_decode_audio(self.file_bytes(str(p["audio_url"])))):
+            msg = "Failed to download or decode the audio"
+            errors.append({"loc": ["body", "audio_url"], "msg": msg, "type": "file_download_error"})
+        for name, allowed in (
+            ("chunk_level", ("segment", "word")),
+            ("task", ("transcribe", "translate")),
+        ):
+            if name in p and p[name] not in allowed:
+                msg = f"Input should be {' or '.join(repr(a) for a in allowed)}"
+                errors.append({"loc": ["body", name], "msg": msg, "type": "enum"})
+        return errors, (0, 0)
+
     def _job(self, h: BaseHTTPRequestHandler, request_id: str) -> _Job | None:
         with self._lock:
             self._advance(time.monotonic())
@@ -638,14 +743,16 @@ class FakeFal:
             return _reply(
                 h, 504, b"<html>504 Gateway Time-out (nginx)</html>", {"Content-Type": "text/html"}
             )
+        headers = {"x-fal-request-id": job.id}
+        if not self.faults.omit_billable_units:
+            headers["x-fal-billable-units"] = str(job.units)
+        if job.output is not None:
+            return _reply(h, 200, job.output, headers)
         assert job.video is not None
         data = job.video.result()
         path = f"{job.id}/output.mp4"
         with self._lock:
             self._files[path] = (data, "video/mp4")
-        headers = {"x-fal-request-id": job.id}
-        if not self.faults.omit_billable_units:
-            headers["x-fal-billable-units"] = str(job.units)
         video = {"url": f"{self.cdn_url}/files/{path}", "content_type": "video/mp4"}
         video |= {"file_name": "output.mp4", "file_size": len(data)}
         _reply(h, 200, {"video": video, "seed": job.seed}, headers)
