@@ -1,6 +1,7 @@
-"""Captions through the whole flow on the tiny local checkpoint (its Whisper has random weights:
-its words mean nothing, but every stage runs for real): files beside each MP4, the MP4's own
-subtitle track read back with PyAV, results, sidecar and report; rerun behaviour."""
+"""Captions through the whole flow: on the tiny local checkpoint (its Whisper has random weights:
+its words mean nothing, but every stage runs for real) files beside each MP4, the MP4's own
+subtitle track read back with PyAV, results, sidecar and report, and reruns; on the loopback fal
+service (whose whisper says what a test registered for an audio) the wrong-narration gate."""
 
 from __future__ import annotations
 
@@ -15,14 +16,21 @@ from avatarflow.flows.produce import run_batch
 from avatarflow.tasks import speech
 from avatarflow.tasks.captions import read_track, resolve_mode, to_srt, to_vtt
 from avatarflow.tasks.config import BatchConfig, LocalSettings
+from avatarflow.tasks.manifest import load_rows
+from avatarflow.tasks.plan import prepare_row
 from avatarflow.tasks.records import RowResult
 from tests.factories import write_manifest, write_narrations
+from tests.fakes.fal_server import WHISPER_APP, FakeFal
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 SCRIPT = (
     "Welcome to the course. Today we look at captions, which follow the speech of every "
     "narration, line by line."
+)
+RECIPE = (
+    "The recipe needs four eggs, a cup of flour and some butter. Whisk the eggs until they are "
+    "pale, then fold in the flour."
 )
 
 
@@ -110,3 +118,50 @@ def test_auto_captions_are_on_for_transcripts_or_a_configured_recogniser(tmp_pat
     assert resolve_mode(fal.model_copy(update={"captions": "vtt"}), False).captions == "vtt"
     no_whisper = BatchConfig(manifest="m", local=LocalSettings(model_dir=str(tmp_path)))
     assert resolve_mode(no_whisper, transcript_column=False).captions == "off"
+
+
+def test_fal_row_whose_transcript_belongs_to_another_rows_audio_is_rejected_by_the_gate(
+    fake: FakeFal, tmp_path: Path
+) -> None:
+    rows = write_narrations(tmp_path, {"intro": 6.0, "recipe": 6.0})
+    rows[0]["transcript"] = SCRIPT
+    rows[1]["transcript"] = SCRIPT  # pasted from the row above: the audio says the recipe
+    target = tmp_path / "out"
+    config = BatchConfig(
+        manifest=write_manifest(tmp_path / "manifest.parquet", rows),
+        target=str(target),
+        backend="fal",
+        work_dir=str(tmp_path / "work"),
+        fal=fake.settings(),
+    )
+    # What each narration says, for the fake whisper: keyed by the WAV that recognition uploads.
+    said = {"intro": SCRIPT, "recipe": RECIPE}
+    for row in load_rows.fn(config).rows:
+        pcm = Path(prepare_row.fn(row, config).audio.pcm_path)
+        fake.speak(pcm.read_bytes(), said[row.id])
+
+    outcome = run_batch(config)
+
+    results = _by_id(outcome.results)
+    assert results["intro"].status == "published", results["intro"].error
+    assert results["intro"].qc["qc_captions_status"] == "passed"
+    assert results["intro"].qc["qc_captions_wer"] == 0.0
+    assert (target / "intro.vtt").exists()
+    recipe = results["recipe"]
+    assert recipe.status == "rejected"
+    assert recipe.error is not None
+    assert "qc captions: the transcript disagrees with the recognised speech" in recipe.error
+    assert "is this row's narration the right file?" in recipe.error
+    assert recipe.qc["qc_captions_wer"] > recipe.qc["qc_captions_max_wer"]
+    rejected = target / "_rejected"
+    assert {p.name for p in rejected.iterdir()} >= {"recipe.mp4", "recipe.vtt", "recipe.srt"}
+    assert not (target / "recipe.mp4").exists()
+    assert not (target / "recipe.vtt").exists()
+    assert read_track(rejected / "recipe.mp4")  # kept with its captions, for a person to judge
+    assert fake.counts[WHISPER_APP] == 2  # one recognition per row, each billed once
+
+    # A rerun re-checks the rejected row from the ledger: nothing submitted, nothing billed.
+    submitted, billed = fake.submissions, fake.billed_units
+    again = run_batch(config)
+    assert _by_id(again.results)["recipe"].status == "rejected"
+    assert (fake.submissions, fake.billed_units) == (submitted, billed)
