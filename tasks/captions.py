@@ -429,11 +429,13 @@ class RowCaptions:
 
 
 def resolve_mode(config: BatchConfig, transcript_column: bool) -> BatchConfig:
-    """config with `auto` captions decided for the run: all when the manifest has a transcript
-    column or the backend has a recogniser configured, else off."""
+    """config with `auto` captions decided for the run: all when the backend has a recogniser
+    configured, or the manifest has a transcript column and the backend can recognise (fal's
+    paid whisper is then used for the rows' timing); else off."""
     if config.captions != "auto":
         return config
-    on = transcript_column or recogniser_configured(config)
+    # local recognises only with a Whisper folder; fal always can, but is paid: only when asked
+    on = recogniser_configured(config) or (transcript_column and config.backend == "fal")
     return config.model_copy(update={"captions": "all" if on else "off"})
 
 

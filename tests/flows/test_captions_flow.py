@@ -118,6 +118,8 @@ def test_auto_captions_are_on_for_transcripts_or_a_configured_recogniser(tmp_pat
     assert resolve_mode(fal.model_copy(update={"captions": "vtt"}), False).captions == "vtt"
     no_whisper = BatchConfig(manifest="m", local=LocalSettings(model_dir=str(tmp_path)))
     assert resolve_mode(no_whisper, transcript_column=False).captions == "off"
+    # a checkpoint without Whisper cannot time a script: auto leaves captions off
+    assert resolve_mode(no_whisper, transcript_column=True).captions == "off"
 
 
 def test_fal_row_whose_transcript_belongs_to_another_rows_audio_is_rejected_by_the_gate(
