@@ -80,6 +80,14 @@ def test_a_local_run_without_a_model_folder_is_refused_and_writes_nothing(
     assert not work.exists()  # ... nor to the work dir (no tiny checkpoint)
 
 
+def test_an_unknown_captions_mode_is_refused_naming_the_option(tmp_path: Path) -> None:
+    result = invoke("run", str(EXAMPLES / "demo.parquet"), "--captions", "burned-in")
+    assert result.exit_code == 2, result.output
+    assert "invalid option captions: Input should be 'auto', 'off', 'vtt' or 'all'" in flat(
+        result.output
+    )
+
+
 def test_plan_prints_segments_and_cost_and_spends_nothing(tmp_path: Path) -> None:
     result = invoke("plan", str(EXAMPLES / "demo.parquet"), "--work-dir", str(tmp_path))
     assert result.exit_code == 0, result.output
