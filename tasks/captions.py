@@ -2,14 +2,13 @@
 muxed into the MP4 as a mov_text track, and judged by the captions gate.
 
 With a transcript, the cues carry the script's own words: `align` times each of them from the
-recognised words (difflib's matching blocks on normalised tokens; a misheard run shares its
-recognised run's time, a missed run is spread over the gap its neighbours leave). Without one,
+recognised words (a word-level edit path on normalised tokens: a misheard word takes the time of
+the word it was heard as, a missed run is spread over the gap its neighbours leave). Without one,
 the recognised words are the captions.
 """
 
 from __future__ import annotations
 
-import difflib
 import fractions
 import hashlib
 import json
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import av
+import numpy as np
 
 from avatarflow.tasks.backends import renderer_class
 from avatarflow.tasks.config import CAPTIONS_GATE, BatchConfig, CaptionSettings
@@ -44,6 +44,7 @@ _WEAK = frozenset(
     | {"our", "their", "this", "these", "those"}
 )
 _END_TOLERANCE_S = 0.001  # cue times are written in whole milliseconds
+_MIN_SHOWN_S = 0.25  # a cue shown for less is a flash nobody reads (crowded, misheard words)
 # mov_text needs an ASS header to open its encoder (it keeps the style, not the text).
 _ASS_HEADER = (
     b"[Script Info]\nScriptType: v4.00+\nPlayResX: 384\nPlayResY: 288\n\n[V4+ Styles]\n"
@@ -83,22 +84,78 @@ def script_words(script: str) -> list[str]:
 
 def align(script: str, recognised: Sequence[Word], duration_s: float) -> list[Word]:
     """Every word of the script, in order and as written, with a time taken from the recognised
-    words: matched words keep theirs; a misheard run shares the time of the recognised run it
-    replaces; a run the recogniser missed is spread over the gap between its neighbours (0 and
-    duration_s at the ends). Recognised words the script lacks are dropped."""
+    words: a matched or misheard word keeps the time of the recognised word it lines up with; a
+    run the recogniser missed is spread over the gap between its neighbours (0 and duration_s at
+    the ends). Recognised words the script lacks are dropped."""
     words = script_words(script)
     times: list[tuple[float, float] | None] = [None] * len(words)
     ours, theirs = [normalise(w) for w in words], [normalise(w.text) for w in recognised]
-    matcher = difflib.SequenceMatcher(None, ours, theirs, autojunk=False)
-    for op, i1, i2, j1, j2 in matcher.get_opcodes():
-        if op == "equal":
-            for k in range(i2 - i1):
-                times[i1 + k] = (recognised[j1 + k].start_s, recognised[j1 + k].end_s)
-        elif op == "replace":
-            span = (recognised[j1].start_s, recognised[j2 - 1].end_s)
-            times[i1:i2] = _spread(words[i1:i2], *span)
+    for i, j in edit_path(ours, theirs)[1]:
+        if i is not None and j is not None:
+            times[i] = (recognised[j].start_s, recognised[j].end_s)
     _fill_missed(words, times, duration_s)
     return [Word(w, *t) for w, t in zip(words, times, strict=True) if t is not None]
+
+
+# Back pointers of edit_path: from the cell up-left (match or substitution), up (a script word
+# with no recognised one) or left (a recognised word with no script one).
+_DIAG, _UP, _LEFT = 0, 1, 2
+_FAR = 1 << 40  # the cost of a cell outside the band
+
+
+def edit_path(
+    ours: Sequence[str], theirs: Sequence[str]
+) -> tuple[int, list[tuple[int | None, int | None]]]:
+    """The word edit distance between two token lists and the pairing that reaches it, in
+    order: (i, j) matched or substituted, (i, None) deleted, (None, j) inserted.
+
+    Levenshtein over a band around the proportional diagonal (a tenth of the longer list, at
+    least 64 and twice the length difference wide on each side): both lists follow one speech
+    in time, so the best path stays near it, and a long narration needs neither quadratic
+    memory nor time. Each row is computed with numpy (insertions by a running minimum)."""
+    n, m = len(ours), len(theirs)
+    vocabulary: dict[str, int] = {}
+    a = np.array([vocabulary.setdefault(t, len(vocabulary)) for t in ours], dtype=np.int64)
+    b = np.array([vocabulary.setdefault(t, len(vocabulary)) for t in theirs], dtype=np.int64)
+    width = max(64, 2 * abs(n - m), max(n, m) // 10)
+    bands: list[tuple[int, np.ndarray]] = []
+    previous = np.full(m + 1, _FAR, dtype=np.int64)
+    for i in range(n + 1):
+        centre = round(i * m / n) if n else m
+        lo, hi = max(0, centre - width), min(m, centre + width)
+        js = np.arange(lo, hi + 1)
+        if i == 0:
+            cost, pointer = js.copy(), np.full(len(js), _LEFT, dtype=np.int8)
+        else:
+            up = previous[js] + 1
+            diag = np.full(len(js), _FAR, dtype=np.int64)
+            inner = js >= 1
+            diag[inner] = previous[js[inner] - 1] + (b[js[inner] - 1] != a[i - 1])
+            cost = np.minimum(diag, up)
+            pointer = np.where(diag <= up, _DIAG, _UP).astype(np.int8)
+            # an insertion from the left: cost[j] = min over k <= j of cost[k] + (j - k)
+            reach = js + np.minimum.accumulate(cost - js)
+            left = reach < cost
+            cost, pointer[left] = np.where(left, reach, cost), _LEFT
+        bands.append((lo, pointer))
+        previous = np.full(m + 1, _FAR, dtype=np.int64)
+        previous[lo : hi + 1] = cost
+    distance = int(previous[m])
+    pairs: list[tuple[int | None, int | None]] = []
+    i, j = n, m
+    while i > 0 or j > 0:
+        lo, pointer = bands[i]
+        step = pointer[j - lo]
+        if step == _DIAG:
+            i, j = i - 1, j - 1
+            pairs.append((i, j))
+        elif step == _UP:
+            i -= 1
+            pairs.append((i, None))
+        else:
+            j -= 1
+            pairs.append((None, j))
+    return distance, pairs[::-1]
 
 
 def _spread(words: Sequence[str], start_s: float, end_s: float) -> list[tuple[float, float] | None]:
@@ -199,7 +256,8 @@ def _lines(texts: Sequence[str], settings: CaptionSettings) -> tuple[str, ...] |
 
 def _timed(groups: list[list[Word]], settings: CaptionSettings, duration_s: float) -> list[Cue]:
     """Cues for word groups: each from its first word to its last, held longer (up to the next
-    cue minus min_gap_s, and the end) to meet min_cue_s and max_cps; never overlapping."""
+    cue minus min_gap_s, and the end) to meet min_cue_s and max_cps, and shown at least
+    _MIN_SHOWN_S even where that delays the next cue; never overlapping."""
     cues: list[Cue] = []
     for k, group in enumerate(groups):
         lines = _lines([w.text for w in group], settings) or (" ".join(w.text for w in group),)
@@ -212,7 +270,7 @@ def _timed(groups: list[list[Word]], settings: CaptionSettings, duration_s: floa
         limit = duration_s
         if k + 1 < len(groups):
             limit = min(limit, groups[k + 1][0].start_s - settings.min_gap_s)
-        end = max(min(wanted, limit), group[-1].end_s)
+        end = max(min(wanted, limit), group[-1].end_s, start + _MIN_SHOWN_S)
         end = min(end, duration_s)
         cues.append(Cue(round(start, 3), round(max(end, start), 3), lines))
     return cues
@@ -307,13 +365,7 @@ def word_error_rate(reference: Sequence[str], hypothesis: Sequence[str]) -> floa
     hyp = [t for t in map(normalise, hypothesis) if t]
     if not ref:
         return 0.0 if not hyp else 1.0
-    previous = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        row = [i]
-        for j, h in enumerate(hyp, 1):
-            row.append(min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (r != h)))
-        previous = row
-    return previous[-1] / len(ref)
+    return edit_path(ref, hyp)[0] / len(ref)
 
 
 def _union(spans: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -334,9 +386,14 @@ def coverage(cues: Sequence[Cue], recognised: Sequence[Word]) -> float | None:
     if total <= 0:
         return None
     shown = _union([(c.start_s, c.end_s) for c in cues])
-    covered = sum(
-        max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in speech for s2, e2 in shown if s2 < e1
-    )
+    covered, k = 0.0, 0
+    for start, end in speech:  # both lists are sorted and disjoint: one sweep
+        while k < len(shown) and shown[k][1] <= start:
+            k += 1
+        for s2, e2 in shown[k:]:
+            if s2 >= end:
+                break
+            covered += min(end, e2) - max(start, s2)
     return covered / total
 
 

@@ -14,6 +14,8 @@ from avatarflow.tasks.captions import (
     align,
     build_cues,
     captions_gate,
+    coverage,
+    edit_path,
     mux_track,
     normalise,
     read_track,
@@ -173,6 +175,43 @@ def test_vtt_and_srt_formats() -> None:
         "1\n00:00:00,500 --> 00:00:02,250\nFish & chips\n<cheap> today\n\n"
         "2\n01:01:01,001 --> 01:01:02,000\nBye.\n"
     )
+
+
+def levenshtein(a: list[str], b: list[str]) -> int:
+    """The textbook full-table edit distance, to check the banded one against."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row = row, [i]
+        for j, y in enumerate(b, 1):
+            row.append(min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (x != y)))
+    return row[-1]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_edit_path_gives_the_edit_distance_and_a_path_that_spends_it(seed: int) -> None:
+    rng = random.Random(seed)
+    a = [rng.choice("abcde") for _ in range(rng.randrange(0, 40))]
+    b = [rng.choice("abcde") for _ in range(rng.randrange(0, 40))]
+    distance, pairs = edit_path(a, b)
+    assert distance == levenshtein(a, b)
+    assert [i for i, _ in pairs if i is not None] == list(range(len(a)))
+    assert [j for _, j in pairs if j is not None] == list(range(len(b)))
+    spent = sum(1 for i, j in pairs if i is None or j is None or a[i] != b[j])
+    assert spent == distance
+
+
+def test_a_long_script_that_repeats_itself_still_aligns_in_order() -> None:
+    # repeated passages give a longest-common-block matcher anchors in the wrong repeat
+    script = " ".join([SCRIPT] * 12)
+    heard = mishear(speak(script, pause_after=300))
+    duration = duration_of(heard)
+    aligned = align(script, heard, duration)
+    assert [w.text for w in aligned] == script.split()
+    cues = build_cues(aligned, SETTINGS, duration)
+    check_cues(cues, SETTINGS, duration)
+    covered = coverage(cues, heard)
+    assert covered is not None
+    assert covered > 0.97
 
 
 def test_word_error_rate() -> None:
