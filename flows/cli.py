@@ -232,6 +232,7 @@ def run(
 ) -> None:
     """Render, verify and publish every row; live progress; exit 0/1/2/130/143 as documented."""
     from avatarflow.tasks.backends import renderer_class
+    from avatarflow.tasks.captions import captions_problem
     from avatarflow.tasks.config import LocalSettings
 
     given = {"model_dir": model_dir, "dask_address": dask_address}
@@ -257,7 +258,7 @@ def run(
         backend_settings=_backend_settings(set_),
     )
     _checked_rows(config)
-    problem = renderer_class(config.backend).check_config(config)
+    problem = renderer_class(config.backend).check_config(config) or captions_problem(config)
     if problem is not None:
         console.print(f"[red]cannot run[/red]: {escape(problem)}")
         raise typer.Exit(EXIT_INVALID)

@@ -32,7 +32,7 @@ from avatarflow.tasks.backends import (
     renderer_class,
     with_backend_settings,
 )
-from avatarflow.tasks.captions import resolve_mode
+from avatarflow.tasks.captions import captions_problem, resolve_mode
 from avatarflow.tasks.config import (
     BatchConfig,
     CaptionSettings,
@@ -222,7 +222,7 @@ def produce_batch(
         config = batch_config(**parameters)
     except BackendSettingsError as exc:
         return Failed(message=f"cannot run: {exc}")
-    problem = renderer_class(config.backend).check_config(config)
+    problem = renderer_class(config.backend).check_config(config) or captions_problem(config)
     if problem is not None:
         return Failed(message=f"cannot run: {problem}")
     ledger = Ledger.for_run(config)

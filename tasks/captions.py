@@ -496,6 +496,20 @@ def resolve_mode(config: BatchConfig, transcript_column: bool) -> BatchConfig:
     return config.model_copy(update={"captions": "all" if on else "off"})
 
 
+def captions_problem(config: BatchConfig) -> str | None:
+    """Why the run cannot make the captions it asks for (vtt or all where nothing recognises),
+    said before anything is rendered; None when it can."""
+    if config.captions in ("off", "auto") or config.backend == "fal":
+        return None
+    if recogniser_configured(config):
+        return None
+    return (
+        f"--captions {config.captions} needs speech recognition, and the {config.backend} "
+        "backend has none configured (local: a checkpoint with a Whisper folder, or "
+        "AVATARFLOW_LOCAL_WHISPER_DIR); use --captions off"
+    )
+
+
 def outputs(row: Row, config: BatchConfig) -> tuple[str, ...]:
     """What the row's captions publish under config (nothing: no captions)."""
     mode = config.captions
