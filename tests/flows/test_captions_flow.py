@@ -152,7 +152,8 @@ def test_fal_row_whose_transcript_belongs_to_another_rows_audio_is_rejected_by_t
     recipe = results["recipe"]
     assert recipe.status == "rejected"
     assert recipe.error is not None
-    assert "qc captions: the transcript disagrees with the recognised speech" in recipe.error
+    assert recipe.error.startswith("QC: qc captions: ")
+    assert "the transcript disagrees with the recognised speech (word error rate" in recipe.error
     assert "is this row's narration the right file?" in recipe.error
     assert recipe.qc["qc_captions_wer"] > recipe.qc["qc_captions_max_wer"]
     rejected = target / "_rejected"
