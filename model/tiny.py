@@ -26,7 +26,6 @@ from transformers import (
     WhisperConfig,
     WhisperFeatureExtractor,
     WhisperForConditionalGeneration,
-    WhisperModel,
     WhisperTokenizer,
 )
 
@@ -195,16 +194,14 @@ def _write_whisper(folder: Path, encoder_layers: int = WHISPER_LAYERS) -> None:
         eos_token_id=end,
         decoder_start_token_id=start,
     )
-    encoder = _seeded(lambda: WhisperModel(config), 2)
-    model = WhisperForConditionalGeneration(config)
-    model.model.load_state_dict(encoder.state_dict())
+    model = _seeded(lambda: WhisperForConditionalGeneration(config), 2)
     words = set(tokenizer.convert_tokens_to_ids(["Ġ" + w for w in TINY_WHISPER_WORDS]))
     model.generation_config = GenerationConfig(
         decoder_start_token_id=start,
         bos_token_id=end,
         eos_token_id=end,
         pad_token_id=end,
-        max_new_tokens=TINY_WHISPER_MAX_NEW_TOKENS,
+        max_length=1 + TINY_WHISPER_MAX_NEW_TOKENS,  # <|startoftranscript|> and the new tokens
         is_multilingual=False,
         no_timestamps_token_id=ids["<|notimestamps|>"],
         prev_sot_token_id=ids["<|startofprev|>"],

@@ -279,6 +279,12 @@ class Ledger:
         """The row's recognised words for these inputs, or None."""
         return self.read(self._chunk_path(row_id, input_hash, SPEECH, "done.json"), Recognised)
 
+    def recognitions(self, row_id: str) -> list[Recognised]:
+        """Every recognised narration of a row, over all its input hashes."""
+        paths = self.fs.glob(self._path("rows", row_id, "*", f"{SPEECH}.done.json"))
+        found = (self.read(path, Recognised) for path in sorted(paths))
+        return [doc for doc in found if doc is not None]
+
     # --- published rows ------------------------------------------------------------------------
 
     def record_published(

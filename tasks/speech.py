@@ -10,11 +10,13 @@ recorded right before the submit and the request id right after it, so a rerun (
 mid-wait) polls the known request and never pays twice.
 
 Either way the words are kept in the ledger per row and input hash (speech.done.json, with what
-fal billed): a rerun neither recognises nor pays again, and the row's cost includes it.
+fal billed): a rerun neither recognises nor pays again, and the row's cost includes it. Inputs
+that change but keep the narration (a re-render's seed, a new portrait) reuse the words too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -66,6 +68,7 @@ def recognise(
     ledger = Ledger.for_run(config)
     row_id, input_hash = plan.row.id, plan.input_hash
     kept = ledger.recognised(row_id, input_hash)
+    kept = kept or _same_narration(ledger, plan, audio_path, backend)
     if kept is not None:
         return list(kept.words)
     if backend == "fal":
@@ -83,6 +86,21 @@ def recognise(
     return list(recognised.words)
 
 
+def _same_narration(
+    ledger: Ledger, plan: RowPlan, audio_path: str, backend: str
+) -> Recognised | None:
+    """Words recognised on this backend for this row under other inputs (a new seed, portrait or
+    prompt) from the same narration: kept under this input hash too, at no cost (paid once,
+    counted once)."""
+    sha = sha256_file(audio_path)
+    for earlier in ledger.recognitions(plan.row.id):
+        if earlier.audio_sha256 == sha and earlier.backend == backend:
+            reused = dataclasses.replace(earlier, billable_units=0.0, cost_usd=0.0)
+            ledger.record_recognised(plan.row.id, plan.input_hash, reused)
+            return reused
+    return None
+
+
 def recogniser_configured(config: BatchConfig, *, backend: str | None = None) -> bool:
     """True when config's backend can recognise speech without being asked to (captions default
     on even for rows without a transcript): local with a Whisper folder set or in the checkpoint;
@@ -95,10 +113,12 @@ def recogniser_configured(config: BatchConfig, *, backend: str | None = None) ->
     return False
 
 
-def estimate_recognition(config: BatchConfig, audio_s: float) -> tuple[float, float]:
+def estimate_recognition(
+    config: BatchConfig, audio_s: float, *, backend: str | None = None
+) -> tuple[float, float]:
     """(billable units, USD) that recognising audio_s seconds of narration is expected to cost
-    on config's backend: fal's compute-time price, nothing locally."""
-    if config.backend != "fal":
+    on the backend (default config's): fal's compute-time price, nothing locally."""
+    if (backend or config.backend) != "fal":
         return 0.0, 0.0
     return whisper_estimate(config.fal, audio_s)
 
@@ -189,6 +209,10 @@ def _loaded(folder: Path, device: str) -> _Loaded:
         if key not in _LOADED:
             import torch
             from transformers import pipeline
+            from transformers.utils import logging as transformers_logging
+
+            # a batch run shows its own progress; the load bar would tear through it
+            transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
             if not (Path(folder) / "config.json").exists():
                 raise SpeechError(f"no Whisper in {folder} (config.json missing)")
@@ -199,7 +223,6 @@ def _loaded(folder: Path, device: str) -> _Loaded:
                 model=str(folder),
                 device=device,
                 dtype=dtype,
-                ignore_warning=True,  # chunk_length_s with Whisper: what the issue asks for
             )
             log.info("loaded Whisper %s on %s in %.1fs", folder, device, time.monotonic() - started)
             _LOADED[key] = _Loaded(pipe)
@@ -226,6 +249,7 @@ def _recognise_local(audio_path: str, config: BatchConfig) -> Recognised:
                 return_timestamps="word",
                 # the model's own window: 30 s for Whisper, 4 s for the tiny one
                 chunk_length_s=loaded.pipe.feature_extractor.chunk_length,
+                ignore_warning=True,  # "chunk_length_s is experimental": known, and wanted
             )
         words = words_from_chunks(out.get("chunks") or [], duration_s)
     return Recognised(tuple(words), "local", str(folder), sha256_file(audio_path))

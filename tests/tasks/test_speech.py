@@ -11,13 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from avatarflow.tasks import speech
 from avatarflow.tasks.config import BatchConfig
 from avatarflow.tasks.ledger import SPEECH, Ledger
 from avatarflow.tasks.publish import paid_per_row
-from avatarflow.tasks.records import RowPlan, Word
+from avatarflow.tasks.records import Recognised, RowPlan, Word
 from tests.factories import make_plan, make_row
 from tests.fakes.fal_server import (
     PLACEHOLDER_WORD,
@@ -125,7 +126,7 @@ def test_local_rerun_takes_the_words_from_the_ledger(
     Ledger.for_run(local_config).record_recognised(
         "one",
         "a" * 64,
-        speech.Recognised((Word("kept", 0.1, 0.4),), "local", "w", "0" * 64),
+        Recognised((Word("kept", 0.1, 0.4),), "local", "w", "0" * 64),
     )
     assert speech.recognise(_plan("one"), str(wav), local_config) == [Word("kept", 0.1, 0.4)]
     assert loads == []  # nothing was loaded, so nothing was recognised
@@ -275,3 +276,103 @@ def test_fal_whisper_killed_during_the_wait_then_rerun_polls_the_known_request(
     kept = Ledger.for_run(config).recognised("row-1", "a" * 64)
     assert kept is not None
     assert kept.request_id == fake.request_ids[0]
+
+
+def test_whisper_estimate_prices_narration_seconds(tmp_path: Path) -> None:
+    fal = BatchConfig(manifest="m.jsonl", backend="fal", fal={"whisper_price_per_unit": 0.002})
+    units, usd = speech.estimate_recognition(fal, 60.0)
+    assert units == pytest.approx(60.0 * fal.fal.whisper_units_per_audio_s)
+    assert usd == pytest.approx(units * 0.002)
+    assert speech.estimate_recognition(BatchConfig(manifest="m.jsonl"), 60.0) == (0.0, 0.0)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_tiny_checkpoint_without_a_whisper_gets_one_on_first_use(
+    tmp_path: Path, loads: list[str]
+) -> None:
+    from avatarflow.model.loading import DEFAULTS_FILE
+    from avatarflow.tasks.workdir import WorkDir
+
+    config = BatchConfig(
+        manifest="m.jsonl",
+        target=str(tmp_path / "out"),
+        work_dir=str(tmp_path / "work"),
+        local={"model_dir": "tiny", "device": "cpu"},
+    )
+    old = WorkDir(config.work_path).tiny_checkpoint  # as written before it had a Whisper
+    old.mkdir(parents=True)
+    (old / DEFAULTS_FILE).write_text("{}")
+    assert speech.whisper_folder(config) is None
+    assert speech.recogniser_configured(config)  # the tiny checkpoint always has one to give
+
+    wav = write_narration(tmp_path / "n.wav", 2.0)
+    words = speech.recognise(_plan(), str(wav), config)
+
+    _in_order_within(words, 2.0)
+    assert speech.whisper_folder(config) == old / "LongCat-Video-Avatar" / speech.WHISPER_DIR
+    assert loads == [str(speech.whisper_folder(config))]
+
+
+def test_new_inputs_with_the_same_narration_reuse_the_words_unpaid(
+    fake: FakeFal, tmp_path: Path
+) -> None:
+    config = _fal_config(fake, tmp_path)
+    wav = write_narration(tmp_path / "n.wav", 3.0)
+    fake.speak(wav.read_bytes(), "same words")
+    words = speech.recognise(_plan(input_hash="a" * 64), str(wav), config)
+    # a re-render with a derived seed: a new input hash, the same narration
+    assert speech.recognise(_plan(input_hash="b" * 64), str(wav), config) == words
+    assert fake.submissions == 1
+    ledger = Ledger.for_run(config)
+    assert paid_per_row(ledger)["row-1"][1] == pytest.approx(
+        3.0 * WHISPER_UNITS_PER_AUDIO_S * config.fal.whisper_price_per_unit
+    )
+    # another narration is recognised (and paid) anew
+    other = write_narration(tmp_path / "m.wav", 2.0, seed=5)
+    speech.recognise(_plan(input_hash="c" * 64), str(other), config)
+    assert fake.submissions == 2
+
+
+def test_fake_whisper_keeps_words_inside_bursts_and_groups_segments() -> None:
+    from tests.fakes.fal_server import transcribe
+    from tests.media_factory import speechlike
+
+    sound = speechlike(6.0, pauses=[(1.8, 2.4), (4.0, 4.6)], seed=3)
+    bursts = voiced_bursts(sound)
+    assert len(bursts) == 3
+    script = [
+        "a",
+        "rather",
+        "long",
+        "sentence",
+        "that",
+        "spans",
+        "every",
+        "burst",
+        "of",
+        "this",
+        "narration",
+    ]
+    out = transcribe(sound, script, "word")
+    assert out["text"] == " ".join(script)
+    assert [c["text"].strip() for c in out["chunks"]] == script
+    for chunk in out["chunks"]:
+        start, end = chunk["timestamp"]
+        assert any(a <= start <= end <= b for a, b in bursts)
+    segments = transcribe(sound, script, "segment")["chunks"]
+    assert [tuple(c["timestamp"]) for c in segments] == bursts
+    assert " ".join(c["text"].strip() for c in segments) == " ".join(script)
+    assert transcribe(np.zeros(16_000, np.float32), script)["chunks"] == []
+
+
+def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from avatarflow.tasks.config import FalSettings, LocalSettings
+
+    monkeypatch.setenv("FAL_SPEECH_RECOGNITION", "1")
+    monkeypatch.setenv("FAL_WHISPER_PRICE_PER_UNIT", "0.004")
+    monkeypatch.setenv("AVATARFLOW_LOCAL_WHISPER_DIR", str(tmp_path))
+    assert FalSettings().speech_recognition
+    assert FalSettings().whisper_price_per_unit == 0.004
+    assert LocalSettings().whisper_dir == str(tmp_path)
+    config = BatchConfig(manifest="m.jsonl", work_dir=str(tmp_path))
+    assert speech.whisper_folder(config) == tmp_path
