@@ -277,6 +277,13 @@ def run(
             help="Render a row that fails QC once more with a new seed (counts against --budget).",
         ),
     ] = False,
+    captions: Annotated[
+        str,
+        typer.Option(
+            help="off | vtt (<id>.vtt) | all (.vtt, .srt and a subtitle track in the MP4) | auto "
+            "(all when the manifest has a transcript column or a recogniser is configured).",
+        ),
+    ] = "auto",
     notify: Annotated[
         str | None, typer.Option(help="POST a batch summary to this URL when the run ends.")
     ] = None,
@@ -288,6 +295,7 @@ def run(
 ) -> None:
     """Render, verify and publish every row; live progress; exit 0/1/2/130/143 as documented."""
     from avatarflow.tasks.backends import renderer_class
+    from avatarflow.tasks.captions import captions_problem
     from avatarflow.tasks.config import FalSettings
 
     # fal's own setting, whatever the backend: a routed run may send rows to fal.
@@ -310,12 +318,13 @@ def run(
         fal=fal,
         qc_skip=frozenset(name.strip() for name in qc_skip.split(",") if name.strip()),
         rerender_on_qc_fail=rerender_on_qc_fail,
+        captions=captions,
         notify_url=notify,
         notify_format=notify_format,
         backend_settings=_backend_settings(set_),
     )
     _checked_rows(config)
-    problem = renderer_class(config.backend).check_config(config)
+    problem = renderer_class(config.backend).check_config(config) or captions_problem(config)
     if problem is not None:
         console.print(f"[red]cannot run[/red]: {escape(problem)}")
         raise typer.Exit(EXIT_INVALID)

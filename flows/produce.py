@@ -32,8 +32,11 @@ from avatarflow.tasks.backends import (
     renderer_class,
     with_backend_settings,
 )
+from avatarflow.tasks.captions import captions_problem, resolve_mode
 from avatarflow.tasks.config import (
     BatchConfig,
+    CaptionSettings,
+    CaptionsMode,
     FalSettings,
     LocalSettings,
     QCSettings,
@@ -186,6 +189,8 @@ def produce_batch(
     qc: QCSettings | None = None,
     qc_skip: list[str] | None = None,
     rerender_on_qc_fail: bool = False,
+    captions: CaptionsMode = "auto",
+    caption_settings: CaptionSettings | None = None,
     fal_key_secret: str | None = None,
     dask_address: str | None = None,
     notify_url: str | None = None,
@@ -210,7 +215,9 @@ def produce_batch(
     those workers first and overflows to fal to finish by `deadline` ("06:00", "3h"; `route`
     holds its priors; docs/routing.md). `backend_settings` sets
     fields of the chosen backend's own settings by name (any registered backend's, checked when
-    the run starts); unset ones come from that backend's environment variables.
+    the run starts); unset ones come from that backend's environment variables. `captions`:
+    off, vtt (<id>.vtt), all (.vtt, .srt and a subtitle track in the MP4) or auto (all when the
+    manifest has a transcript column or the backend has a recogniser configured).
     """
     parameters = dict(locals())  # the flow's parameters as given, before other names are bound
     survive_lost_terminal()
@@ -223,7 +230,7 @@ def produce_batch(
         config = batch_config(**parameters)
     except BackendSettingsError as exc:
         return Failed(message=f"cannot run: {exc}")
-    problem = renderer_class(config.backend).check_config(config)
+    problem = renderer_class(config.backend).check_config(config) or captions_problem(config)
     if problem is not None:
         return Failed(message=f"cannot run: {problem}")
     ledger = Ledger.for_run(config)
@@ -338,6 +345,7 @@ def _produce(config: BatchConfig) -> BatchOutcome:
     # 1. Validate the manifest; an invalid row is a failed row.
     check = load_rows(config)
     results = _invalid_rows(check)
+    config = resolve_mode(config, check.transcript_column)  # auto captions: on or off now
 
     # 2. Prepare → admit → render → finish, row by row, streaming (row_stages).
     progress.emit(RowsPlanned(len(check.rows), 0, 0.0))  # totals grow as rows are admitted

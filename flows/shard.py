@@ -27,7 +27,7 @@ from prefect.deployments import run_deployment
 from prefect.futures import wait
 from prefect.states import Completed, Failed
 
-from avatarflow.tasks.config import BatchConfig, QCSettings
+from avatarflow.tasks.config import BatchConfig, CaptionSettings, CaptionsMode, QCSettings
 from avatarflow.tasks.ledger import Ledger
 from avatarflow.tasks.manifest import ManifestCheck, load_rows, read_manifest, resolve_location
 from avatarflow.tasks.plan import Admission, prepare_row
@@ -248,6 +248,8 @@ def produce_sharded(
     qc: QCSettings | None = None,
     qc_skip: list[str] | None = None,
     rerender_on_qc_fail: bool | None = None,
+    captions: CaptionsMode | None = None,
+    caption_settings: CaptionSettings | None = None,
     fal_key_secret: str | None = None,
     backend_settings: dict[str, Any] | None = None,
 ) -> State[dict[str, int]]:
@@ -272,6 +274,8 @@ def produce_sharded(
         "qc": qc.model_dump(mode="json") if qc else None,
         "qc_skip": sorted(config.qc_skip) if qc_skip is not None else None,
         "rerender_on_qc_fail": rerender_on_qc_fail,
+        "captions": captions,
+        "caption_settings": caption_settings.model_dump(mode="json") if caption_settings else None,
         "fal_key_secret": fal_key_secret,  # a block's name, never a key
         "backend_settings": backend_settings,
     }

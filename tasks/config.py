@@ -19,6 +19,11 @@ DEFAULT_PRICE_PER_VIDEO_S = {"480p": 0.15, "720p": 0.30}  # fal's public price p
 DEFAULT_UNITS_PER_VIDEO_S = {"480p": 1.0, "720p": 4.0}
 # The QC gates of tasks/qc.py in report order; stable names (JSON keys, results columns, --qc-skip).
 QC_GATES = ("duration", "sync", "black", "freeze", "face", "lipsync", "seams")
+# The captions' gate (tasks/captions.py): judged after the video gates, on rows with captions.
+CAPTIONS_GATE = "captions"
+# --captions: auto = all when the manifest has a transcript column or a recogniser is configured;
+# vtt = <id>.vtt only; all = <id>.vtt, <id>.srt and a mov_text track in the MP4.
+CaptionsMode = Literal["auto", "off", "vtt", "all"]
 # fal-ai/whisper bills compute time. USD per unit (a compute second): fal's model page when this was
 # written; check it. Units per narration second is an estimate for large-v3 on fal's GPUs (the
 # result's x-fal-billable-units header is what a row is charged).
@@ -177,6 +182,24 @@ class RouteSettings(BaseSettings):
     history_sidecars: int = Field(500, ge=0)  # the newest sidecars on the target it learns from
 
 
+class CaptionSettings(BaseModel):
+    """Caption cue limits (common caption guidelines) and the captions gate's thresholds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_lines: int = Field(2, ge=1, le=4)
+    max_line_chars: int = Field(42, ge=10)
+    max_cps: float = Field(17.0, gt=0)  # reading speed; met where the pauses leave room
+    pause_s: float = Field(1.0, gt=0)  # no cue spans a silence longer than this
+    min_cue_s: float = Field(0.8, ge=0)
+    max_cue_s: float = Field(7.0, gt=0)
+    min_gap_s: float = Field(0.08, ge=0)  # between consecutive cues: 2 frames at 25 fps
+    min_coverage: float = Field(0.9, ge=0, le=1)  # share of recognised speech the cues cover
+    # With a transcript: word error rate of the recognised words against the script. A wrong
+    # narration for the row scores near 1; a clean narration under a few tenths.
+    max_wer: float = Field(0.5, ge=0)
+
+
 class BatchConfig(BaseModel):
     """All options of one batch run."""
 
@@ -198,6 +221,8 @@ class BatchConfig(BaseModel):
     # A row whose final video fails a QC gate is rendered once more with a derived seed (paid
     # backends: only when its estimate fits what the budget has left).
     rerender_on_qc_fail: bool = False
+    captions: CaptionsMode = "auto"
+    caption_settings: CaptionSettings = Field(default_factory=CaptionSettings)
     notify_url: str | None = None  # POST a batch summary here when the run ends
     notify_format: Literal["json", "slack"] = "json"
     # Set by a sharded parent for its child runs: the shard's id. A shard's rows are its own, so

@@ -7,10 +7,12 @@ per-task bookkeeping would otherwise be the per-row cost of a 10,000-row batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prefect import get_run_logger, task
 
 from avatarflow.tasks import progress
+from avatarflow.tasks.captions import RowCaptions, make_captions, mux_track, with_gate
 from avatarflow.tasks.concat import concat_chunks, prepare_master_audio
 from avatarflow.tasks.config import BatchConfig
 from avatarflow.tasks.publish import keep_rejected, publish_row
@@ -43,12 +45,14 @@ class _Finishing:
     video: str | None = None  # the joined video, once concat made it
     final: QCReport | None = None
     rerender: SidecarRerender | None = None
+    captions: RowCaptions | None = None
 
 
 @task(name="finish-row")
 def finish_row(plan: RowPlan, videos: list[ChunkVideo], config: BatchConfig) -> RowResult:
-    """master audio → verify chunks → concat + mux → verify video + QC → publish (or keep as
-    rejected); with rerender_on_qc_fail, a QC failure is rendered once more first.
+    """master audio → verify chunks → concat + mux → verify video + QC → captions (and their
+    gate, files and track) → publish (or keep as rejected); with rerender_on_qc_fail, a QC
+    failure is rendered once more first.
 
     The chunks were paid for: when a stage raises, the joined video is kept under _rejected/
     with the error as its reason (or, before there is one, the row fails and says its chunks
@@ -63,7 +67,7 @@ def finish_row(plan: RowPlan, videos: list[ChunkVideo], config: BatchConfig) -> 
     if row.video is not None:
         kept = (row.plan, row.video, row.videos, row.chunk_qc, row.final, config, row.action)
         try:
-            return keep_rejected(*kept, rerender=row.rerender, reason=reason)
+            return keep_rejected(*kept, rerender=row.rerender, reason=reason, captions=row.captions)
         except Exception as exc:  # e.g. the target is unreachable: the ledger still has them
             reason += f" (nor kept under _rejected/: {type(exc).__name__})"
     progress.emit(RowFinished(plan.row.id, "failed"))
@@ -89,9 +93,26 @@ def _finish(row: _Finishing, config: BatchConfig) -> RowResult:
             row.video, row.final, row.rerender = second.video, second.final, second.record
             if not all(v.reused for v in second.videos):
                 row.action = "rendered"
+    # Captions after any re-render: a second seed cannot fix a wrong narration.
+    row.stage = "captions"
+    row.captions = make_captions(plan, config)
+    if row.captions is not None:
+        row.final = with_gate(row.final, row.captions.gate)
+        if "track" in row.captions.record.outputs:
+            row.stage = "caption track"
+            captioned = str(Path(row.video).with_suffix(".captioned.mp4"))
+            row.video = mux_track(row.video, row.captions.cues, captioned)
     row.stage = "thumbnail"
     save_thumbnail(plan, row.video, config)  # under the manifest's plan: the report looks there
     row.stage = "publish"
     return publish_row(
-        row.plan, row.video, row.videos, row.chunk_qc, row.final, config, row.action, row.rerender
+        row.plan,
+        row.video,
+        row.videos,
+        row.chunk_qc,
+        row.final,
+        config,
+        row.action,
+        row.rerender,
+        row.captions,
     )

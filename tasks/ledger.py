@@ -298,9 +298,13 @@ class Ledger:
 
     # --- published rows ------------------------------------------------------------------------
 
-    def record_published(self, result: RowResult, input_hash: str) -> None:
-        """Record that a row was published from inputs with this hash."""
-        self.write(self._path("rows", result.id, "published.json"), Published(result, input_hash))
+    def record_published(
+        self, result: RowResult, input_hash: str, captions_key: str | None = None
+    ) -> None:
+        """Record that a row was published from inputs with this hash (and captions made from
+        what captions_key hashes, if any)."""
+        published = Published(result, input_hash, captions_key)
+        self.write(self._path("rows", result.id, "published.json"), published)
 
     def published(self, row_id: str) -> Published | None:
         """What was last published for a row, or None."""

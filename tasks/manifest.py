@@ -44,6 +44,7 @@ ALLOWED_SCHEMES = frozenset(
 )
 MAX_SEGMENTS = 1000  # ~83 min of video in one request: anything longer is a typo, not a plan
 SEED_MAX = 2**32 - 1
+MAX_TRANSCRIPT_CHARS = 200_000  # some three hours of speech: longer is the wrong file, not a script
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # "javascript:x", "data:...", "simplecache::s3://": a scheme without "//" is still a URL, not a
 # file name (one letter is left alone: it is a Windows drive)
@@ -102,6 +103,11 @@ class ManifestRow(RenderParams):
     num_segments: int | None = Field(
         default=None, ge=1, le=MAX_SEGMENTS, description="Override; default from the audio."
     )
+    transcript: str | None = Field(
+        default=None,
+        max_length=MAX_TRANSCRIPT_CHARS,
+        description="The narration's script: captions use its exact words, timed to the speech.",
+    )
 
     _locations = field_validator("audio", "image")(_check_location)
 
@@ -129,6 +135,7 @@ class ManifestCheck:
     passthrough: list[dict[str, Any]] = dataclasses.field(
         default_factory=list
     )  # per row index, every row
+    transcript_column: bool = False  # the manifest has one: captions default on
 
     def extras(self, index: int) -> dict[str, Any]:
         """The passthrough values of row `index` (also for rows that failed validation)."""
@@ -268,7 +275,7 @@ def validate_manifest(
         errors.extend(row_errors)
     schema = pa.schema([table.schema.field(n) for n in extras])
     per_row = [{n: passthrough[n][i] for n in extras} for i in range(table.num_rows)]
-    return ManifestCheck(rows, errors, schema, per_row)
+    return ManifestCheck(rows, errors, schema, per_row, "transcript" in table.schema.names)
 
 
 def _duplicates(ids: list[str | None]) -> dict[int, RowError]:
@@ -367,6 +374,7 @@ def _make_row(index: int, valid: ManifestRow, extra: dict[str, Any], manifest_ur
         seed=valid.seed,
         num_segments=valid.num_segments,
         extra=extra,
+        transcript=valid.transcript if valid.transcript and valid.transcript.strip() else None,
     )
 
 

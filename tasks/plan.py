@@ -27,12 +27,14 @@ from avatarflow.tasks.audio import (
     write_chunk_wav,
 )
 from avatarflow.tasks.backends import renderer_class
+from avatarflow.tasks.captions import captions_key
 from avatarflow.tasks.config import BatchConfig
 from avatarflow.tasks.ledger import Ledger
 from avatarflow.tasks.records import (
     AudioInfo,
     Chunk,
     FrameGrid,
+    Published,
     Row,
     RowError,
     RowPlan,
@@ -187,6 +189,7 @@ class Admission:
     """
 
     def __init__(self, config: BatchConfig) -> None:
+        self.config = config
         self.ledger = Ledger.for_run(config)
         self.budget = RunBudget.open(config)
         self.budget_usd = config.budget_usd
@@ -234,7 +237,9 @@ class Admission:
         )
 
     def _published(self, plan: RowPlan) -> RowResult | None:
-        """The row's earlier result, when its video from these same inputs is still there."""
+        """The row's earlier result, when its video from these same inputs is still there, with
+        the captions this run asks for (else the row is finished again: its chunks are reused
+        from the ledger, nothing is paid twice)."""
         done = self.ledger.published(plan.row.id)
         url = done.result.video_url if done else None
         if (
@@ -243,11 +248,22 @@ class Admission:
             and done.input_hash == plan.input_hash
             and url
             and self.ledger.exists(url)
+            and self._has_captions(plan, done)
         ):
             return dataclasses.replace(
                 done.result, run_action="skipped", error=None, extra=plan.row.extra
             )
         return None
+
+    def _has_captions(self, plan: RowPlan, done: Published) -> bool:
+        """True when the row needs no captions, or has them from the same inputs and settings."""
+        wanted = captions_key(plan.row, self.config)
+        if wanted is None:
+            return True
+        if done.captions_key != wanted:
+            return False
+        urls = (done.result.captions_vtt_url, done.result.captions_srt_url)
+        return all(self.ledger.exists(u) for u in urls if u)
 
 
 class RunBudget:

@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 
 from avatarflow.tasks import progress
 from avatarflow.tasks.backends import renderer_class
-from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.captions import RowCaptions
+from avatarflow.tasks.config import CAPTIONS_GATE, BatchConfig
 from avatarflow.tasks.ledger import SPEECH, Ledger
 from avatarflow.tasks.manifest import ID_PATTERN
 from avatarflow.tasks.qc import GATES
@@ -40,6 +41,7 @@ from avatarflow.tasks.records import (
     RunAction,
     Sidecar,
     SidecarAudio,
+    SidecarCaptions,
     SidecarChunk,
     SidecarInputs,
     SidecarRerender,
@@ -64,7 +66,8 @@ REJECTED_DIR = "_rejected"
 
 def _qc_fields() -> list[pa.Field]:
     """The QC columns of every row, whatever was skipped: those of a report with every gate."""
-    every_gate = QCReport(False, gates=tuple(GateResult(name, "skipped") for name in GATES))
+    names = (*GATES, CAPTIONS_GATE)
+    every_gate = QCReport(False, gates=tuple(GateResult(name, "skipped") for name in names))
     fields = []
     for name in every_gate.to_columns():
         if name.endswith("_passed"):
@@ -102,6 +105,9 @@ RESULTS_SCHEMA = pa.schema(
         ("backend", pa.string()),  # the backend that rendered the published video
         *ROUTE_FIELDS,
         *QC_FIELDS,
+        ("captions", pa.string()),  # the captions' text, when the row has captions
+        ("captions_vtt_url", pa.string()),
+        ("captions_srt_url", pa.string()),
     ]
 )
 _QC_NAMES = frozenset(f.name for f in QC_FIELDS)
@@ -217,6 +223,7 @@ def build_sidecar(
     backend: str,
     model: str,
     rerender: SidecarRerender | None = None,
+    captions: SidecarCaptions | None = None,
 ) -> Sidecar:
     """Describe how a video was made: inputs and hashes, model, requests, cost, timings, QC.
 
@@ -255,6 +262,7 @@ def build_sidecar(
         qc=qc,
         rerender=rerender,
         route=plan.route,
+        captions=captions,
     )
 
 
@@ -319,25 +327,37 @@ def publish_row(
     config: BatchConfig,
     run_action: RunAction = "rendered",
     rerender: SidecarRerender | None = None,
+    captions: RowCaptions | None = None,
 ) -> RowResult:
-    """Publish a checked video and its sidecar: at <id>.mp4 (recorded in the ledger) when it
-    passed, else under _rejected/ for a person to judge.
+    """Publish a checked video, its captions and its sidecar: at <id>.mp4 (recorded in the
+    ledger) when it passed, else under _rejected/ for a person to judge.
 
     plan is the render the video came from; for a re-render the ledger records the row under its
     first input hash (the manifest's), so a rerun of the same manifest finds it published.
     """
     if not final.passed:
         return keep_rejected(
-            plan, video_path, videos, chunk_qc, final, config, run_action, rerender
+            plan,
+            video_path,
+            videos,
+            chunk_qc,
+            final,
+            config,
+            run_action,
+            rerender,
+            captions=captions,
         )
-    result = _publish_video(plan, video_path, videos, chunk_qc, final, config, run_action, rerender)
+    result = _publish_video(
+        plan, video_path, videos, chunk_qc, final, config, run_action, rerender, captions
+    )
     ledger = Ledger.for_run(config)
     prior = ledger.published(plan.row.id)
     first = prior.result.first_published_at if prior else None
     result = dataclasses.replace(
         result, qc=final.to_columns(), first_published_at=first or datetime.now(UTC)
     )
-    ledger.record_published(result, rerender.first_input_hash if rerender else plan.input_hash)
+    first_hash = rerender.first_input_hash if rerender else plan.input_hash
+    ledger.record_published(result, first_hash, captions.record.key if captions else None)
     progress.emit(RowFinished(plan.row.id, result.status))
     return result
 
@@ -352,6 +372,7 @@ def keep_rejected(
     run_action: RunAction = "rendered",
     rerender: SidecarRerender | None = None,
     reason: str | None = None,
+    captions: RowCaptions | None = None,
 ) -> RowResult:
     """Keep a paid video that is not published under _rejected/<id>.mp4, with its sidecar and
     cost, for a person to judge and for the next run to re-check without paying.
@@ -362,7 +383,9 @@ def keep_rejected(
     qc = final or QCReport(False)
     if reason is not None:
         qc = qc.with_reason(reason)
-    result = _publish_video(plan, video_path, videos, chunk_qc, qc, config, run_action, rerender)
+    result = _publish_video(
+        plan, video_path, videos, chunk_qc, qc, config, run_action, rerender, captions
+    )
     error = reason or "QC: " + "; ".join(qc.reasons)
     result = dataclasses.replace(result, error=error, qc=final.to_columns() if final else {})
     progress.emit(RowFinished(plan.row.id, result.status))
@@ -378,14 +401,21 @@ def _publish_video(
     config: BatchConfig,
     run_action: RunAction,
     rerender: SidecarRerender | None,
+    captions: RowCaptions | None = None,
 ) -> RowResult:
-    """Publish a video and its sidecar, at the target when its QC passed, else under
-    _rejected/; the row's result, as published."""
+    """Publish a video, its caption files and its sidecar, at the target when its QC passed,
+    else under _rejected/; the row's result, as published."""
     row = plan.row
     model = renderer_class(config.backend).model_name(config)
-    sidecar = build_sidecar(plan, videos, chunk_qc, qc, config.backend, model, rerender)
+    record = captions.record if captions else None
+    sidecar = build_sidecar(plan, videos, chunk_qc, qc, config.backend, model, rerender, record)
     target = config.target if qc.passed else rejected_target(config.target)
-    # Video, then sidecar. On an error finish_row says the chunks are kept (a rerun is free).
+    # Captions, video, then sidecar: a row whose video is there has its captions too. On an
+    # error finish_row says the chunks are kept (a rerun is free).
+    caption_urls = {
+        kind: publish_file(path, target, f"{row.id}.{kind}")
+        for kind, path in (captions.files if captions else {}).items()
+    }
     video_url = publish_file(video_path, target, f"{row.id}.mp4")
     sidecar_url = publish_bytes(json_bytes(sidecar), target, f"{row.id}.json")
     return RowResult(
@@ -401,6 +431,9 @@ def _publish_video(
         billable_units=sidecar.billable_units,
         backend=config.backend,
         route=plan.route,
+        captions=captions.text if captions else None,
+        captions_vtt_url=caption_urls.get("vtt"),
+        captions_srt_url=caption_urls.get("srt"),
     )
 
 

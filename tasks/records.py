@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from avatarflow.tasks.config import CaptionSettings
+
 Resolution = Literal["480p", "720p"]
 # A row's final state: its video is at <id>.mp4, it has none, or it failed QC (_rejected/<id>.mp4).
 RowStatus = Literal["published", "failed", "rejected"]
@@ -148,6 +150,7 @@ class Row:
     seed: int | None = None
     num_segments: int | None = None  # user override; None = derived from the audio duration
     extra: dict[str, Any] = field(default_factory=dict)  # passthrough columns, untouched
+    transcript: str | None = None  # the narration's script: the captions' words
 
     @property
     def resolution(self) -> Resolution:
@@ -383,7 +386,11 @@ class GateResult:
 
 
 # Extra measures of a gate that get their own results column next to its value and threshold.
-_EXTRA_COLUMNS = {"lipsync": ("corr", "min_corr"), "seams": ("jump", "jump_max")}
+_EXTRA_COLUMNS = {
+    "lipsync": ("corr", "min_corr"),
+    "seams": ("jump", "jump_max"),
+    "captions": ("wer", "max_wer"),
+}
 
 
 @dataclass(frozen=True)
@@ -448,6 +455,9 @@ class RowResult:
     qc: dict[str, Any] = field(default_factory=dict)  # QCReport.to_columns() of the final video
     backend: str | None = None  # the backend that rendered the published video
     route: RowRoute | None = None  # --backend auto: why that backend, predicted and actual times
+    captions: str | None = None  # the captions' text, cue after cue
+    captions_vtt_url: str | None = None
+    captions_srt_url: str | None = None
 
     @classmethod
     def failure(cls, row_id: str, error: str, extra: dict[str, Any] | None = None) -> RowResult:
@@ -504,6 +514,7 @@ class Published:
 
     result: RowResult
     input_hash: str
+    captions_key: str | None = None  # what its captions were made from (tasks/captions.py)
 
 
 # --- the sidecar (<id>.json) ----------------------------------------------------------------------
@@ -560,6 +571,18 @@ class SidecarRerender:
 
 
 @dataclass(frozen=True)
+class SidecarCaptions:
+    """The captions published with the video, and what they were made from."""
+
+    outputs: tuple[str, ...]  # "vtt", "srt", "track" (the MP4's mov_text track)
+    source: Literal["transcript", "speech"]  # whose words the cues carry
+    cues: int
+    recognised_words: int
+    settings: CaptionSettings
+    key: str  # sha256 over the transcript, settings and outputs: a change makes them again
+
+
+@dataclass(frozen=True)
 class Sidecar:
     """How a published video was made: inputs and hashes, model, requests, cost, timings, QC."""
 
@@ -580,6 +603,7 @@ class Sidecar:
     qc: QCReport  # the final video's: structural checks and QC gates together
     rerender: SidecarRerender | None = None
     route: RowRoute | None = None  # --backend auto: why this backend, predicted and actual times
+    captions: SidecarCaptions | None = None
 
 
 # --- progress events (tasks/progress.py) ----------------------------------------------------------

@@ -2,8 +2,9 @@
 
 The last stage of the flow, after publishing: every user-supplied string is escaped, thumbnails are
 inlined as data URIs, each published video plays from its relative `<id>.mp4` beside the page and
-each rejected one from `_rejected/<id>.mp4`. One card per row shows its QC values against their
-thresholds; a status filter (inline script, nothing fetched) narrows the cards.
+each rejected one from `_rejected/<id>.mp4`, with its captions (`<id>.vtt` beside it) as a default
+track. One card per row shows its QC values against their thresholds; a status filter (inline
+script, nothing fetched) narrows the cards.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from prefect.utilities.slugify import slugify
 
 from avatarflow.tasks import progress
 from avatarflow.tasks.backends import renderer_class
-from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.config import CAPTIONS_GATE, BatchConfig
 from avatarflow.tasks.publish import REJECTED_DIR, publish_bytes
 from avatarflow.tasks.qc import GATES
 from avatarflow.tasks.records import (
@@ -190,7 +191,9 @@ def _qc_table(r: RowResult) -> str:
     if not r.qc:
         return ""
     lines = []
-    for gate in GATES:
+    for gate in (*GATES, CAPTIONS_GATE):
+        if gate == CAPTIONS_GATE and f"qc_{gate}_status" not in r.qc:
+            continue  # a row without captions
         status = r.qc.get(f"qc_{gate}_status") or "–"
         value, threshold = (r.qc.get(f"qc_{gate}_{k}") for k in ("value", "threshold"))
         lines.append(
@@ -213,7 +216,11 @@ def _preview(result: RowResult, thumbnail: bytes | None) -> str:
         poster_attr = f' poster="{poster}"' if poster else ""
         folder = f"{REJECTED_DIR}/" if result.status == "rejected" else ""
         src = _e(folder + quote(f"{result.id}.mp4"))
-        return f'<video controls preload="none" src="{src}"{poster_attr}></video>'
+        track = ""
+        if result.captions_vtt_url:  # the captions beside the video, shown by default
+            vtt = _e(folder + quote(f"{result.id}.vtt"))
+            track = f'<track kind="captions" label="Captions" src="{vtt}" default>'
+        return f'<video controls preload="none" src="{src}"{poster_attr}>{track}</video>'
     if poster:
         return f'<img class="thumb" alt="{_e(result.id)}" src="{poster}">'
     return ""

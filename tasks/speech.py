@@ -106,6 +106,8 @@ def recogniser_configured(config: BatchConfig, *, backend: str | None = None) ->
     on even for rows without a transcript): local with a Whisper folder set or in the checkpoint;
     fal only with FalSettings.speech_recognition on, since each recognition is paid."""
     backend = backend or config.backend
+    if backend == "auto":  # a routed run: its local rows need the local recogniser
+        return recogniser_configured(config, backend="local")
     if backend == "fal":
         return config.fal.speech_recognition
     if backend == "local":

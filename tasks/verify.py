@@ -15,7 +15,7 @@ import av
 
 from avatarflow.tasks.backends import renderer_class
 from avatarflow.tasks.concat import chunk_frames
-from avatarflow.tasks.config import BatchConfig, QCSettings
+from avatarflow.tasks.config import QC_GATES, BatchConfig, QCSettings
 from avatarflow.tasks.media import VideoProbe, count_audio_samples, decode_first_frame, probe_video
 from avatarflow.tasks.qc import QCInputError, run_gates
 from avatarflow.tasks.records import V1_GRID, ChunkVideo, QCReport, RowPlan
@@ -222,4 +222,5 @@ def verify_video(plan: RowPlan, video_path: str, config: BatchConfig) -> QCRepor
     """Check the joined, muxed video against the narration and the QC gates before publishing."""
     backend = renderer_class(config.backend)
     skip = config.qc_skip | backend.qc_not_applicable(config)  # e.g. no face in random weights
+    skip &= frozenset(QC_GATES)  # the captions gate is judged with the captions
     return check_final(video_path, plan, config.qc, skip, backend.continuous)

@@ -42,7 +42,7 @@ from avatarflow.model.pipeline_longcat_avatar import (
 from avatarflow.model.tiny import write_tiny_checkpoint
 from avatarflow.tasks.audio import load_pcm
 from avatarflow.tasks.backends.base import NOMINAL_AREA, Renderer, RenderJob
-from avatarflow.tasks.config import TINY_MODEL, BatchConfig, LocalSettings
+from avatarflow.tasks.config import CAPTIONS_GATE, TINY_MODEL, BatchConfig, LocalSettings
 from avatarflow.tasks.records import V1_GRID, Chunk, ChunkVideo, FrameGrid, RowPlan, Timings
 from avatarflow.tasks.stop import RenderStopped, stop_requested
 from avatarflow.tasks.storage import sha256_file, writing
@@ -176,8 +176,10 @@ class LocalRenderer(Renderer):
 
     @classmethod
     def qc_not_applicable(cls, config: BatchConfig) -> frozenset[str]:
-        # Random weights render noise: no face, no lips, no identity to keep across a seam.
-        return frozenset({"face", "lipsync", "seams"}) if _random_weights(config) else frozenset()
+        # Random weights render noise: no face, no lips, no identity to keep across a seam; and
+        # the tiny Whisper's words agree with no script (the captions gate checks the rest).
+        tiny = frozenset({"face", "lipsync", "seams", CAPTIONS_GATE})
+        return tiny if _random_weights(config) else frozenset()
 
     @classmethod
     def warning(cls, config: BatchConfig) -> str | None:

@@ -80,6 +80,29 @@ def test_a_local_run_without_a_model_folder_is_refused_and_writes_nothing(
     assert not work.exists()  # ... nor to the work dir (no tiny checkpoint)
 
 
+def test_an_unknown_captions_mode_is_refused_naming_the_option(tmp_path: Path) -> None:
+    result = invoke("run", str(EXAMPLES / "demo.parquet"), "--captions", "burned-in")
+    assert result.exit_code == 2, result.output
+    assert "invalid option captions: Input should be 'auto', 'off', 'vtt' or 'all'" in flat(
+        result.output
+    )
+
+
+def test_captions_asked_for_where_nothing_recognises_are_refused_before_running(
+    tmp_path: Path,
+) -> None:
+    write_narration(tmp_path / "a.wav", 1.0)
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "audio": "a.wav"}])
+    model = tmp_path / "model"  # a checkpoint folder without a Whisper in it
+    model.mkdir()
+    out = tmp_path / "out"
+    args = ["run", manifest, "--model-dir", str(model), "--target", str(out), "--captions", "all"]
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert "--captions all needs speech recognition" in flat(result.output)
+    assert not out.exists()
+
+
 def test_plan_prints_segments_and_cost_and_spends_nothing(tmp_path: Path) -> None:
     result = invoke("plan", str(EXAMPLES / "demo.parquet"), "--work-dir", str(tmp_path))
     assert result.exit_code == 0, result.output

@@ -62,6 +62,7 @@ def _errors(table: pa.Table) -> list[tuple[int | None, str | None, str]]:
         ("audio_guidance_scale", "20.5", "out_of_range"),
         ("prompt", "p" * 2001, "too_long"),
         ("negative_prompt", "n" * 2001, "too_long"),
+        ("transcript", "t" * 200_001, "too_long"),
     ],
 )
 def test_each_problem_is_reported_with_its_kind_and_column(
@@ -363,3 +364,25 @@ def test_schema_describes_the_contract() -> None:
     seed = next(s for s in schema["properties"]["seed"]["anyOf"] if s["type"] == "integer")
     assert (seed["minimum"], seed["maximum"]) == (0, 2**32 - 1)
     assert math.isclose(schema["properties"]["text_guidance_scale"]["anyOf"][0]["maximum"], 20.0)
+
+
+def test_transcripts_reach_their_rows_and_blank_ones_count_as_absent() -> None:
+    table = pa.table(
+        {
+            "id": ["a", "b", "c"],
+            "audio": ["a.wav", "b.wav", "c.wav"],
+            "transcript": ["Hello, world.", None, "   "],
+        }
+    )
+    check = validate_manifest(table, "/m/x.parquet")
+    assert check.ok
+    assert check.transcript_column
+    assert [r.transcript for r in check.rows] == ["Hello, world.", None, None]
+    assert "transcript" not in check.passthrough_schema.names  # a known column, not passthrough
+    assert not validate_manifest(_table(), "/m/x.parquet").transcript_column
+
+
+def test_a_transcript_column_that_is_no_text_is_refused_naming_the_column() -> None:
+    table = pa.table({"id": ["a"], "audio": ["a.wav"], "transcript": [{"text": "hi"}]})
+    with pytest.raises(ManifestError, match="column 'transcript' has type struct"):
+        validate_manifest(table, "/m/x.parquet")

@@ -8,11 +8,21 @@ from pathlib import Path
 import pytest
 
 from avatarflow.tasks.audio import probe_audio
-from avatarflow.tasks.config import BatchConfig, LocalSettings
+from avatarflow.tasks.captions import captions_key
+from avatarflow.tasks.config import BatchConfig, CaptionSettings, LocalSettings
+from avatarflow.tasks.ledger import Ledger
 from avatarflow.tasks.plan import Admission, PlanError, derive_seed, plan_row
-from avatarflow.tasks.records import V1_GRID, AudioInfo, FrameGrid, Row, RowPlanTotals
+from avatarflow.tasks.records import (
+    V1_GRID,
+    AudioInfo,
+    FrameGrid,
+    Row,
+    RowPlan,
+    RowPlanTotals,
+    RowResult,
+)
 from avatarflow.tasks.workdir import WorkDir
-from tests.factories import make_audio, make_row, with_params
+from tests.factories import make_audio, make_plan, make_row, with_params
 from tests.media_factory import speechlike, write_audio
 
 CONFIG = BatchConfig(
@@ -185,3 +195,36 @@ def test_a_local_v15_checkpoint_plans_on_its_25_fps_grid(tiny_checkpoint_v15: Pa
     # 5 s at 25 fps is 125 frames: 93 + 80 → 2 segments (at 16 fps it would be 1)
     assert [(c.fps, c.num_segments) for c in plan.chunks] == [(25, 2)]
     assert plan.video_s == pytest.approx(173 / 25)
+
+
+def test_a_published_row_is_skipped_only_with_the_captions_this_run_wants(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    config = BatchConfig(manifest="m.parquet", target=str(target), captions="all")
+    plan = make_plan(replace(make_row("intro"), transcript="Hello there."))
+    files = {ext: target / f"intro.{ext}" for ext in ("mp4", "vtt", "srt")}
+    for path in files.values():
+        path.write_bytes(b"x")
+    result = RowResult(
+        "intro",
+        "published",
+        video_url=str(files["mp4"]),
+        captions_vtt_url=str(files["vtt"]),
+        captions_srt_url=str(files["srt"]),
+    )
+    ledger = Ledger.for_run(config)
+    ledger.record_published(result, plan.input_hash, captions_key(plan.row, config))
+
+    def admitted(config: BatchConfig, plan: RowPlan = plan) -> bool:
+        return Admission(config).admit(plan) is None
+
+    assert not admitted(config)  # finished, captions included: skipped
+    assert admitted(config, replace(plan, row=replace(plan.row, transcript="Hi.")))  # new script
+    assert admitted(config.model_copy(update={"caption_settings": CaptionSettings(max_cps=12)}))
+    assert admitted(config.model_copy(update={"captions": "vtt"}))  # other outputs
+    assert not admitted(config.model_copy(update={"captions": "off"}))  # none wanted
+    files["srt"].unlink()
+    assert admitted(config)  # a caption file is gone: finished again
+    ledger.record_published(result, plan.input_hash)  # published before captions existed
+    assert not admitted(config.model_copy(update={"captions": "off"}))
+    assert admitted(config)

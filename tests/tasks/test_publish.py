@@ -359,7 +359,7 @@ def test_sidecar_records_inputs_requests_cost_and_qc_but_no_secret(
     assert set(doc) == {
         "id", "inputs", "parameters", "num_segments_override", "model", "backend", "seed",
         "segments", "chunks", "request_ids", "timings", "billable_units", "cost_usd",
-        "estimated_cost_usd", "qc", "rerender", "route",
+        "estimated_cost_usd", "qc", "rerender", "route", "captions",
     }  # fmt: skip
     assert set(doc["inputs"]) == {"audio", "image", "image_sha256", "input_hash"}
     assert doc["inputs"]["audio"]["sha256"] == "f" * 64

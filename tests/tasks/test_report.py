@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import re
 from html.parser import HTMLParser
@@ -172,3 +173,15 @@ def test_thumbnail_is_a_scaled_jpeg_of_the_middle_frame(tmp_path: Path) -> None:
     # frames brighten linearly from black to white, so the middle frame is mid-grey
     level = float(np.asarray(image.convert("L"), dtype=np.float64).mean())
     assert 90 < level < 170
+
+
+def test_players_get_a_captions_track_only_where_the_row_has_captions() -> None:
+    intro, recap, *_ = report_results()
+    captioned = [
+        dataclasses.replace(intro, captions_vtt_url="s3://out/intro.vtt"),
+        dataclasses.replace(recap, captions_vtt_url="s3://out/_rejected/recap.vtt"),
+    ]
+    page = render_report(captioned, {}, {}, title="t")
+    assert '<track kind="captions" label="Captions" src="intro.vtt" default>' in page
+    assert 'src="_rejected/recap.vtt" default>' in page
+    assert "<track" not in render_report(report_results(), {}, {}, title="t")

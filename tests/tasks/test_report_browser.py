@@ -1,5 +1,6 @@
 """report.html in a real headless Chromium: every row's card and the summary numbers are in the
-rendered DOM, the status filter works, and the page draws something (not a blank screenshot).
+rendered DOM, the status filter works, the page draws something (not a blank screenshot), and the
+players load their captions tracks.
 
 Chromium comes from the OS packages: the session fixture installs it with apt-get when it is
 missing (CI runs as root with Debian's mirrors), once per machine under a lock; where it cannot be
@@ -8,20 +9,28 @@ installed the test is skipped saying so, never passed.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import html
+import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from avatarflow.tasks.captions import Cue, to_vtt
 from avatarflow.tasks.report import render_report
+from tests.media_factory import write_mp4
 from tests.tasks.test_report import EVIL_ID, report_results
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -129,3 +138,75 @@ def test_report_renders_every_card_summary_and_filter_in_chromium(
     assert colours is not None
     assert len(colours) > 50, "the screenshot is (nearly) blank"
     assert time.monotonic() - started < 15
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Requests are not worth a line each."""
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A folder served over http://127.0.0.1 (a page's <track> is not read from file://)."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    handler = partial(_QuietHandler, directory=str(folder))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+# Loads report.html in a frame and prints, once every player's track has its cues, what the
+# browser parsed: the track's kind and mode and every cue (its text as shown, markup decoded).
+HARNESS = """<!doctype html><html><body><pre id="out">pending</pre>
+<iframe id="report" src="report.html"></iframe><script>
+function check() {
+  const doc = document.getElementById("report").contentDocument;
+  const videos = doc ? [...doc.querySelectorAll("video")] : [];
+  const tracks = videos.map(v => v.textTracks[0]);
+  if (videos.length && tracks.every(t => t && t.cues && t.cues.length)) {
+    document.getElementById("out").textContent = JSON.stringify(tracks.map(t => ({
+      kind: t.kind, mode: t.mode,
+      cues: [...t.cues].map(c => [c.startTime, c.endTime, c.getCueAsHTML().textContent])})));
+  } else { setTimeout(check, 50); }
+}
+check();
+</script></body></html>"""
+
+
+@pytest.mark.timeout(1200)  # the first run may install Chromium
+def test_report_players_show_the_captions_in_chromium(
+    chromium: str, profile: Path, served: tuple[Path, str]
+) -> None:
+    folder, url = served
+    intro = [
+        Cue(0.2, 1.4, ("Welcome to the course,", "everyone.")),
+        Cue(1.6, 2.9, ("Fish & <chips>.",)),
+    ]
+    recap = [Cue(0.0, 1.0, ("Recap.",))]
+    results = [
+        dataclasses.replace(r, captions_vtt_url=f"{url}/{r.id}.vtt")
+        for r in report_results()
+        if r.status in ("published", "rejected")
+    ]
+    (folder / "_rejected").mkdir()
+    write_mp4(folder / "intro.mp4", seconds=3.0)
+    write_mp4(folder / "_rejected" / "recap.mp4", seconds=1.0)
+    (folder / "intro.vtt").write_text(to_vtt(intro))
+    (folder / "_rejected" / "recap.vtt").write_text(to_vtt(recap))
+    (folder / "report.html").write_text(render_report(results, {}, {}, title="Batch"))
+    (folder / "harness.html").write_text(HARNESS)
+
+    dom = _run(
+        chromium, profile, "--virtual-time-budget=10000", "--dump-dom", f"{url}/harness.html"
+    )
+    found = re.search(r'<pre id="out">([^<]*)</pre>', dom)
+    assert found is not None
+    assert found.group(1) != "pending", "the players' caption tracks never loaded"
+    tracks = json.loads(html.unescape(found.group(1)))
+    assert [(t["kind"], t["mode"]) for t in tracks] == [("captions", "showing")] * 2
+    assert tracks[0]["cues"] == [[c.start_s, c.end_s, "\n".join(c.lines)] for c in intro]
+    assert tracks[1]["cues"] == [[0.0, 1.0, "Recap."]]
