@@ -520,14 +520,13 @@ def outputs(row: Row, config: BatchConfig) -> tuple[str, ...]:
 
 def captions_key(row: Row, config: BatchConfig) -> str | None:
     """A hash of what the row's captions are made from (None: it gets none): a published row
-    whose captions have another key gets them made again, without rendering again."""
+    whose captions have another key gets them made again, without rendering again. The backend
+    is no part of it: a routed run decides a row's backend after this is asked, and a rerun on
+    another backend keeps captions that still fit the script and settings."""
     wanted = outputs(row, config)
     if not wanted:
         return None
-    doc = json.dumps(
-        [row.transcript, config.caption_settings.model_dump(), wanted, config.backend],
-        sort_keys=True,
-    )
+    doc = json.dumps([row.transcript, config.caption_settings.model_dump(), wanted], sort_keys=True)
     return hashlib.sha256(doc.encode()).hexdigest()
 
 
