@@ -47,6 +47,11 @@ PREFECT_DEFAULTS = {
     "PREFECT_SERVER_UI_ENABLED": "false",
     # The ephemeral server writes to this terminal; its shutdown noise is not the user's business.
     "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
+    # The server the CLI starts lives as long as the command: task runs and their states are
+    # recorded, but storing every event again for the event feed and matching each against
+    # automations cost a third of the command's CPU at 1,000 rows (bench/user_run.py).
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
 }
 
 # After Ctrl-C or SIGTERM, polls stop at once; the run gets this long to unwind (an HTTP call in

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from avatarflow.tasks import progress
 from avatarflow.tasks.concat import concat_chunks, prepare_master_audio
@@ -45,7 +46,8 @@ class _Finishing:
     rerender: SidecarRerender | None = None
 
 
-@task(name="finish-row")
+# No Prefect cache: the ledger decides what is reused (hashing the inputs cost CPU per run).
+@task(name="finish-row", cache_policy=NO_CACHE)
 def finish_row(plan: RowPlan, videos: list[ChunkVideo], config: BatchConfig) -> RowResult:
     """master audio → verify chunks → concat + mux → verify video + QC → publish (or keep as
     rejected); with rerender_on_qc_fail, a QC failure is rendered once more first.
