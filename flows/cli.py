@@ -52,6 +52,9 @@ PREFECT_DEFAULTS = {
     # automations cost a third of the command's CPU at 1,000 rows (bench/user_run.py).
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
     "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
+    # The run's log file keeps Prefect's INFO lines; the server gets warnings and errors only
+    # (else a "Finished in state Completed()" line per task run, three per row).
+    "PREFECT_LOGGING_HANDLERS_API_LEVEL": "WARNING",
 }
 
 # After Ctrl-C or SIGTERM, polls stop at once; the run gets this long to unwind (an HTTP call in
