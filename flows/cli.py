@@ -47,9 +47,12 @@ PREFECT_DEFAULTS = {
     "PREFECT_SERVER_UI_ENABLED": "false",
     # The ephemeral server writes to this terminal; its shutdown noise is not the user's business.
     "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
-    # The server the CLI starts lives as long as the command: task runs and their states are
-    # recorded, but storing every event again for the event feed and matching each against
-    # automations cost a third of the command's CPU at 1,000 rows (bench/user_run.py).
+    # The server the CLI starts has no UI and lives as long as the command, which keeps its own
+    # record (log file, results.parquet, report): it records the flow run, not every task run's
+    # three state events (the server's CPU per row was a third of the whole command's, and it
+    # fell behind), nor does it store the events again or match them against automations.
+    # Task runs keep their states, retries and logs in the run's process either way.
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED": "false",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
     "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
     # The run's log file keeps Prefect's INFO lines; the server gets warnings and errors only
