@@ -47,16 +47,18 @@ PREFECT_DEFAULTS = {
     "PREFECT_SERVER_UI_ENABLED": "false",
     # The ephemeral server writes to this terminal; its shutdown noise is not the user's business.
     "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
-    # The server the CLI starts has no UI and lives as long as the command, which keeps its own
-    # record (log file, results.parquet, report): it records the flow run, not every task run's
-    # three state events (the server's CPU per row was a third of the whole command's, and it
-    # fell behind), nor does it store the events again or match them against automations.
-    # Task runs keep their states, retries and logs in the run's process either way.
+}
+# For the server the CLI starts itself (no PREFECT_API_URL in the environment): it has no UI and
+# lives as long as the command, which keeps its own record (log file, results.parquet, report).
+# It records the flow run, not every task run's three state events (its CPU was over a quarter
+# of the whole command's, and it fell behind), nor stores the events again or matches them
+# against automations; it gets warnings and errors only, while the log file keeps Prefect's INFO
+# lines (else a "Finished in state Completed()" line per task run). Task runs keep their states,
+# retries and logs in the run's own process either way.
+EPHEMERAL_DEFAULTS = {
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED": "false",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
     "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
-    # The run's log file keeps Prefect's INFO lines; the server gets warnings and errors only
-    # (else a "Finished in state Completed()" line per task run, three per row).
     "PREFECT_LOGGING_HANDLERS_API_LEVEL": "WARNING",
 }
 
@@ -538,7 +540,8 @@ def qc(
 
 def main() -> None:
     """The `avatarflow` console script: Prefect defaults first (before Prefect is imported)."""
-    for key, value in PREFECT_DEFAULTS.items():
+    ephemeral = EPHEMERAL_DEFAULTS if not os.environ.get("PREFECT_API_URL") else {}
+    for key, value in {**PREFECT_DEFAULTS, **ephemeral}.items():
         os.environ.setdefault(key, value)
     app()
 
