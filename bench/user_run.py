@@ -8,7 +8,8 @@ rendering faceless stripes in a fixed time (fal's own CPU is not the user's). Re
   its reaped descendants, the ephemeral server among them), plus any orphan this script reaps as
   the child subreaper; the split per process (flow, server, other) from psutil samples;
 - peak RSS of the tree and of the flow process, and the flow process's RSS against published
-  rows (least-squares slope per 1,000 rows, over the second half of the run: start-up excluded);
+  rows (least-squares slope per 1,000 rows over the second half of the run, start-up excluded;
+  and its RSS at a quarter, half, three quarters and all of the rows);
 - then the same command again (every render reused: 0 submits).
 Run: .venv/bin/python bench/user_run.py --rows 1000 [--render-s 2] [--in-flight 16] [--no-rerun]
 """
@@ -104,6 +105,15 @@ def _published(target: Path) -> int:
         return sum(1 for e in os.scandir(target) if e.name.endswith(".mp4"))
     except FileNotFoundError:
         return 0
+
+
+def rss_at_quarters(points: list[tuple[int, int]], rows: int) -> str:
+    """The flow process's RSS when a quarter, half, three quarters and all rows were published."""
+    marks = []
+    for quarter in (1, 2, 3, 4):
+        seen = [rss for published, rss in points if published >= rows * quarter // 4]
+        marks.append(f"{seen[0] / 1e6:.0f}" if seen else "—")
+    return " / ".join(marks) + " MB"
 
 
 def slope_per_1000(points: list[tuple[int, int]]) -> float:
@@ -233,7 +243,8 @@ def main() -> None:
             f"{args.in_flight} | {r.wall_s:.1f} s | {ideal_s:.0f} s | {ratio} | {r.cpu_s:.0f} "
             f"({split_text}) | **{r.cpu_s / args.rows:.3f}** | "
             f"{r.tree.peak_tree_rss / 1e6:.0f} MB | {r.tree.peak_flow_rss / 1e6:.0f} MB | "
-            f"{slope_per_1000(r.tree.rss_vs_rows):.1f} MB | exit {r.exit_code}"
+            f"{slope_per_1000(r.tree.rss_vs_rows):.1f} MB | "
+            f"{rss_at_quarters(r.tree.rss_vs_rows, args.rows)} | exit {r.exit_code}"
             f"{f', {r.unreaped} left running' if r.unreaped else ''} | {machine} | "
             f"{datetime.date.today()} |"
         )
