@@ -23,9 +23,9 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.futures import PrefectFuture
 from prefect.logging.loggers import flow_run_logger
 from prefect.states import Completed, Failed
-from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from avatarflow.flows.lean import LeanThreadPoolTaskRunner, forget_result_links
 from avatarflow.flows.terminal import survive_lost_terminal
 from avatarflow.tasks import progress
 from avatarflow.tasks.backends import (
@@ -85,6 +85,7 @@ def row_stages(
     if not finished.state.is_completed():
         return _end(row, first_error([finished]))
     result: RowResult = finished.result()  # finish_row told the listeners
+    forget_result_links()  # nothing reads them: arguments go quoted (see _submit)
     return result
 
 
@@ -177,7 +178,7 @@ def _cancel_paid_requests(flow: FlowSchema, flow_run: FlowRun, state: State) -> 
 @flow(
     name="produce-batch",
     log_prints=False,
-    task_runner=ThreadPoolTaskRunner(max_workers=18),  # type: ignore[arg-type]  # Prefect's generics
+    task_runner=LeanThreadPoolTaskRunner(max_workers=18),  # type: ignore[arg-type]  # Prefect's generics
     on_cancellation=[_cancel_paid_requests],  # type: ignore[list-item]
 )
 def produce_batch(
@@ -380,7 +381,7 @@ def _invalid_rows(check: ManifestCheck) -> dict[int, RowResult]:
 def run_batch(config: BatchConfig) -> BatchOutcome:
     """Run produce_batch for config, with a thread pool sized for the backend; its outcome."""
     threads = renderer_class(config.backend).task_threads(config)
-    runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=threads)
+    runner = LeanThreadPoolTaskRunner(max_workers=threads)
     flow_run = produce_batch.with_options(task_runner=runner)  # type: ignore[arg-type]
     state = flow_run(**flow_parameters(config), return_state=True)
     outcome = state.result(raise_on_failure=False)
