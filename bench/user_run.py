@@ -144,11 +144,14 @@ def run_cli(
     """Spawn the CLI, sample its tree until it exits, reap it and every orphan it left."""
     tree = Tree()
     started = time.monotonic()
-    child = subprocess.Popen(
-        [*launcher, "run", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    # stderr to a file, not a pipe: an orphan the CLI leaves (its server after SIGTERM) keeps
+    # the pipe open, and reading it would wait for that orphan
+    errors = target.parent / "cli-stderr.txt"
+    with errors.open("wb") as sink:
+        child = subprocess.Popen(
+            [*launcher, "run", *args], env=env, stdout=subprocess.DEVNULL, stderr=sink
+        )
     root = psutil.Process(child.pid)
-    stderr_tail = b""
     while True:
         tree.sample(root, target)
         pid, status, usage = os.wait4(child.pid, os.WNOHANG)
@@ -157,7 +160,6 @@ def run_cli(
         time.sleep(SAMPLE_S)
     wall_s = time.monotonic() - started
     child.returncode = os.waitstatus_to_exitcode(status)
-    stderr_tail = child.stderr.read()[-2000:] if child.stderr else b""
     cpu_s = usage.ru_utime + usage.ru_stime  # the CLI and the descendants it reaped
     # Orphans the CLI left (re-parented to us, the subreaper): their CPU is the command's too.
     deadline, unreaped = time.monotonic() + 30, 0
@@ -174,7 +176,7 @@ def run_cli(
                 cpu_s += usage.ru_utime + usage.ru_stime
         time.sleep(0.2)
     if child.returncode != 0:
-        sys.stderr.write(stderr_tail.decode(errors="replace"))
+        sys.stderr.write(errors.read_text(errors="replace")[-2000:])
     return Result(wall_s, cpu_s, child.returncode, tree, unreaped)
 
 
