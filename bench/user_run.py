@@ -134,6 +134,7 @@ class Result:
     wall_s: float
     cpu_s: float  # the whole tree, from rusage
     exit_code: int
+    published: int  # rows published when it ended (fewer than asked if it was stopped)
     tree: Tree
     unreaped: int  # descendants still alive 30 s after the CLI left
 
@@ -177,7 +178,7 @@ def run_cli(
         time.sleep(0.2)
     if child.returncode != 0:
         sys.stderr.write(errors.read_text(errors="replace")[-2000:])
-    return Result(wall_s, cpu_s, child.returncode, tree, unreaped)
+    return Result(wall_s, cpu_s, child.returncode, _published(target), tree, unreaped)
 
 
 def main() -> None:
@@ -243,10 +244,11 @@ def main() -> None:
         print(
             f"| {args.rows} | {name} | {args.narration_s:g} s | {args.render_s:g} s × "
             f"{args.in_flight} | {r.wall_s:.1f} s | {ideal_s:.0f} s | {ratio} | {r.cpu_s:.0f} "
-            f"({split_text}) | **{r.cpu_s / args.rows:.3f}** | "
+            f"({split_text}) | **{r.cpu_s / max(1, r.published):.3f}** per published row | "
             f"{r.tree.peak_tree_rss / 1e6:.0f} MB | {r.tree.peak_flow_rss / 1e6:.0f} MB | "
             f"{slope_per_1000(r.tree.rss_vs_rows):.1f} MB | "
-            f"{rss_at_quarters(r.tree.rss_vs_rows, args.rows)} | exit {r.exit_code}"
+            f"{rss_at_quarters(r.tree.rss_vs_rows, args.rows)} | exit {r.exit_code}, "
+            f"{r.published} published"
             f"{f', {r.unreaped} left running' if r.unreaped else ''} | {machine} | "
             f"{datetime.date.today()} |"
         )
