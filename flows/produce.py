@@ -134,6 +134,7 @@ def _end(row: Row, result: RowResult | str) -> RowResult:
     if isinstance(result, str):
         result = RowResult.failure(row.id, result, row.extra)
     progress.emit(RowFinished(row.id, result.status))
+    forget_result_links()  # as at a row's normal end: a rerun's rows mostly end here
     return result
 
 
