@@ -48,6 +48,19 @@ PREFECT_DEFAULTS = {
     # The ephemeral server writes to this terminal; its shutdown noise is not the user's business.
     "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
 }
+# For the server the CLI starts itself (no PREFECT_API_URL in the environment): it has no UI and
+# lives as long as the command, which keeps its own record (log file, results.parquet, report).
+# It records the flow run, not every task run's three state events (its CPU was over a quarter
+# of the whole command's, and it fell behind), nor stores the events again or matches them
+# against automations; it gets warnings and errors only, while the log file keeps Prefect's INFO
+# lines (else a "Finished in state Completed()" line per task run). Task runs keep their states,
+# retries and logs in the run's own process either way.
+EPHEMERAL_DEFAULTS = {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
+    "PREFECT_LOGGING_HANDLERS_API_LEVEL": "WARNING",
+}
 
 # After Ctrl-C or SIGTERM, polls stop at once; the run gets this long to unwind (an HTTP call in
 # flight, a thread stuck in a library) before the process leaves anyway: request ids are in the
@@ -607,7 +620,8 @@ def qc(
 
 def main() -> None:
     """The `avatarflow` console script: Prefect defaults first (before Prefect is imported)."""
-    for key, value in PREFECT_DEFAULTS.items():
+    ephemeral = EPHEMERAL_DEFAULTS if not os.environ.get("PREFECT_API_URL") else {}
+    for key, value in {**PREFECT_DEFAULTS, **ephemeral}.items():
         os.environ.setdefault(key, value)
     app()
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from avatarflow.tasks import progress
 from avatarflow.tasks.captions import RowCaptions, make_captions, mux_track, with_gate
@@ -48,7 +49,8 @@ class _Finishing:
     captions: RowCaptions | None = None
 
 
-@task(name="finish-row")
+# No Prefect cache: the ledger decides what is reused (hashing the inputs cost CPU per run).
+@task(name="finish-row", cache_policy=NO_CACHE)
 def finish_row(plan: RowPlan, videos: list[ChunkVideo], config: BatchConfig) -> RowResult:
     """master audio → verify chunks → concat + mux → verify video + QC → captions (and their
     gate, files and track) → publish (or keep as rejected); with rerender_on_qc_fail, a QC

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from PIL import Image, UnidentifiedImageError
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from avatarflow.tasks import progress
 from avatarflow.tasks.audio import (
@@ -147,7 +148,8 @@ def _fetch_image(row: Row, work_dir: WorkDir) -> tuple[str, str]:
     return str(local), sha
 
 
-@task(name="prepare-row")
+# No Prefect cache: the ledger decides what is reused (hashing the inputs cost CPU per run).
+@task(name="prepare-row", cache_policy=NO_CACHE)
 def prepare_row(row: Row, config: BatchConfig) -> RowPlan:
     """Fetch and probe a row's inputs, plan it and write each chunk's WAV; spends nothing
     (prepare_row.fn runs it without Prefect)."""

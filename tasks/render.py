@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from avatarflow.tasks import progress
 from avatarflow.tasks.backends import RenderJob, get_renderer, renderer_class
@@ -42,7 +43,8 @@ def _rendered(video: ChunkVideo, plan: RowPlan, ledger: Ledger) -> ChunkVideo:
     return video
 
 
-@task(name="render-chunk")
+# No Prefect cache: the ledger decides what is reused (hashing the inputs cost CPU per run).
+@task(name="render-chunk", cache_policy=NO_CACHE)
 def render_chunk(
     plan: RowPlan, chunk_index: int, config: BatchConfig, identity: ChunkVideo | None = None
 ) -> ChunkVideo:
@@ -58,7 +60,8 @@ def render_chunk(
     return _rendered(video, plan, ledger)
 
 
-@task(name="render-row")
+# No Prefect cache: the ledger decides what is reused (hashing the inputs cost CPU per run).
+@task(name="render-row", cache_policy=NO_CACHE)
 def render_row(plan: RowPlan, config: BatchConfig) -> list[ChunkVideo]:
     """Render all of a row's chunks as one continuous sequence (a continuous backend)."""
     ledger = Ledger.for_run(config)
