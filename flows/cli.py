@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -618,9 +619,24 @@ def qc(
     raise typer.Exit(EXIT_OK if report.passed else EXIT_ROWS_FAILED)
 
 
+def _prefect_server_configured() -> bool:
+    """Whether Prefect will talk to a server of the user's (PREFECT_API_URL in the environment or
+    in the active profile, as `prefect config set` writes it), read without importing Prefect."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return False  # no profiles (a fresh machine), or one Prefect itself would refuse
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
+    return bool(profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL"))
+
+
 def main() -> None:
     """The `avatarflow` console script: Prefect defaults first (before Prefect is imported)."""
-    ephemeral = EPHEMERAL_DEFAULTS if not os.environ.get("PREFECT_API_URL") else {}
+    ephemeral = {} if _prefect_server_configured() else EPHEMERAL_DEFAULTS
     for key, value in {**PREFECT_DEFAULTS, **ephemeral}.items():
         os.environ.setdefault(key, value)
     app()

@@ -199,3 +199,26 @@ def test_the_interrupt_hint_names_the_backend_in_use() -> None:
     assert "fal" not in free
     assert "request ids" not in free
     assert "rendered chunks are recorded in out/.avatarflow" in free
+
+
+def test_a_server_in_the_active_prefect_profile_keeps_its_own_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lean ephemeral-server settings are for the server the CLI starts; a URL that
+    `prefect config set` wrote to the active profile means the user's server."""
+    from avatarflow.flows.cli import _prefect_server_configured
+
+    profiles = tmp_path / "profiles.toml"
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("PREFECT_PROFILE", raising=False)
+    monkeypatch.setenv("PREFECT_PROFILES_PATH", str(profiles))
+    assert not _prefect_server_configured()  # no profiles file: a fresh machine
+    profiles.write_text(
+        'active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://127.0.0.1:4200/api"\n'
+        "[profiles.ephemeral]\n"
+    )
+    assert _prefect_server_configured()
+    monkeypatch.setenv("PREFECT_PROFILE", "ephemeral")
+    assert not _prefect_server_configured()
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    assert _prefect_server_configured()
