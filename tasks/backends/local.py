@@ -365,10 +365,10 @@ def dask_problem(address: str) -> str | None:
     if address == "local":
         return None
     try:
-        client = _dask_client(address)
-    except (OSError, TimeoutError) as exc:
+        workers = _gpu_workers(_dask_client(address))
+    except OSError as exc:  # TimeoutError included
         return f"cannot reach the Dask scheduler at {address}: {exc}"
-    return None if _gpu_workers(client) else _no_gpu_message(address)
+    return None if workers else _no_gpu_message(address)
 
 
 def render_on_dask(job: RenderJob, settings: LocalSettings) -> list[ChunkVideo]:
@@ -405,7 +405,11 @@ def _wait_for_render(client: Any, future: Any, address: str, row_id: str) -> Any
             pass
         if stop_requested():
             raise RenderStopped(f"row {row_id}: Dask render abandoned (stopping)")
-        if _gpu_workers(client) or address == "local":
+        try:
+            present = address == "local" or _gpu_workers(client) > 0
+        except OSError:  # no answer: unknown, not gone (the future fails if the scheduler is)
+            present = True
+        if present:
             seen_gpu = time.monotonic()
         elif time.monotonic() - seen_gpu > DASK_NO_GPU_GRACE_S:
             raise DaskWorkersError(_no_gpu_message(address))
@@ -417,8 +421,15 @@ def gpu_worker_count(address: str) -> int:
 
 
 def _gpu_workers(client: Any) -> int:
-    """How many of the scheduler's workers offer every resource a render needs (GPU=1)."""
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    """How many of the scheduler's workers offer every resource a render needs (GPU=1), asked of
+    the scheduler now; raises OSError when it does not answer.
+
+    Not client.scheduler_info(): the client refreshes that cached copy every few seconds with
+    the totals only (no workers), and a refresh can land between its fetch and its read. On a
+    loaded machine that counted 0 workers and failed every row with DaskWorkersError.
+    """
+    identity = client.sync(client.scheduler.identity, n_workers=-1)
+    workers = identity["workers"].values()
     needed = LocalRenderer.resources.items()
     return sum(all(w["resources"].get(k, 0) >= v for k, v in needed) for w in workers)
 

@@ -189,3 +189,17 @@ def _config(manifest: str, target: Path, local: LocalSettings) -> BatchConfig:
         work_dir=str(target.parent / "work"),
         local=local,
     )
+
+
+def test_gpu_workers_are_counted_by_the_scheduler_not_the_clients_cached_totals(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client refreshes its cached scheduler_info every few seconds with totals only (no
+    workers); a refresh landing between a fetch and its read once counted 0 GPU workers on a
+    loaded machine and failed every row. The count must come from the scheduler itself."""
+    with Client(cluster.scheduler_address, set_as_default=False) as client:
+        client.sync(client._update_scheduler_info)  # what the periodic refresh leaves behind
+        totals_only = client._scheduler_identity
+        assert not totals_only["workers"]
+        monkeypatch.setattr(client, "scheduler_info", lambda *a, **k: totals_only)
+        assert local_backend._gpu_workers(client) == 2
