@@ -518,7 +518,20 @@ class _Interrupt:
     def leave(self) -> None:
         """Print the hint and end the process at once with 128 + the signal's number."""
         self.say()
+        _stop_ephemeral_server()
         os._exit(128 + (self.signum or signal.SIGINT))
+
+
+def _stop_ephemeral_server() -> None:
+    """Stop the Prefect server this command started, if any: Prefect stops it at exit (atexit),
+    which os._exit skips, and it would outlive the command."""
+    server = sys.modules.get("prefect.server.api.server")
+    if server is None:  # no ephemeral server was started
+        return
+    for instance in list(server.SubprocessASGIServer._instances.values()):
+        process = getattr(instance, "server_process", None)
+        if process is not None and process.poll() is None:
+            process.terminate()
 
 
 @app.command()

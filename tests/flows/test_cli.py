@@ -222,3 +222,20 @@ def test_a_server_in_the_active_prefect_profile_keeps_its_own_settings(
     assert not _prefect_server_configured()
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
     assert _prefect_server_configured()
+
+
+def test_leaving_at_once_stops_the_prefect_server_the_command_started() -> None:
+    """A second Ctrl-C/SIGTERM leaves with os._exit, which skips the atexit hook where Prefect
+    stops its ephemeral server: the CLI stops it first, or it outlives the command."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from avatarflow.flows.cli import _stop_ephemeral_server
+
+    server = SubprocessASGIServer(port=1)  # never started: only its process is ours
+    server.server_process = subprocess.Popen(["sleep", "60"])
+    try:
+        _stop_ephemeral_server()
+        assert server.server_process.wait(timeout=10) == -15  # SIGTERM
+    finally:
+        server.server_process.kill()
+        SubprocessASGIServer._instances.pop(1, None)
