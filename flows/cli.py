@@ -233,10 +233,10 @@ def _local_settings(model_dir: str | None, dask_address: str | None) -> LocalSet
 
 def _print_split(plans: list[RowPlan], config: BatchConfig) -> None:
     """--backend auto: each row's backend and why, then auto against all-local and all-fal."""
-    from avatarflow.tasks.backends import renderer_class
+    from avatarflow.tasks.backends.auto import AutoRenderer
     from avatarflow.tasks.hybrid import split_summary
 
-    problem = renderer_class(config.backend).check_config(config)
+    problem = AutoRenderer.check_route(config)
     if problem is not None:
         console.print(f"[red]cannot plan[/red]: {escape(problem)}")
         raise typer.Exit(EXIT_INVALID)

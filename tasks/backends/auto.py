@@ -26,6 +26,13 @@ class AutoRenderer(Renderer):
 
     @classmethod
     def check_config(cls, config: BatchConfig) -> str | None:
+        local, fal = renderer_class("local"), renderer_class("fal")
+        return cls.check_route(config) or fal.check_config(config) or local.check_config(config)
+
+    @classmethod
+    def check_route(cls, config: BatchConfig) -> str | None:
+        """Why rows cannot be routed (no readable deadline, two frame grids), or None: all that
+        `avatarflow plan` needs, since planning spends nothing (no fal key is needed)."""
         from avatarflow.tasks.route import DeadlineError, parse_deadline
 
         if not config.deadline:
@@ -37,7 +44,7 @@ class AutoRenderer(Renderer):
         local, fal = renderer_class("local"), renderer_class("fal")
         if local.frame_grid(config) != fal.frame_grid(config):
             return "--backend auto needs a checkpoint on fal's frame grid (LongCat 1.0, 16 fps)"
-        return fal.check_config(config) or local.check_config(config)
+        return None
 
     @classmethod
     def frame_grid(cls, config: BatchConfig) -> FrameGrid:
