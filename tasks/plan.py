@@ -28,7 +28,7 @@ from avatarflow.tasks.audio import (
     write_chunk_wav,
 )
 from avatarflow.tasks.backends import renderer_class
-from avatarflow.tasks.captions import captions_key
+from avatarflow.tasks.captions import captions_key, outputs
 from avatarflow.tasks.config import BatchConfig
 from avatarflow.tasks.ledger import Ledger
 from avatarflow.tasks.records import (
@@ -43,6 +43,7 @@ from avatarflow.tasks.records import (
     RowsPlanned,
 )
 from avatarflow.tasks.redact import public_url
+from avatarflow.tasks.speech import estimate_recognition
 from avatarflow.tasks.stream import Stages
 from avatarflow.tasks.workdir import WorkDir
 
@@ -88,6 +89,8 @@ def plan_row(
         )
     seed = row.seed if row.seed is not None else derive_seed(row.id)
     units, cost = backend.estimate(config, row.resolution, sum(c.video_s for c in chunks))
+    if outputs(row, config):  # its captions recognise the narration too: paid on fal
+        cost += estimate_recognition(config, audio.duration_s)[1]
     return RowPlan(
         row=row,
         audio=audio,

@@ -69,6 +69,20 @@ def test_short_row_is_one_chunk_priced_per_video_second() -> None:
     assert plan.estimated_cost_usd == pytest.approx(10.8125 * 0.15)
 
 
+def test_a_fal_row_with_captions_is_estimated_with_its_whisper_request() -> None:
+    from avatarflow.tasks.speech import whisper_estimate
+
+    spoken = replace(Row(0, "a", "n.wav"), transcript="Hello there.")
+    plain = plan_row(Row(0, "a", "n.wav"), _audio(7.0), CONFIG)  # no transcript: no captions
+    captioned = plan_row(spoken, _audio(7.0), CONFIG)  # auto: fal times the script
+    whisper_usd = whisper_estimate(CONFIG.fal, 7.0)[1]
+    assert whisper_usd > 0
+    assert captioned.estimated_cost_usd == pytest.approx(plain.estimated_cost_usd + whisper_usd)
+    assert captioned.billable_units == plain.billable_units  # the render's units only
+    off = plan_row(spoken, _audio(7.0), CONFIG.model_copy(update={"captions": "off"}))
+    assert off.estimated_cost_usd == pytest.approx(plain.estimated_cost_usd)
+
+
 def test_720p_costs_twice_480p_and_bills_four_units_per_second() -> None:
     low = plan_row(Row(0, "a", "n.wav"), _audio(12.0), CONFIG)
     high = plan_row(make_row("a", "n.wav", resolution="720p"), _audio(12.0), CONFIG)
