@@ -51,15 +51,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
     """Two worker processes, each advertising one GPU, as `dask worker --resources GPU=1` does."""
-    from distributed import LocalCluster
+    from tests.factories import gpu_cluster
 
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=2,
-        processes=True,
-        resources={"GPU": 1},
-        dashboard_address=":0",
-    ) as cluster:
+    with gpu_cluster(2, threads=2) as cluster:
         yield cluster
 
 

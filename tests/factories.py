@@ -6,11 +6,12 @@ records and manifest files around them, so a change of a record's shape is one e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +27,9 @@ from avatarflow.tasks.records import (
     RowPlan,
 )
 from tests.media_factory import write_audio, write_narration
+
+if TYPE_CHECKING:
+    from distributed import LocalCluster
 
 HASH = "h" * 64
 # QC gates that the tiny checkpoint's renders cannot pass: it renders noise, so there is no face
@@ -179,3 +183,19 @@ def narrated_manifest(
 ) -> str:
     """A manifest in folder with one narration per row id (see write_narrations)."""
     return write_manifest(folder / name, write_narrations(folder, lengths, subdir))
+
+
+@contextlib.contextmanager
+def gpu_cluster(workers: int, threads: int = 1) -> Iterator[LocalCluster]:
+    """Dask worker processes each offering one GPU, as `dask worker --resources GPU=1` starts
+    them (distributed is imported only by the tests that start one)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=workers,
+        threads_per_worker=threads,
+        processes=True,
+        resources={"GPU": 1},
+        dashboard_address=":0",
+    ) as cluster:
+        yield cluster

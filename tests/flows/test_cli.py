@@ -224,13 +224,18 @@ def test_a_server_in_the_active_prefect_profile_keeps_its_own_settings(
     assert _prefect_server_configured()
 
 
-def test_leaving_at_once_stops_the_prefect_server_the_command_started() -> None:
+def test_leaving_at_once_stops_the_prefect_server_the_command_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A second Ctrl-C/SIGTERM leaves with os._exit, which skips the atexit hook where Prefect
     stops its ephemeral server: the CLI stops it first, or it outlives the command."""
     from prefect.server.api.server import SubprocessASGIServer
 
     from avatarflow.flows.cli import _stop_ephemeral_server
 
+    # This process's servers as the CLI's would be: only the one made here (the test session's
+    # own server stays out of reach).
+    monkeypatch.setattr(SubprocessASGIServer, "_instances", {})
     server = SubprocessASGIServer(port=1)  # never started: only its process is ours
     server.server_process = subprocess.Popen(["sleep", "60"])
     try:
@@ -238,4 +243,3 @@ def test_leaving_at_once_stops_the_prefect_server_the_command_started() -> None:
         assert server.server_process.wait(timeout=10) == -15  # SIGTERM
     finally:
         server.server_process.kill()
-        SubprocessASGIServer._instances.pop(1, None)

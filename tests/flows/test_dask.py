@@ -21,6 +21,7 @@ from avatarflow.flows.produce import run_batch
 from avatarflow.tasks.backends import local as local_backend
 from avatarflow.tasks.config import BatchConfig, LocalSettings
 from tests.cli import invoke
+from tests.factories import gpu_cluster
 from tests.media_factory import write_narration
 
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
@@ -122,13 +123,7 @@ def test_a_render_waiting_without_a_gpu_worker_gives_up(
 @pytest.fixture
 def one_gpu_worker() -> Iterator[LocalCluster]:
     """One worker process offering GPU=1, for a render that is still running when the CLI stops."""
-    with LocalCluster(
-        n_workers=1,
-        threads_per_worker=1,
-        processes=True,
-        resources={"GPU": 1},
-        dashboard_address=":0",
-    ) as cluster:
+    with gpu_cluster(1) as cluster:
         yield cluster
 
 

@@ -18,6 +18,7 @@ from distributed import Client, LocalCluster, get_task_stream
 from avatarflow.flows.produce import run_batch
 from avatarflow.tasks.config import BatchConfig, LocalSettings, RouteSettings
 from avatarflow.tasks.records import BatchOutcome
+from tests.factories import gpu_cluster
 from tests.fakes.fal_server import WHISPER_APP, FakeFal
 from tests.media_factory import write_narration
 
@@ -113,13 +114,7 @@ def test_rows_split_between_gpu_workers_and_fal_each_rendered_once_and_a_rerun_s
 @pytest.fixture
 def doomed_cluster() -> Iterator[LocalCluster]:
     """Two GPU workers, one of which the test kills."""
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        resources={"GPU": 1},
-        dashboard_address=":0",
-    ) as cluster:
+    with gpu_cluster(2) as cluster:
         yield cluster
 
 
