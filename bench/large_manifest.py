@@ -29,14 +29,12 @@ os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fake lives in tests/fakes
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 
 from avatarflow.flows.produce import run_batch  # noqa: E402
 from avatarflow.tasks import progress  # noqa: E402
 from avatarflow.tasks.config import BatchConfig, FalSettings  # noqa: E402
 from avatarflow.tasks.records import RowsPlanned  # noqa: E402
-from tests.media_factory import write_narration  # noqa: E402
+from tests.factories import copied_narration_manifest  # noqa: E402
 
 
 def serve_fake(latency_s: float, in_flight: int, conn: object) -> None:
@@ -79,13 +77,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
-            write_narration(work / "n.wav", 1.0, seed=1)
-            audio = (work / "n.wav").read_bytes()
-            rows = []
-            for i in range(args.rows):  # distinct files, so every row is fetched and probed
-                (work / f"n{i}.wav").write_bytes(audio)
-                rows.append({"id": f"row{i:05d}", "audio": f"n{i}.wav"})
-            pq.write_table(pa.Table.from_pylist(rows), work / "manifest.parquet")
+            copied_narration_manifest(work, args.rows, 1.0)
             config = BatchConfig(
                 manifest=str(work / "manifest.parquet"),
                 target=str(work / "out"),

@@ -34,10 +34,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fakes live in tests/
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 
-from tests.media_factory import write_narration  # noqa: E402
+from tests.factories import copied_narration_manifest  # noqa: E402
 
 CLI = Path(sys.executable).with_name("avatarflow")
 PR_SET_CHILD_SUBREAPER = 36
@@ -204,13 +202,7 @@ def main() -> None:
     fal_env, fake_pid = parent.recv()
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-user-run-"))
     work.mkdir(parents=True, exist_ok=True)
-    write_narration(work / "n.wav", args.narration_s, seed=1)
-    audio = (work / "n.wav").read_bytes()
-    rows = []
-    for i in range(args.rows):  # distinct files, so every row is fetched and probed
-        (work / f"n{i}.wav").write_bytes(audio)
-        rows.append({"id": f"row{i:05d}", "audio": f"n{i}.wav"})
-    pq.write_table(pa.Table.from_pylist(rows), work / "manifest.parquet")
+    copied_narration_manifest(work, args.rows, args.narration_s)
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FAL_", "AVATARFLOW"))
     }

@@ -175,6 +175,18 @@ def write_narrations(
     return rows
 
 
+def copied_narration_manifest(folder: Path, rows: int, seconds: float) -> str:
+    """A manifest of `rows` rows (row00000, ...), each with its own copy of one narration: every
+    row's file is fetched and probed, as in a real batch, without synthesising each one."""
+    write_narration(folder / "n.wav", seconds, seed=1)
+    audio = (folder / "n.wav").read_bytes()
+    records = []
+    for i in range(rows):
+        (folder / f"n{i}.wav").write_bytes(audio)
+        records.append({"id": f"row{i:05d}", "audio": f"n{i}.wav"})
+    return write_manifest(folder / "manifest.parquet", records)
+
+
 def narrated_manifest(
     folder: Path,
     lengths: Mapping[str, float | tuple[float, str]],

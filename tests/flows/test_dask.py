@@ -12,8 +12,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from distributed import Client, LocalCluster, get_task_stream
 
@@ -21,19 +19,14 @@ from avatarflow.flows.produce import run_batch
 from avatarflow.tasks.backends import local as local_backend
 from avatarflow.tasks.config import BatchConfig, LocalSettings
 from tests.cli import invoke
-from tests.factories import gpu_cluster
-from tests.media_factory import write_narration
+from tests.factories import gpu_cluster, narrated_manifest
 
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 
 
 def _manifest(folder: Path, rows: int) -> str:
-    folder.mkdir(parents=True)
-    for i in range(rows):
-        write_narration(folder / f"r{i}.wav", 1.5, "wav", seed=i)
-    records = [{"id": f"r{i}", "audio": f"r{i}.wav"} for i in range(rows)]
-    pq.write_table(pa.Table.from_pylist(records), folder / "manifest.parquet")
-    return str(folder / "manifest.parquet")
+    """rows 1.5 s narrations, r0 … r<rows-1>."""
+    return narrated_manifest(folder, {f"r{i}": 1.5 for i in range(rows)}, subdir="")
 
 
 def _chunks(target: Path) -> list[dict[str, object]]:

@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from distributed import Client, LocalCluster, get_task_stream
@@ -18,20 +17,15 @@ from distributed import Client, LocalCluster, get_task_stream
 from avatarflow.flows.produce import run_batch
 from avatarflow.tasks.config import BatchConfig, LocalSettings, RouteSettings
 from avatarflow.tasks.records import BatchOutcome
-from tests.factories import gpu_cluster
+from tests.factories import gpu_cluster, narrated_manifest
 from tests.fakes.fal_server import WHISPER_APP, FakeFal
-from tests.media_factory import write_narration
 
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 
 
 def _manifest(folder: Path, rows: int) -> str:
-    folder.mkdir(parents=True)
-    for i in range(rows):
-        write_narration(folder / f"r{i}.wav", 1.5, "wav", seed=i)
-    records = [{"id": f"r{i}", "audio": f"r{i}.wav"} for i in range(rows)]
-    pq.write_table(pa.Table.from_pylist(records), folder / "manifest.parquet")
-    return str(folder / "manifest.parquet")
+    """rows 1.5 s narrations, r0 … r<rows-1>."""
+    return narrated_manifest(folder, {f"r{i}": 1.5 for i in range(rows)}, subdir="")
 
 
 def _config(
