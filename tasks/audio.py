@@ -18,6 +18,7 @@ import av
 import fsspec
 import numpy as np
 
+from avatarflow.tasks.media import open_media
 from avatarflow.tasks.records import V1_GRID, AudioInfo, FrameGrid
 from avatarflow.tasks.redact import public_url, redact, url_secrets
 from avatarflow.tasks.storage import temp_path, write_local, writing
@@ -117,7 +118,7 @@ def _describe(exc: BaseException, url: str) -> str:
 def _decode(path: Path, name: str) -> tuple[np.ndarray, int, str]:
     """Decode the first audio stream to int16 (samples, channels) at its own rate with PyAV."""
     try:
-        container = av.open(str(path))
+        container = open_media(path)
     except av.FFmpegError as exc:
         head = path.read_bytes()[:12]
         looks_audio = path.suffix in _AUDIO_EXTENSIONS or head.startswith(_MAGIC) or b"ftyp" in head

@@ -22,7 +22,7 @@ from av.stream import Stream
 from av.video.stream import VideoStream
 
 from avatarflow.tasks.config import BatchConfig
-from avatarflow.tasks.media import VideoProbe, probe_container, probe_video
+from avatarflow.tasks.media import VideoProbe, open_media, probe_container, probe_video
 from avatarflow.tasks.records import ChunkVideo, RowPlan
 from avatarflow.tasks.storage import writing
 from avatarflow.tasks.workdir import WorkDir
@@ -60,7 +60,7 @@ class _CannotCopy(Exception):
 def encode_master_audio(source_path: str | Path, dest_path: str | Path) -> str:
     """Write the narration as an AAC .m4a: copied untouched if already AAC, else encoded once."""
     dest = Path(dest_path)
-    with writing(dest) as tmp, av.open(str(source_path)) as src:
+    with writing(dest) as tmp, open_media(source_path) as src:
         if not src.streams.audio:
             raise ValueError(f"{source_path}: no audio stream")
         stream = src.streams.audio[0]
@@ -88,7 +88,9 @@ def _encode_aac(src: InputContainer, stream: AudioStream, out: OutputContainer) 
     layout = ctx.layout.name
     if layout.endswith("channels"):  # unordered (e.g. WAV without a channel mask): pick the default
         layout = DEFAULT_LAYOUTS.get(ctx.channels, "stereo")
-    out_stream = out.add_stream("aac", rate=rate, layout=layout)
+    # The "fast" coder: ~3.5× less CPU than the default two-loop search, and by its author
+    # "very decent at 128kbps" (FFmpeg commit c92cc2d5); narration is speech at 128-192 kb/s.
+    out_stream = out.add_stream("aac", rate=rate, layout=layout, options={"aac_coder": "fast"})
     out_stream.bit_rate = 128_000 if ctx.channels == 1 else 192_000
     resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
     written = 0
@@ -310,9 +312,12 @@ def prepare_master_audio(plan: RowPlan, config: BatchConfig) -> str:
     dest = WorkDir(config.work_path).row(plan.row.id, plan.input_hash) / "master.m4a"
     if dest.exists():
         return str(dest)
-    # The fetched source when it is still there (AAC is then copied untouched), else the PCM.
-    source = plan.audio.local_path or plan.audio.pcm_path
-    return encode_master_audio(source if Path(source).exists() else plan.audio.pcm_path, dest)
+    # An AAC source is copied untouched while it is still there; anything else is encoded from
+    # the PCM master the audio stage decoded it to (no second decode of an MP3 or FLAC).
+    source = plan.audio.local_path
+    if plan.audio.codec != "aac" or not source or not Path(source).exists():
+        source = plan.audio.pcm_path
+    return encode_master_audio(source, dest)
 
 
 def chunk_frames(plan: RowPlan) -> list[int]:

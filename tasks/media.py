@@ -15,6 +15,12 @@ import av
 from av.container import InputContainer
 from av.video.stream import VideoStream
 
+# A PCM WAV's header says all FFmpeg needs; its probing (reading and decoding ahead to guess the
+# parameters) cost ~4 ms an open, 20 times the cost of reading a 3 s narration.
+_WAV_OPTIONS = {"probesize": "32", "analyzeduration": "0"}
+_PCM_TAGS = {1, 3}  # WAVE_FORMAT_PCM, WAVE_FORMAT_IEEE_FLOAT
+_WAVE_FORMAT_EXTENSIBLE = 0xFFFE
+
 
 @dataclass(frozen=True)
 class VideoProbe:
@@ -52,6 +58,29 @@ class VideoProbe:
             "audio_sample_rate_hz": self.audio_sample_rate_hz,
             "audio_channels": self.audio_channels,
         }
+
+
+def open_media(path: str | Path) -> InputContainer:
+    """av.open for reading; a plain PCM WAV (the narration masters the audio stage writes) skips
+    FFmpeg's probing. Raises what av.open raises (OSError, av.FFmpegError)."""
+    if _is_pcm_wav(Path(path)):
+        return av.open(str(path), format="wav", options=_WAV_OPTIONS)
+    return av.open(str(path))
+
+
+def _is_pcm_wav(path: Path) -> bool:
+    """Whether the file starts RIFF/WAVE with a PCM or float `fmt ` chunk first."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(48)
+    except OSError:
+        return False  # let av.open say why
+    if len(head) < 22 or head[:4] != b"RIFF" or head[8:16] != b"WAVEfmt ":
+        return False
+    tag = int.from_bytes(head[20:22], "little")
+    if tag == _WAVE_FORMAT_EXTENSIBLE and len(head) >= 46:
+        tag = int.from_bytes(head[44:46], "little")  # the sub-format GUID's first two bytes
+    return tag in _PCM_TAGS
 
 
 def probe_video(path: str | Path, count_frames: bool = True) -> VideoProbe:
@@ -111,7 +140,7 @@ def _scan_packets(container: InputContainer, stream: VideoStream) -> tuple[int, 
 
 def count_audio_samples(path: str | Path) -> tuple[int, int]:
     """Decode the first audio stream and return (samples per channel, sample rate in Hz)."""
-    with av.open(str(path)) as container:
+    with open_media(path) as container:
         if not container.streams.audio:
             raise ValueError(f"{path}: no audio stream")
         stream = container.streams.audio[0]

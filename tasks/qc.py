@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 
 from avatarflow.tasks.config import QC_GATES, QCSettings
+from avatarflow.tasks.media import open_media
 from avatarflow.tasks.records import V1_GRID, GateResult, QCReport
 
 GATES = QC_GATES
@@ -72,7 +73,12 @@ def run_gates(
     if unknown:
         raise QCInputError(f"unknown gate(s) {', '.join(unknown)}; gates: {', '.join(GATES)}")
     skip = frozenset(skip)
-    video = _scan_video(Path(video_path), settings, not {"face", "lipsync", "seams"} <= skip)
+    video = _scan_video(
+        Path(video_path),
+        settings,
+        find_faces=not {"face", "lipsync", "seams"} <= skip,
+        colours="seams" not in skip,
+    )
     track = narration = None
     if not {"duration", "sync", "lipsync"} <= skip:
         track = _read_audio(Path(video_path), required=False)
@@ -107,8 +113,9 @@ class _Scan:
     fps: float
     black: list[bool] = field(default_factory=list)
     diff: list[float] = field(default_factory=list)  # vs the previous frame: see _block_diff
-    hist: list[np.ndarray] = field(default_factory=list)  # (3, bins) Y/U/V, each sums to 1
-    face_hist: list[np.ndarray | None] = field(default_factory=list)  # the same, face box only
+    # (3, bins) Y/U/V, each sums to 1; whole frame and face box only; kept for the seams gate
+    hist: list[np.ndarray] = field(default_factory=list)
+    face_hist: list[np.ndarray | None] = field(default_factory=list)
     mouth: list[float] = field(default_factory=list)  # mouth-box motion; nan without a face
     face_samples: int = 0  # non-black frames the detector looked at
     face_hits: int = 0
@@ -118,8 +125,11 @@ class _Scan:
         return len(self.black)
 
 
-def _scan_video(path: Path, settings: QCSettings, find_faces: bool) -> _Scan:
-    """Decode the video once at analysis size and gather what every gate needs."""
+def _scan_video(path: Path, settings: QCSettings, find_faces: bool, colours: bool) -> _Scan:
+    """Decode the video once at analysis size and gather what every gate needs.
+
+    colours: keep Y/U/V histograms (only the seams gate reads them; chroma is otherwise unused).
+    """
     try:
         container = av.open(str(path))
     except (OSError, av.FFmpegError) as exc:
@@ -128,7 +138,9 @@ def _scan_video(path: Path, settings: QCSettings, find_faces: bool) -> _Scan:
         if not container.streams.video:
             raise QCInputError(f"{path}: no video stream")
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"  # frame threads: less wall time, about the same CPU
+        # One decoding thread: rows are checked in parallel, and a codec's own threads cost more
+        # to start than they save on a short video (measured in bench/qc_speed.py).
+        stream.codec_context.thread_count = 1
         fps = float(stream.average_rate or stream.guessed_rate or 0)
         if fps <= 0 or not stream.width:
             raise QCInputError(f"{path}: video stream without a frame rate or size")
@@ -139,11 +151,10 @@ def _scan_video(path: Path, settings: QCSettings, find_faces: bool) -> _Scan:
         previous: np.ndarray | None = None
         try:
             for frame in container.decode(stream):
-                # Fast bilinear is enough for statistics, at under half the default scaler's cost.
-                small = frame.reformat(
-                    width=width, height=height, format="yuv420p", interpolation="FAST_BILINEAR"
+                luma, chroma = _analysis_planes(frame, width, height, colours)
+                previous = _add_frame(
+                    scan, luma, chroma, frame.color_range, previous, faces, settings
                 )
-                previous = _add_frame(scan, small, frame.color_range, previous, faces, settings)
         except av.FFmpegError as exc:
             reason = f"decoding failed at frame {scan.frames}: {_reason(exc)}"
             raise QCInputError(f"{path}: {reason}") from None
@@ -152,19 +163,52 @@ def _scan_video(path: Path, settings: QCSettings, find_faces: bool) -> _Scan:
     return scan
 
 
+def _analysis_planes(
+    frame: av.VideoFrame, width: int, height: int, colours: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The frame's luma (and, with colours, its two chroma planes) scaled to width × height.
+
+    4:2:0 frames (what H.264 renders are) are scaled from the decoder's own planes, without the
+    copy and converter pass of to_ndarray/reformat (together ~3× the cost of decoding a frame);
+    other formats are converted to 4:2:0 at analysis size first.
+    """
+    if frame.format.name not in ("yuv420p", "yuvj420p"):
+        # Fast bilinear is enough for statistics, at under half the default scaler's cost.
+        frame = frame.reformat(
+            width=width, height=height, format="yuv420p", interpolation="FAST_BILINEAR"
+        )
+    luma = _scaled(_plane(frame, 0, frame.width, frame.height), width, height)
+    if not colours:
+        return luma, None
+    half = (frame.width + 1) // 2, (frame.height + 1) // 2
+    chroma = np.stack([_scaled(_plane(frame, i, *half), width // 2, height // 2) for i in (1, 2)])
+    return luma, chroma
+
+
+def _plane(frame: av.VideoFrame, index: int, width: int, height: int) -> np.ndarray:
+    """A view of one decoded plane (rows are line_size bytes apart, padding cut off)."""
+    plane = frame.planes[index]
+    rows = np.frombuffer(plane, np.uint8)[: plane.line_size * height]
+    return rows.reshape(height, plane.line_size)[:, :width]
+
+
+def _scaled(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """image at width × height (bilinear, as statistics need), as an array of its own."""
+    if image.shape == (height, width):
+        return image.copy()  # the decoder reuses its buffers
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
 def _add_frame(
     scan: _Scan,
-    frame: av.VideoFrame,
+    luma: np.ndarray,
+    chroma: np.ndarray | None,
     color_range: int,
     previous: np.ndarray | None,
     faces: _FaceTracker | None,
     settings: QCSettings,
 ) -> np.ndarray:
     """Add one analysis-size frame's statistics to scan; return its luma for the next frame."""
-    height, width = frame.height, frame.width
-    planes = frame.to_ndarray()
-    luma = planes[:height]
-    chroma = planes[height:].reshape(2, height // 2, width // 2)
     # Like ffmpeg's blackdetect: the pixel threshold is a share of the luma range in use.
     full_range = color_range == 2  # AVCOL_RANGE_JPEG
     black_level = (
@@ -173,21 +217,25 @@ def _add_frame(
     black = np.count_nonzero(luma <= black_level) >= settings.black_frame_ratio * luma.size
     scan.black.append(bool(black))
     scan.diff.append(0.0 if previous is None else _block_diff(luma, previous))
-    scan.hist.append(_histograms(luma, chroma))
+    if chroma is not None:
+        scan.hist.append(_histograms(luma, chroma))
     box = faces.observe(len(scan.black) - 1, luma, bool(black), scan) if faces else None
     if box is None:
         scan.face_hist.append(None)
         scan.mouth.append(np.nan)
         return luma
     x, y, w, h = box
-    scan.face_hist.append(
-        _histograms(
-            luma[y : y + h, x : x + w], chroma[:, y // 2 : (y + h) // 2, x // 2 : (x + w) // 2]
+    if chroma is not None:
+        scan.face_hist.append(
+            _histograms(
+                luma[y : y + h, x : x + w],
+                chroma[:, y // 2 : (y + h) // 2, x // 2 : (x + w) // 2],
+            )
         )
-    )
+    else:
+        scan.face_hist.append(None)
     # The mouth sits in the lower middle of a Haar face box.
     mouth = (slice(y + round(0.68 * h), y + round(0.98 * h)), slice(x + w // 4, x + 3 * w // 4))
-    # Motion into or out of a black frame is not the mouth's.
     if previous is None or black or scan.black[-2]:
         scan.mouth.append(np.nan)  # motion into or out of a black frame is not the mouth's
     else:
@@ -310,7 +358,7 @@ class _Audio:
 def _read_audio(path: Path, required: bool) -> _Audio | None:
     """Decode the first audio stream to mono float; None when there is none and not required."""
     try:
-        container = av.open(str(path))
+        container = open_media(path)
     except (OSError, av.FFmpegError) as exc:
         raise QCInputError(f"{path}: not a readable audio file ({_reason(exc)})") from None
     with container:

@@ -24,7 +24,6 @@ from urllib.parse import quote
 from uuid import UUID
 
 import av
-from PIL import Image
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
@@ -245,6 +244,7 @@ def thumbnail_jpeg(mp4_path: str | Path, width: int = 160) -> bytes:
     """Return a JPEG of the video's middle frame, scaled to `width` pixels wide."""
     with av.open(str(mp4_path)) as container:
         stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1  # a few frames: threads cost more than they save
         time_base = stream.time_base or Fraction(1, 1_000_000)
         middle_s = float(stream.duration * time_base) / 2 if stream.duration else 0.0
         if middle_s > 0:
@@ -257,12 +257,13 @@ def thumbnail_jpeg(mp4_path: str | Path, width: int = 160) -> bytes:
                 break
         if chosen is None:
             raise ValueError(f"{mp4_path}: no video frames")
-        image = chosen.to_image()  # type: ignore[no-untyped-call]  # one conversion, not one a frame
-    height = max(1, round(image.height * width / image.width))
+        # Scaled and converted in one pass by FFmpeg's area scaler (a full-size RGB image first
+        # cost more than decoding the frame).
+        height = max(1, round(chosen.height * width / chosen.width))
+        small = chosen.reformat(width=width, height=height, format="rgb24", interpolation="AREA")
+        image = small.to_image()  # type: ignore[no-untyped-call]
     buffer = io.BytesIO()
-    image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS).save(
-        buffer, "JPEG", quality=80
-    )
+    image.save(buffer, "JPEG", quality=80)
     return buffer.getvalue()
 
 

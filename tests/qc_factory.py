@@ -155,14 +155,15 @@ def write_render(
     preset: str = "ultrafast",
     with_audio: bool = True,
     crf: int = 23,
+    pix_fmt: str = "yuv420p",
 ) -> Path:
-    """Mux the render to an H.264 (yuv420p) + AAC (mono) MP4 at its fps (AAC only with_audio)."""
+    """Mux the render to an H.264 (pix_fmt) + AAC (mono) MP4 at its fps (AAC only with_audio)."""
     path = Path(path)
     height, width = render.frames.shape[1:3]
     with av.open(str(path), "w") as container:
         options = {"preset": preset, "crf": str(crf)}
         video = container.add_stream("libx264", rate=render.fps, options=options)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.width, video.height, video.pix_fmt = width, height, pix_fmt
         # every stream is added before the first packet is muxed
         audio = None
         if with_audio:

@@ -8,8 +8,14 @@ import av
 import numpy as np
 import pytest
 
-from avatarflow.tasks.media import count_audio_samples, decode_first_frame, probe_video
-from tests.media_factory import write_audio
+from avatarflow.tasks.media import (
+    _is_pcm_wav,
+    count_audio_samples,
+    decode_first_frame,
+    open_media,
+    probe_video,
+)
+from tests.media_factory import write_audio, write_mp4
 
 
 def make_video(
@@ -122,3 +128,55 @@ def test_the_first_frame_decodes_in_a_good_file(tmp_path: Path) -> None:
 def test_ids_survive_encoding(tmp_path: Path) -> None:
     path = make_video(tmp_path / "v.mp4", 5, chunk=3, b_frames=True)
     assert read_frame_ids(path) == [(3, i) for i in range(5)]
+
+
+def _pcm_wav(path: Path, codec: str, channels: int, rate: int = 22050) -> Path:
+    """A 1 s WAV in the given PCM codec (24-bit is written as WAVE_FORMAT_EXTENSIBLE)."""
+    layout = "mono" if channels == 1 else "stereo"
+    samples = np.random.default_rng(0).uniform(-0.5, 0.5, (channels, rate)).astype(np.float32)
+    with av.open(str(path), "w", format="wav") as out:
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=layout)
+        frame.sample_rate, frame.pts = rate, 0
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+def _decoded(container: av.container.InputContainer) -> tuple[np.ndarray, int, str, float]:
+    with container:
+        stream = container.streams.audio[0]
+        samples = np.concatenate([f.to_ndarray() for f in container.decode(stream)], axis=1)
+        seconds = float(stream.duration * stream.time_base) if stream.duration else 0.0
+        return samples, stream.codec_context.sample_rate, stream.codec_context.layout.name, seconds
+
+
+@pytest.mark.parametrize(
+    ("codec", "channels"),
+    [("pcm_s16le", 1), ("pcm_s16le", 2), ("pcm_f32le", 1), ("pcm_s24le", 2)],
+)
+def test_a_pcm_wav_opened_without_probing_decodes_as_a_probed_one(
+    tmp_path: Path, codec: str, channels: int
+) -> None:
+    wav = _pcm_wav(tmp_path / "n.wav", codec, channels)
+    assert _is_pcm_wav(wav)  # the unprobed open is the one under test
+    fast, probed = _decoded(open_media(wav)), _decoded(av.open(str(wav)))
+    np.testing.assert_array_equal(fast[0], probed[0])
+    assert fast[1:] == probed[1:]
+    assert fast[0].size == 22050 * channels
+
+
+def test_other_files_are_probed_as_usual(tmp_path: Path) -> None:
+    tone = np.zeros(16000, np.float32)
+    others = [
+        write_audio(tmp_path / "n.mp3", tone, 16000, "mp3"),
+        write_audio(tmp_path / "n.m4a", tone, 16000, "m4a"),
+        write_mp4(tmp_path / "v.mp4"),
+    ]
+    (tmp_path / "short.wav").write_bytes(b"RIFF")
+    for path in others:
+        assert not _is_pcm_wav(path)
+        with open_media(path) as container:
+            assert container.streams
+    assert not _is_pcm_wav(tmp_path / "short.wav")
+    assert not _is_pcm_wav(tmp_path / "missing.wav")

@@ -7,6 +7,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -111,6 +112,25 @@ def test_black_frames_are_timed_and_not_counted_as_frozen_or_faceless(
     assert report.gate("freeze").status == "passed"
     assert report.gate("face").value == 1.0  # black samples are not looked at
     assert report.gate("seams").status == "passed"  # nor compared across
+
+
+@pytest.mark.parametrize("case", ["good", "black", "seam_colour"])
+def test_a_render_in_another_pixel_format_is_judged_alike(
+    render: Render, tmp_path: Path, videos: dict[str, Path], case: str
+) -> None:
+    # 4:2:0 frames are read from the decoder's planes; others are converted first.
+    cases = {
+        "good": render,
+        "black": with_black(render, 5.0, 1.0),
+        "seam_colour": with_colour_jump(render, SEAM, (8, 0, -8)),
+    }
+    other = write_render(tmp_path / f"{case}.444.mp4", cases[case], pix_fmt="yuv444p")
+    with av.open(str(other)) as container:
+        assert container.streams.video[0].codec_context.pix_fmt == "yuv444p"
+    usual, converted = run_gates(videos[case]), run_gates(other)
+    assert converted.failed == usual.failed
+    assert converted.gate("black").measured == usual.gate("black").measured
+    assert converted.gate("face").value == pytest.approx(usual.gate("face").value, abs=0.1)
 
 
 def test_a_faceless_clip_cannot_be_lip_synced(videos: dict[str, Path]) -> None:
