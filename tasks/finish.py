@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from avatarflow.tasks import progress
 from avatarflow.tasks.captions import RowCaptions, make_captions, mux_track, with_gate
+from avatarflow.tasks.cpu import cpu_slot
 from avatarflow.tasks.concat import concat_chunks, prepare_master_audio
 from avatarflow.tasks.config import BatchConfig
 from avatarflow.tasks.publish import keep_rejected, publish_row
@@ -79,13 +80,14 @@ def finish_row(plan: RowPlan, videos: list[ChunkVideo], config: BatchConfig) -> 
 def _finish(row: _Finishing, config: BatchConfig) -> RowResult:
     """finish_row's stages in order, noting in `row` each one's name and what it made."""
     plan, videos = row.plan, row.videos
-    master = prepare_master_audio(plan, config)
-    row.stage = "chunk verification"
-    row.chunk_qc = verify_chunks(plan, videos, config)
-    row.stage = "concat"
-    row.video = concat_chunks(plan, videos, master, config)
-    row.stage = "qc"
-    row.final = verify_video(plan, row.video, config)
+    with cpu_slot():
+        master = prepare_master_audio(plan, config)
+        row.stage = "chunk verification"
+        row.chunk_qc = verify_chunks(plan, videos, config)
+        row.stage = "concat"
+        row.video = concat_chunks(plan, videos, master, config)
+        row.stage = "qc"
+        row.final = verify_video(plan, row.video, config)
     if config.rerender_on_qc_fail and row.final.failed:
         second = rerender_row(plan, videos, row.final, master, config)
         if isinstance(second, str):  # why not: the first render is kept as the rejected video
@@ -105,7 +107,8 @@ def _finish(row: _Finishing, config: BatchConfig) -> RowResult:
             captioned = str(Path(row.video).with_suffix(".captioned.mp4"))
             row.video = mux_track(row.video, row.captions.cues, captioned)
     row.stage = "thumbnail"
-    save_thumbnail(plan, row.video, config)  # under the manifest's plan: the report looks there
+    with cpu_slot():
+        save_thumbnail(plan, row.video, config)  # under the manifest's plan: the report looks there
     row.stage = "publish"
     return publish_row(
         row.plan,
