@@ -14,9 +14,9 @@ from prefect.cache_policies import NO_CACHE
 
 from avatarflow.tasks import progress
 from avatarflow.tasks.captions import RowCaptions, make_captions, mux_track, with_gate
-from avatarflow.tasks.cpu import cpu_slot
 from avatarflow.tasks.concat import concat_chunks, prepare_master_audio
 from avatarflow.tasks.config import BatchConfig
+from avatarflow.tasks.cpu import cpu_slot
 from avatarflow.tasks.publish import keep_rejected, publish_row
 from avatarflow.tasks.records import (
     ChunkVideo,
