@@ -62,7 +62,11 @@ class FalSettings(BaseSettings):
     rest_url: str = "https://rest.fal.ai"
     cdn_url: str = "https://v3.fal.media"
     app: str = "fal-ai/longcat-single-avatar"
-    poll_initial_s: float = 0.1  # status polls start fast and back off to poll_max_s
+    # Wait on fal's status stream (one request per render, told the moment it completes); off:
+    # poll the status (where a proxy buffers server-sent events). Polls also take over from a
+    # stream that ends early; they start fast and back off to poll_max_s.
+    status_stream: bool = True
+    poll_initial_s: float = 0.1
     poll_max_s: float = 5.0
     http_timeout_s: float = 60.0
     max_attempts: int = 6  # for 429 / 5xx / connection errors where nothing was queued

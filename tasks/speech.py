@@ -39,7 +39,12 @@ from avatarflow.tasks.backends.fal.renderer import (
 from avatarflow.tasks.config import BatchConfig, FalSettings
 from avatarflow.tasks.ledger import SPEECH, Ledger
 from avatarflow.tasks.records import Recognised, RowPlan, Word
-from avatarflow.tasks.stop import RenderStopped, stop_requested, wait_unless_stopped
+from avatarflow.tasks.stop import (
+    RenderStopped,
+    calling_on_stop,
+    stop_requested,
+    wait_unless_stopped,
+)
 from avatarflow.tasks.storage import sha256_file
 from avatarflow.tasks.workdir import WorkDir
 
@@ -271,7 +276,7 @@ def _recognise_fal(
         raise AmbiguousChunkError(record, "an earlier run stopped during its submit")
     request_id = record.request_id
     failures_left, expiries_left = config.fal.failed_retries, 1
-    with FalQueueClient(config.fal, sleep=wait_unless_stopped) as client:
+    with FalQueueClient(config.fal, sleep=wait_unless_stopped, on_stop=calling_on_stop) as client:
         while True:
             try:
                 if request_id is None:

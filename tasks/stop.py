@@ -10,14 +10,18 @@ threads; code outside any run has none and is never stopped.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from uuid import UUID
 
 _RUNS: dict[UUID, threading.Event] = {}  # the runs of this process, by flow run id
 _RUNS_LOCK = threading.Lock()
+# What each token's stop must also do: end waits that no Event can wake (a blocked socket read).
+_ON_STOP: dict[threading.Event, dict[int, Callable[[], None]]] = {}
+_HOOK_IDS = itertools.count()
 _TOKEN: ContextVar[threading.Event | None] = ContextVar("avatarflow_stop", default=None)
 
 
@@ -52,6 +56,10 @@ def request_stop(run_id: UUID | None = None) -> None:
     for event in events:
         if event is not None:
             event.set()
+            with _RUNS_LOCK:
+                hooks = list(_ON_STOP.get(event, {}).values())
+            for hook in hooks:
+                hook()
 
 
 def stop_requested() -> bool:
@@ -67,3 +75,26 @@ def wait_unless_stopped(seconds: float) -> None:
         time.sleep(seconds)
     elif event.wait(seconds):
         raise RenderStopped("stopping: a wait was interrupted; any request id is kept")
+
+
+@contextlib.contextmanager
+def calling_on_stop(hook: Callable[[], None]) -> Iterator[None]:
+    """Call hook (from the stopping thread, or at once if already stopping) when this run is
+    asked to stop during the block; outside any run, the block just runs."""
+    event = _TOKEN.get()
+    if event is None:
+        yield
+        return
+    key = next(_HOOK_IDS)
+    with _RUNS_LOCK:
+        _ON_STOP.setdefault(event, {})[key] = hook
+    try:
+        if event.is_set():
+            hook()
+        yield
+    finally:
+        with _RUNS_LOCK:
+            hooks = _ON_STOP.get(event, {})
+            hooks.pop(key, None)
+            if not hooks:
+                _ON_STOP.pop(event, None)

@@ -81,6 +81,8 @@ class Faults:
     result_504: int = 0  # transient gateway timeout on a completed request's result
     result_expired: int = 0  # a completed request is forgotten: its status and result answer 404
     download_cut: int = 0  # the connection closes halfway through a file body
+    stream_cut: int = 0  # a status stream closes after its first event, before COMPLETED
+    stream_missing: bool = False  # the status stream route answers 404 (a host without it)
     cdn_v3_unavailable: bool = False  # the storage token endpoint answers 404
     omit_billable_units: bool = False
     faceless: bool = False  # renders moving stripes with no face, which QC's face gate rejects
@@ -370,6 +372,7 @@ _ROUTES = [
     ("POST", re.compile(rf"/queue/{APP}/(audio-to-video|image-audio-to-video)"), "submit"),
     ("POST", re.compile(rf"/queue/({WHISPER_APP})"), "submit"),
     ("GET", re.compile(rf"/queue/{_APPS}/requests/([\w-]+)/status"), "status"),
+    ("GET", re.compile(rf"/queue/{_APPS}/requests/([\w-]+)/status/stream"), "stream"),
     ("GET", re.compile(rf"/queue/{_APPS}/requests/([\w-]+)"), "result"),
     ("PUT", re.compile(rf"/queue/{_APPS}/requests/([\w-]+)/cancel"), "cancel"),
     ("POST", re.compile(r"/rest/storage/auth/token"), "token"),
@@ -394,8 +397,10 @@ class FakeFal:
         concurrency: int | None = None,
         faults: Faults | None = None,
         key: str = DEFAULT_KEY,
+        keepalive_s: float = 15.0,
     ) -> None:
         self.latency_s = latency_s  # processing time per request, or a function of the payload
+        self.keepalive_s = keepalive_s  # a status stream's comment interval while nothing changes
         self.concurrency = concurrency  # requests IN_PROGRESS at once (None: unlimited)
         self.key = key
         self._lock = threading.RLock()
@@ -716,17 +721,61 @@ class FakeFal:
         if self._take("status_5xx"):
             return _reply(h, 503, {"detail": "Service unavailable", "error_type": "internal_error"})
         with self._lock:
-            state = _visible_state(job)
-            answer = {"status": state, "request_id": job.id, **self._urls(job), "logs": None}
-            if state == "IN_QUEUE":
-                answer["queue_position"] = self._queue.index(job)
-            if state == "COMPLETED":
-                run_s = (job.completed_at or 0.0) - (job.started_at or 0.0)
-                answer["metrics"] = {"inference_time": run_s}
-                if job.failure is not None:
-                    answer["error"] = str(job.failure[1]["detail"])[:200]
-                    answer["error_type"] = job.failure[1].get("error_type", "validation_error")
-        _reply(h, 200 if state == "COMPLETED" else 202, answer)
+            answer = self._status_answer(job)
+        _reply(h, 200 if answer["status"] == "COMPLETED" else 202, answer)
+
+    def _stream(self, h: BaseHTTPRequestHandler, body: bytes, request_id: str) -> None:
+        """fal's SSE status stream: one `data:` event per status change, a comment every
+        keepalive_s while nothing changes, closed after COMPLETED."""
+        if self.faults.stream_missing:
+            return _reply(h, 404, {"detail": "Not Found"})
+        if (job := self._job(h, request_id)) is None:
+            return
+        cut = self._take("stream_cut")
+        h.send_response(200)
+        for name, value in (("Content-Type", "text/event-stream"), ("Connection", "close")):
+            h.send_header(name, value)
+        h.end_headers()
+        h.close_connection = True  # the body ends when the connection does
+        sent, quiet_since = None, time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            with self._lock:
+                self._advance(now)
+                answer = self._status_answer(job)
+                # a running job changes at its end, one whose video is encoding soon; a queued
+                # one when another ends: looked at again shortly
+                wake = 0.25
+                if job.state == "IN_PROGRESS":
+                    wake = (job.started_at or now) + job.latency_s - now
+                elif answer["status"] == "IN_PROGRESS":
+                    wake = 0.02
+            if answer["status"] != sent:
+                h.wfile.write(f"data: {json.dumps(answer)}\n\n".encode())
+                h.wfile.flush()
+                sent, quiet_since = answer["status"], now
+                if sent == "COMPLETED" or cut:
+                    return
+            elif now - quiet_since >= self.keepalive_s:
+                h.wfile.write(b": keep-alive\n\n")
+                h.wfile.flush()
+                quiet_since = now
+            until_ping = quiet_since + self.keepalive_s - now
+            self._stop.wait(max(0.005, min(0.25, wake, until_ping)))
+
+    def _status_answer(self, job: _Job) -> dict[str, Any]:
+        """The status object fal answers for job now (callers hold the lock)."""
+        state = _visible_state(job)
+        answer = {"status": state, "request_id": job.id, **self._urls(job), "logs": None}
+        if state == "IN_QUEUE":
+            answer["queue_position"] = self._queue.index(job)
+        if state == "COMPLETED":
+            run_s = (job.completed_at or 0.0) - (job.started_at or 0.0)
+            answer["metrics"] = {"inference_time": run_s}
+            if job.failure is not None:
+                answer["error"] = str(job.failure[1]["detail"])[:200]
+                answer["error_type"] = job.failure[1].get("error_type", "validation_error")
+        return answer
 
     def _result(self, h: BaseHTTPRequestHandler, body: bytes, request_id: str) -> None:
         if (job := self._job(h, request_id)) is None:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from uuid import uuid4
 
 import httpx
 import pytest
@@ -23,8 +24,16 @@ from avatarflow.tasks.backends.fal.client import (
     FalTimeoutError,
     FalValidationError,
     SubmitResult,
+    _sse_data,
 )
 from avatarflow.tasks.config import FalSettings
+from avatarflow.tasks.stop import (
+    RenderStopped,
+    calling_on_stop,
+    owned,
+    request_stop,
+    wait_unless_stopped,
+)
 from tests.fakes.fal_server import APP, FakeFal, Faults
 
 AT2V = f"{APP}/audio-to-video"
@@ -259,15 +268,101 @@ def test_wait_deadline_then_cancel_then_already_completed(
     assert client.cancel(handle) == "ALREADY_COMPLETED"
 
 
-def test_wait_notices_a_finished_job_promptly(fake: FakeFal) -> None:
+def test_wait_follows_the_status_stream_and_is_told_at_once(
+    fake: FakeFal, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake.latency_s = 1.5
-    with FalQueueClient(FalSettings()) as fal:  # default poll settings, from the environment
+    monkeypatch.setattr(fake, "keepalive_s", 0.2)  # comments in between do not end the wait
+    with FalQueueClient(FalSettings()) as fal:  # default settings, from the environment
+        handle = submit_audio(fal)
+        started = time.monotonic()
+        assert fal.wait(handle).metrics["inference_time"] == pytest.approx(1.5, abs=0.05)
+        late_s = time.monotonic() - started - 1.5
+    assert late_s < 0.3
+    assert (fake.counts["stream"], fake.counts["status"]) == (1, 0)  # one request, no polls
+
+
+def test_without_the_stream_wait_polls_promptly_without_hammering(fake: FakeFal) -> None:
+    fake.latency_s = 1.5
+    with FalQueueClient(FalSettings(status_stream=False)) as fal:
         handle = submit_audio(fal)
         started = time.monotonic()
         fal.wait(handle)
         late_s = time.monotonic() - started - 1.5
     assert late_s < 0.3
-    assert fake.counts["status"] < 25  # ...without hammering the status endpoint
+    assert fake.counts["stream"] == 0
+    assert fake.counts["status"] < 25
+
+
+@pytest.mark.parametrize(
+    "faults", [Faults(stream_cut=1), Faults(stream_missing=True)], ids=["cut", "missing"]
+)
+def test_a_stream_that_ends_early_or_is_missing_hands_over_to_polls(
+    fake: FakeFal, client: FalQueueClient, faults: Faults
+) -> None:
+    fake.latency_s = 0.5
+    handle = submit_audio(client)
+    fake.reset(faults)
+    assert client.wait(handle).status == "COMPLETED"
+    assert fake.counts["stream"] == 1
+    assert fake.counts["status"] >= 1
+    assert fake.submissions == 0  # counted since the reset: nothing was submitted again
+
+
+def test_a_failed_completion_on_the_stream_raises_fals_real_error(
+    fake: FakeFal, client: FalQueueClient
+) -> None:
+    fake.reset(Faults(completed_error=1, completed_error_status=422))
+    handle = submit_audio(client)
+    with pytest.raises(FalValidationError):
+        client.wait(handle)
+    assert (fake.counts["stream"], fake.counts["status"]) == (1, 0)
+
+
+def test_a_runs_stop_ends_a_stream_wait_at_once(fake: FakeFal) -> None:
+    fake.latency_s = 30.0
+    run_id, outcome = uuid4(), []
+    waiting = threading.Event()
+
+    def wait_in_a_run() -> None:
+        settings = fake.settings(poll_initial_s=5.0)  # a stop must not wait out a poll either
+        with (
+            owned(run_id),
+            FalQueueClient(settings, sleep=wait_unless_stopped, on_stop=calling_on_stop) as fal,
+        ):
+            handle = submit_audio(fal)
+            waiting.set()
+            try:
+                fal.wait(handle)
+            except RenderStopped as exc:
+                outcome.append(exc)
+
+    thread = threading.Thread(target=wait_in_a_run)
+    thread.start()
+    assert waiting.wait(5)
+    time.sleep(0.3)  # inside the stream's blocking read by now
+    assert fake.counts["stream"] == 1
+    stopped_at = time.monotonic()
+    request_stop(run_id)
+    thread.join(5)
+    assert not thread.is_alive()
+    assert time.monotonic() - stopped_at < 1.0
+    assert len(outcome) == 1
+
+
+def test_server_sent_events_are_read_as_the_standard_says() -> None:
+    lines = [
+        ": keep-alive",
+        "",
+        'data: {"a":',
+        "data: 1}",
+        "",
+        "event: x",
+        "data: 2",
+        "",
+        "data: 3",
+    ]
+    assert list(_sse_data(iter(lines))) == ['{"a":\n1}', "2", "3"]
 
 
 def test_bad_key_raises_auth_error_without_the_key(

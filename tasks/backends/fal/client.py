@@ -7,13 +7,17 @@ cancel, uploads and downloads retry 429/5xx/network errors with exponential back
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
+import json
 import logging
 import os
 import random
+import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +34,8 @@ INLINE_MAX_BYTES = 16 * 1024  # files up to this size travel as data: URIs, savi
 # Poll every max(poll_initial_s, 5 % of the time waited so far), capped at poll_max_s: a 2 s job is
 # noticed within ~0.1 s of finishing, a 10 min one within 5 s, with few polls either way.
 POLL_FRACTION = 0.05
+# fal's status stream sends a comment every 15 s: this much silence means the stream is lost.
+STREAM_SILENCE_S = 45.0
 _TOKEN_MARGIN_S = 60.0  # refresh a storage token this long before it expires
 # fal's answer when the request's own X-Fal-Request-Timeout (time-to-start) ran out: final, since
 # another try would only hit the same deadline (fal_client does not retry it either).
@@ -150,6 +156,7 @@ class FalQueueClient:
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
         *,
+        on_stop: Callable[[Callable[[], None]], AbstractContextManager[None]] | None = None,
         inline_max_bytes: int = INLINE_MAX_BYTES,
         rng: random.Random | None = None,
         key: str | None = None,
@@ -160,7 +167,10 @@ class FalQueueClient:
             raise FalAuthError("FAL_KEY is not set: export it to use the fal backend")
         self._key = key
         self.settings = settings
-        self._sleep = sleep
+        self._sleep = sleep  # every wait between polls and retries (a run's stop wakes it)
+        # on_stop(callback): a block during which the run's stop calls callback (from another
+        # thread); it ends a status stream that a stop must not wait out.
+        self._on_stop = on_stop or (lambda callback: contextlib.nullcontext())
         self._inline_max_bytes = inline_max_bytes
         self._rng = rng or random.Random()
         timeout = httpx.Timeout(settings.http_timeout_s, connect=min(settings.http_timeout_s, 10.0))
@@ -370,24 +380,26 @@ class FalQueueClient:
 
     def status(self, handle: SubmitResult) -> FalStatus:
         """Read a request's status once."""
-        body = self._json(self._send("GET", handle.status_url, headers=self._key_headers()))
-        return FalStatus(
-            status=str(body.get("status")),
-            queue_position=body.get("queue_position"),
-            error=body.get("error"),
-            error_type=body.get("error_type"),
-            metrics=body.get("metrics") or {},
+        return _status(
+            self._json(self._send("GET", handle.status_url, headers=self._key_headers()))
         )
 
     def wait(self, handle: SubmitResult, timeout_s: float | None = None) -> FalStatus:
-        """Poll until COMPLETED; a completion that carries an error raises fal's real error."""
+        """Wait until COMPLETED; a completion that carries an error raises fal's real error.
+
+        Follows fal's status stream (one request for the whole wait, told at once) when
+        settings.status_stream is on and there is no deadline; polls otherwise, and from wherever a
+        stream ends early (a proxy that cuts it, a host without it).
+        """
         start = time.monotonic()
-        while True:
+        state = None
+        if self.settings.status_stream and timeout_s is None:
+            state = self._follow_stream(handle)
+        while state is None or state.status != "COMPLETED":
+            self._sleep(0)  # a run that is stopping stops here (and ended the stream above)
             state = self.status(handle)
             if state.status == "COMPLETED":
-                if state.error:
-                    raise self._completed_error(handle, state)
-                return state
+                break
             waited = time.monotonic() - start
             if timeout_s is not None and waited >= timeout_s:
                 raise FalTimeoutError(f"fal request {handle.request_id} still {state.status}")
@@ -397,6 +409,31 @@ class FalQueueClient:
                     max(self.settings.poll_initial_s, waited * POLL_FRACTION),
                 )
             )
+        if state.error:
+            raise self._completed_error(handle, state)
+        return state
+
+    def _follow_stream(self, handle: SubmitResult) -> FalStatus | None:
+        """The COMPLETED status from fal's SSE status stream, or None when the stream ended first
+        or could not be read (the caller then polls: nothing is lost, nothing is resubmitted)."""
+        url = f"{handle.status_url}/stream"
+        timeout = httpx.Timeout(self.settings.http_timeout_s, read=STREAM_SILENCE_S)
+        try:
+            with (
+                self._http.stream("GET", url, headers=self._key_headers(), timeout=timeout) as resp,
+                self._on_stop(lambda: _shut(resp)),
+            ):
+                if resp.status_code != 200:
+                    log.debug("fal status stream answered HTTP %d: polling", resp.status_code)
+                    return None
+                for event in _sse_data(resp.iter_lines()):
+                    state = _status(json.loads(event))
+                    if state.status == "COMPLETED":
+                        return state
+        except (httpx.HTTPError, httpx.StreamError, ValueError, AttributeError) as exc:
+            # cut, silent too long, shut by a stop, or an event that is no status object
+            log.debug("fal status stream of %s ended: %s", handle.request_id, type(exc).__name__)
+        return None
 
     def _completed_error(self, handle: SubmitResult, state: FalStatus) -> FalError:
         # The status only says *that* it failed; the result endpoint answers with the real error.
@@ -483,3 +520,39 @@ def _token_deadline(expires_at: Any) -> float:
     except ValueError:
         return time.monotonic()
     return time.monotonic() + max(0.0, left - _TOKEN_MARGIN_S)
+
+
+def _status(body: dict[str, Any]) -> FalStatus:
+    """A status object (a status poll's answer, or one event of the status stream)."""
+    return FalStatus(
+        status=str(body.get("status")),
+        queue_position=body.get("queue_position"),
+        error=body.get("error"),
+        error_type=body.get("error_type"),
+        metrics=body.get("metrics") or {},
+    )
+
+
+def _sse_data(lines: Iterator[str]) -> Iterator[str]:
+    """The data of each server-sent event (comments and other fields skipped; multi-line data
+    joined with newlines, as the SSE standard says)."""
+    data: list[str] = []
+    for line in lines:
+        if not line:  # a blank line ends an event
+            if data:
+                yield "\n".join(data)
+            data = []
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+    if data:
+        yield "\n".join(data)
+
+
+def _shut(resp: httpx.Response) -> None:
+    """End a streamed response from another thread: shutting the socket wakes a blocked read
+    (closing it would not)."""
+    stream = resp.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)

@@ -34,7 +34,12 @@ from avatarflow.tasks.backends.fal.client import (
 )
 from avatarflow.tasks.config import BatchConfig, FalSettings
 from avatarflow.tasks.records import Chunk, ChunkVideo, RowPlan, Timings
-from avatarflow.tasks.stop import RenderStopped, stop_requested, wait_unless_stopped
+from avatarflow.tasks.stop import (
+    RenderStopped,
+    calling_on_stop,
+    stop_requested,
+    wait_unless_stopped,
+)
 from avatarflow.tasks.storage import sha256_file
 
 if TYPE_CHECKING:
@@ -161,7 +166,9 @@ class FalRenderer(Renderer):
     def __init__(self, config: BatchConfig, client: FalQueueClient | None = None) -> None:
         self.config = config
         # Polls and backoffs sleep on the stop event, so Ctrl-C ends a wait at once.
-        self.client = client or FalQueueClient(config.fal, sleep=wait_unless_stopped)
+        self.client = client or FalQueueClient(
+            config.fal, sleep=wait_unless_stopped, on_stop=calling_on_stop
+        )
         self._slots = _slots(config.fal.queue_url, config.max_concurrency)
         self._shared_limit = _existing_limit(config.fal.concurrency_limit)
 
