@@ -188,8 +188,9 @@ def _analysis_planes(
 def _plane(frame: av.VideoFrame, index: int, width: int, height: int) -> np.ndarray:
     """A view of one decoded plane (rows are line_size bytes apart, padding cut off)."""
     plane = frame.planes[index]
-    rows = np.frombuffer(plane, np.uint8)[: plane.line_size * height]
-    return rows.reshape(height, plane.line_size)[:, :width]
+    rows = np.frombuffer(memoryview(plane), np.uint8)[: plane.line_size * height]
+    view: np.ndarray = rows.reshape(height, plane.line_size)[:, :width]
+    return view
 
 
 def _scaled(image: np.ndarray, width: int, height: int) -> np.ndarray:
