@@ -224,6 +224,28 @@ def test_a_server_in_the_active_prefect_profile_keeps_its_own_settings(
     assert _prefect_server_configured()
 
 
+def test_a_run_on_the_server_the_cli_starts_sends_it_no_events(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """That server keeps no events nor task runs: they are dropped in the run's own process. A
+    server the user configured gets every event."""
+    from prefect.events.clients import NullEventsClient
+    from prefect.events.worker import EventsWorker
+
+    from avatarflow.flows import cli
+
+    for key in {**cli.PREFECT_DEFAULTS, **cli.EPHEMERAL_DEFAULTS}:
+        monkeypatch.delenv(key, raising=False)  # main() sets them; restored after the test
+    monkeypatch.setattr(EventsWorker, "_client_override", None)  # likewise
+    monkeypatch.setattr(cli, "app", lambda: None)
+    monkeypatch.setattr(cli, "_prefect_server_configured", lambda: True)
+    cli.main()
+    assert EventsWorker._client_override is None
+    monkeypatch.setattr(cli, "_prefect_server_configured", lambda: False)
+    cli.main()
+    assert EventsWorker._client_override == (NullEventsClient, ())
+
+
 def test_leaving_at_once_stops_the_prefect_server_the_command_started(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
