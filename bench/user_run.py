@@ -23,6 +23,7 @@ import math
 import multiprocessing
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -225,6 +226,8 @@ def main() -> None:
     finally:
         fake.terminate()
         fake.join()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     machine = (
         f"nproc {os.cpu_count()}, {platform.machine()}, Python {platform.python_version()}, "
         f"load {' '.join(f'{x:.1f}' for x in os.getloadavg())} at end"

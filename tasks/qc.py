@@ -139,7 +139,7 @@ def _scan_video(path: Path, settings: QCSettings, find_faces: bool, colours: boo
             raise QCInputError(f"{path}: no video stream")
         stream = container.streams.video[0]
         # One decoding thread: rows are checked in parallel, and a codec's own threads cost more
-        # to start than they save on a short video (measured in bench/qc_speed.py).
+        # to start than they save on a short clip (a 3 s row: 15.5 → 8.9 ms of CPU to decode).
         stream.codec_context.thread_count = 1
         fps = float(stream.average_rate or stream.guessed_rate or 0)
         if fps <= 0 or not stream.width:
