@@ -36,7 +36,7 @@ from prefect.utilities.slugify import slugify
 from avatarflow.tasks import progress
 from avatarflow.tasks.backends import renderer_class
 from avatarflow.tasks.config import CAPTIONS_GATE, BatchConfig
-from avatarflow.tasks.publish import REJECTED_DIR, publish_bytes
+from avatarflow.tasks.publish import REJECTED_DIR, publish_file
 from avatarflow.tasks.qc import GATES
 from avatarflow.tasks.records import (
     BatchOutcome,
@@ -49,7 +49,7 @@ from avatarflow.tasks.records import (
     to_json,
 )
 from avatarflow.tasks.route import split_outcome
-from avatarflow.tasks.storage import write_local
+from avatarflow.tasks.storage import temp_path, write_local
 from avatarflow.tasks.workdir import WorkDir
 
 _CSS = """
@@ -103,12 +103,25 @@ def _seconds(value: float | None) -> str:
 def render_report(
     results: Sequence[RowResult],
     summary: Mapping[str, Any],
-    thumbnails: Mapping[str, bytes],
+    thumbnails: Mapping[str, bytes | Path],
     title: str,
     warning: str | None = None,
 ) -> str:
     """Return the batch report as one self-contained HTML page (warning: a banner on top)."""
-    parts = [
+    return "\n".join(report_parts(results, summary, thumbnails, title, warning))
+
+
+def report_parts(
+    results: Sequence[RowResult],
+    summary: Mapping[str, Any],
+    thumbnails: Mapping[str, bytes | Path],
+    title: str,
+    warning: str | None = None,
+) -> Iterator[str]:
+    """The report page, line by line: a card at a time, so a 10,000-row page (64 MB with its
+    inlined thumbnails) is never held whole. thumbnails: each row's JPEG, or the file holding it
+    (read when its card is made; a missing file means no thumbnail)."""
+    yield from (
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width,initial-scale=1">',
@@ -116,12 +129,9 @@ def render_report(
         f"<h1>{_e(title)}</h1>",
         f'<p class="warning">{_e(warning)}</p>' if warning else "",
         _summary_section(results, summary),
-        _rows_section(results, thumbnails),
-        _failures_section(results),
-        f"<script>{_SCRIPT}</script>",
-        "</body></html>",
-    ]
-    return "\n".join(parts)
+    )
+    yield from _rows_section(results, thumbnails)
+    yield from (_failures_section(results), f"<script>{_SCRIPT}</script>", "</body></html>")
 
 
 def _summary_section(results: Sequence[RowResult], summary: Mapping[str, Any]) -> str:
@@ -151,7 +161,9 @@ def _summary_section(results: Sequence[RowResult], summary: Mapping[str, Any]) -
     )
 
 
-def _rows_section(results: Sequence[RowResult], thumbnails: Mapping[str, bytes]) -> str:
+def _rows_section(
+    results: Sequence[RowResult], thumbnails: Mapping[str, bytes | Path]
+) -> Iterator[str]:
     """One card per manifest row (preview, status, numbers, QC gates, passthrough columns), with
     a filter by status."""
     options = "".join(f'<option value="{s}">{s}</option>' for s in STATUSES)
@@ -159,8 +171,19 @@ def _rows_section(results: Sequence[RowResult], thumbnails: Mapping[str, bytes])
         '<p class="filter"><label>status <select id="status-filter"><option value="">all</option>'
         f'{options}</select></label> <span id="shown">{len(results)}</span> shown</p>'
     )
-    cards = [_row_card(n, r, thumbnails.get(r.id)) for n, r in enumerate(results)]
-    return "\n".join(["<h2>Rows</h2>", filter_html, '<div class="rows">', *cards, "</div>"])
+    yield from ("<h2>Rows</h2>", filter_html, '<div class="rows">')
+    for n, r in enumerate(results):
+        yield _row_card(n, r, _thumbnail_bytes(thumbnails.get(r.id)))
+    yield "</div>"
+
+
+def _thumbnail_bytes(thumbnail: bytes | Path | None) -> bytes | None:
+    if isinstance(thumbnail, Path):
+        try:
+            return thumbnail.read_bytes()
+        except OSError:  # rows that did not finish this run have none
+            return None
+    return thumbnail
 
 
 def _row_card(n: int, r: RowResult, thumbnail: bytes | None) -> str:
@@ -285,13 +308,18 @@ def write_report(
     summary = {"model": backend.model_name(config), **to_json(RowPlanTotals.of(plans))}
     if (split := split_outcome(results)) is not None:  # --backend auto
         summary["routing"] = "; ".join(split.lines())
-    thumbnails: dict[str, bytes] = {}
-    for plan in plans:
-        with contextlib.suppress(OSError):  # rows that did not finish this run have none
-            thumbnails[plan.row.id] = _thumbnail_path(config, plan).read_bytes()
+    thumbnails = {plan.row.id: _thumbnail_path(config, plan) for plan in plans}
     title = f"avatarflow — {config.manifest}"
-    html = render_report(results, summary, thumbnails, title, backend.warning(config))
-    return publish_bytes(html.encode(), config.target, config.report_name)
+    parts = report_parts(results, summary, thumbnails, title, backend.warning(config))
+    # Written to a file of this run's own (runs may share the work dir), then published.
+    page = temp_path(WorkDir(config.work_path).root / config.report_name)
+    page.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(page, "w", encoding="utf-8") as out:
+            out.writelines(f"{part}\n" for part in parts)
+        return publish_file(page, config.target, config.report_name)
+    finally:
+        page.unlink(missing_ok=True)
 
 
 def artifact_key(config: BatchConfig, kind: str) -> str:
