@@ -137,6 +137,14 @@ def test_report_has_a_card_per_row_and_players_for_published_and_rejected_videos
     assert "http" not in page.replace("s3://out/", "")  # nothing fetched from outside
 
 
+def test_thumbnails_given_as_files_are_read_with_their_cards(tmp_path: Path) -> None:
+    thumb = b"\xff\xd8fakejpeg"
+    (tmp_path / "intro.jpg").write_bytes(thumb)
+    files = {"intro": tmp_path / "intro.jpg", "recap": tmp_path / "gone.jpg"}  # recap: none left
+    page = render_report(_results(), {}, files, title="Batch")
+    assert page == render_report(_results(), {}, {"intro": thumb}, title="Batch")
+
+
 def test_each_card_shows_its_qc_values_against_thresholds() -> None:
     page = render_report(_results(), {}, {}, title="Batch")
     recap = page[page.index('data-id="recap"') :].split("</article>")[0]
