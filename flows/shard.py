@@ -27,13 +27,20 @@ from prefect.deployments import run_deployment
 from prefect.futures import wait
 from prefect.states import Completed, Failed
 
-from avatarflow.tasks.config import BatchConfig, CaptionSettings, CaptionsMode, QCSettings
+from avatarflow.tasks.config import (
+    BatchConfig,
+    CaptionSettings,
+    CaptionsMode,
+    QCSettings,
+    RouteSettings,
+)
 from avatarflow.tasks.ledger import Ledger
 from avatarflow.tasks.manifest import ManifestCheck, load_rows, read_manifest, resolve_location
 from avatarflow.tasks.plan import Admission, prepare_row
 from avatarflow.tasks.publish import parquet_bytes, publish_bytes, results_table
 from avatarflow.tasks.records import Row, RowResult
 from avatarflow.tasks.report import render_report
+from avatarflow.tasks.route import parse_deadline
 from avatarflow.tasks.stream import first_error
 
 LOCATION_COLUMNS = ("audio", "image")
@@ -132,6 +139,16 @@ def run_shard(
         if run.state is None or run.state.is_completed() or not earlier:
             return run
     return run
+
+
+def _timing(deadline: str | None, route: RouteSettings | None, now: datetime) -> dict[str, Any]:
+    """What every child gets for routing: the deadline as the absolute time it means now (a child
+    that starts late keeps the parent's), and the route settings. Neither is part of a shard's
+    identity, so a rerun with another deadline reuses the children that completed."""
+    timing: dict[str, Any] = {"route": route.model_dump(mode="json")} if route else {}
+    if deadline:
+        timing["deadline"] = parse_deadline(deadline, now.astimezone()).isoformat()
+    return timing
 
 
 def _child_parameters(shard: Shard, config: BatchConfig, given: dict[str, Any]) -> dict[str, Any]:
@@ -252,11 +269,14 @@ def produce_sharded(
     caption_settings: CaptionSettings | None = None,
     fal_key_secret: str | None = None,
     backend_settings: dict[str, Any] | None = None,
+    deadline: str | None = None,
+    route: RouteSettings | None = None,
 ) -> State[dict[str, int]]:
     """Split the manifest into shards of `rows`, run each as `deployment`, merge the results.
 
     The render parameters from `model_dir` on are passed to every child when given; unset, the
-    child deployment's own values stand. `budget_usd` holds for the whole run.
+    child deployment's own values stand. `budget_usd` holds for the whole run; so does
+    `deadline` (for `auto` children), read once here so that a child started late keeps it.
     """
     config = BatchConfig(
         manifest=manifest,
@@ -281,6 +301,7 @@ def produce_sharded(
     }
     given = {name: value for name, value in forwarded.items() if value is not None}
     started = datetime.now(UTC)
+    timing = _timing(deadline, route, started)  # a DeadlineError fails the run before any shard
     ledger = Ledger.for_run(config)
     logger = get_run_logger()
     with ledger.lock():  # no plain run on this target overlaps the parent
@@ -288,7 +309,11 @@ def produce_sharded(
         chosen, parent_rows = _within_budget(check, config)
         shards = write_shards(config, chosen, rows, {"deployment": deployment, **given})
         futures = run_shard.map(
-            shards, unmapped(deployment), unmapped(config), unmapped(given), unmapped(started)
+            shards,
+            unmapped(deployment),
+            unmapped(config),
+            unmapped({**given, **timing}),
+            unmapped(started),
         )
         runs = [future.result() for future in futures]
         table = merge_results(config, check, shards, runs, parent_rows)

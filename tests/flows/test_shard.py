@@ -3,6 +3,7 @@ as ordinary batches on one target sharing its ledger, and the parent merges thei
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -13,9 +14,10 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.states import Failed
 
 from avatarflow.flows.produce import batch_config, run_batch
-from avatarflow.flows.shard import _child_parameters, merge_results, write_shards
-from avatarflow.tasks.config import BatchConfig
+from avatarflow.flows.shard import _child_parameters, _timing, merge_results, write_shards
+from avatarflow.tasks.config import BatchConfig, RouteSettings
 from avatarflow.tasks.manifest import ManifestCheck, read_manifest, validate_manifest
+from avatarflow.tasks.route import DeadlineError, parse_deadline
 from tests.factories import write_manifest, write_narrations
 from tests.fakes.fal_server import FakeFal
 
@@ -59,6 +61,18 @@ def test_shards_are_named_by_content_and_carry_absolute_audio_paths(tmp_path: Pa
     assert (child["manifest"], child["shard"]) == (shards[1].url, shards[1].id)
     assert child["results_name"] == f"results-shard-{shards[1].id}.parquet"
     assert child["model_dir"] == "/elsewhere"  # what the parent was given reaches the child
+
+
+def test_children_get_the_parents_deadline_as_one_absolute_time_and_its_route_settings() -> None:
+    started = datetime(2026, 12, 7, 22, 0, tzinfo=UTC)
+    timing = _timing("3h", RouteSettings(local_s_per_segment=200.0), started)
+    assert timing["route"]["local_s_per_segment"] == 200.0
+    # a child that starts an hour late still aims at the parent's 01:00
+    late = started + timedelta(hours=1)
+    assert parse_deadline(timing["deadline"], late) == started + timedelta(hours=3)
+    assert _timing(None, None, started) == {}
+    with pytest.raises(DeadlineError):
+        _timing("soon", None, started)
 
 
 @pytest.mark.usefixtures("prefect_server")
