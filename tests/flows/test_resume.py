@@ -119,12 +119,21 @@ def _requests(state: Path) -> int:
     return len(list(state.glob("rows/*/*/chunk-*.request.json")))
 
 
+def _journal(state: Path) -> Path | None:
+    """The run's local request journal in its work dir. A request id is written there first and
+    then to the ledger: a kill between the two leaves it there only, and a rerun reads it."""
+    found = sorted((state.parent.parent / "work" / "journal").glob("*"))
+    return found[0] if found else None
+
+
 def _ledger_ids(state: Path) -> set[str]:
-    """Every request id the ledger ever recorded (current and replaced)."""
+    """Every request id the ledger or its journal ever recorded (current and replaced)."""
     ids: set[str] = set()
-    for path in state.glob("rows/*/*/chunk-*.request.json"):
-        doc = json.loads(path.read_text())
-        ids |= {doc["request_id"], *doc.get("replaced", [])}
+    journal = _journal(state)
+    for folder in (state, *([journal] if journal else [])):
+        for path in folder.glob("rows/*/*/chunk-*.request.json"):
+            doc = json.loads(path.read_text())
+            ids |= {doc["request_id"], *doc.get("replaced", [])}
     return ids
 
 
@@ -161,7 +170,8 @@ def _kill_somewhere(
 
 def _unanswered(state: Path) -> set[tuple[str, int]]:
     """(row id, chunk) of every chunk whose latest submit attempt no recorded request answers."""
-    return {(r.row_id, r.chunk) for r in Ledger(str(state)).in_flight() if r.ambiguous}
+    ledger = Ledger(str(state), journal_dir=_journal(state))  # as a rerun sees it
+    return {(r.row_id, r.chunk) for r in ledger.in_flight() if r.ambiguous}
 
 
 def _chunk_of(trial: Path) -> dict[str, tuple[str, int]]:
