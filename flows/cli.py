@@ -511,8 +511,9 @@ class _Interrupt:
     def say(self) -> None:
         """Print the hint, once."""
         if self._said.acquire(blocking=False):
-            # Plain stderr: the live display may hold rich's console lock when this runs.
-            sys.stderr.write(self.hint + "\n")
+            # Plain stderr: the live display may hold rich's console lock when this runs. On a
+            # line of its own: the display's last frame (or the terminal's ^C) may end without one.
+            sys.stderr.write("\n" + self.hint + "\n")
             sys.stderr.flush()
 
     def leave(self) -> None:
